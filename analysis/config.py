@@ -1,0 +1,608 @@
+"""Analysis configuration: YAML -> JSON schema -> semantic checks -> frozen dataclasses.
+
+The vocabulary is cabinetry's (``General``, ``Regions``, ``Samples``, ``Systematics``,
+``NormFactors``; a cabinetry ntuple configuration loads unchanged), extended by
+
+- ``Definitions``: named derived columns, awkward/numpy/vector expressions evaluated in order
+  (like RDataFrame's ``Define``);
+- per-region ``Cuts``: ``Variable Direction Value`` with ``Bounds`` and ``Trainable``, boolean in
+  hard evaluation and sigmoids in the differentiable pipeline;
+- ``Optimization``: objective, steps, learning rate, bandwidth and temperature schedule, seed.
+
+Validation happens in three layers, as in cabinetry's ``configuration.validate``: the JSON schema
+in ``analysis/schemas/config.json`` (``additionalProperties: false`` everywhere, so a typo in a key
+is caught), then checks a schema cannot express (unique names, exactly one data sample, references
+to existing regions and samples, strictly increasing bin edges), then conversion into frozen
+dataclasses. No code below this module reads the raw dictionary.
+
+Every error is a :class:`~analysis.errors.ConfigError` whose one-line message starts with the file
+and the YAML path (``dimuon.yaml: Regions[0].Binning: ...``) and says what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import pathlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal
+
+import jsonschema
+import yaml
+
+from analysis.errors import ConfigError, InputFileError
+
+Side = Literal["Up", "Down"]
+#: names that expressions see besides the columns; Definitions may not shadow them
+RESERVED_NAMES = frozenset({"np", "numpy", "ak", "awkward", "vector"})
+
+
+# ----------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class Definition:
+    """A named derived column: ``name = expression``."""
+
+    name: str
+    expression: str
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Keep events with ``variable > value`` (direction ``">"``) or ``variable < value``."""
+
+    name: str
+    variable: str
+    direction: Literal[">", "<"]
+    value: float
+    bounds: tuple[float, float]
+    trainable: bool
+
+
+@dataclass(frozen=True)
+class Region:
+    """A channel: the histogram of ``variable`` in ``binning`` after ``filter`` and ``cuts``."""
+
+    name: str
+    variable: str
+    binning: tuple[float, ...]
+    filter: str | None
+    cuts: tuple[Cut, ...]
+    region_path: str | None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A process (or the data) read from ``tree`` in the files given by ``sample_paths``."""
+
+    name: str
+    tree: str
+    sample_paths: tuple[str, ...]
+    weight: str | None
+    filter: str | None
+    data: bool
+    disable_staterror: bool
+    regions: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class TemplateOverrides:
+    """One side (Up or Down) of a systematic: the settings it changes relative to nominal."""
+
+    tree: str | None = None
+    weight: str | None = None
+    variable: str | None = None
+    filter: str | None = None
+    region_path: str | None = None
+    sample_paths: tuple[str, ...] | None = None
+    normalization: float | None = None
+    symmetrize: bool = False
+
+
+@dataclass(frozen=True)
+class Systematic:
+    """A systematic uncertainty of type ``Normalization`` or ``NormPlusShape``."""
+
+    name: str
+    type: Literal["Normalization", "NormPlusShape"]
+    up: TemplateOverrides
+    down: TemplateOverrides
+    regions: tuple[str, ...] | None
+    samples: tuple[str, ...] | None
+    modifier_name: str
+
+    def side(self, side: Side) -> TemplateOverrides:
+        return self.up if side == "Up" else self.down
+
+
+@dataclass(frozen=True)
+class NormFactor:
+    """A free normalisation factor (pyhf ``normfactor``)."""
+
+    name: str
+    regions: tuple[str, ...] | None
+    samples: tuple[str, ...] | None
+    nominal: float | None
+    bounds: tuple[float, float] | None
+
+
+@dataclass(frozen=True)
+class Temperature:
+    """Cut temperature schedule, in units of each cut variable's spread."""
+
+    initial: float = 0.5
+    final: float = 0.02
+    schedule: Literal["exponential", "linear", "constant"] = "exponential"
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """Settings of the gradient-based cut optimization."""
+
+    objective: str = "discovery_significance"
+    steps: int = 100
+    learning_rate: float = 0.05
+    bandwidth: float = 0.36
+    temperature: Temperature = Temperature()
+    evaluate_every: int = 10
+    checkpoint_every: int = 25
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class General:
+    measurement: str
+    poi: str | None
+    input_path: str
+    fixed: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Template:
+    """Everything that determines one histogram: which events, which weight, which variable.
+
+    ``variation`` is ``"nominal"`` or ``"<Systematic>_Up"`` / ``"<Systematic>_Down"``.
+    """
+
+    region: Region
+    sample: Sample
+    variation: str
+    paths: tuple[pathlib.Path, ...]
+    tree: str
+    filter: str | None
+    weight: str | None
+    variable: str
+
+    @property
+    def label(self) -> str:
+        """Human-readable name for messages: ``sample 'X' in region 'Y' (variation)``."""
+        return f"sample '{self.sample.name}' in region '{self.region.name}' ({self.variation})"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated analysis configuration."""
+
+    source: str
+    general: General
+    definitions: tuple[Definition, ...]
+    regions: tuple[Region, ...]
+    samples: tuple[Sample, ...]
+    systematics: tuple[Systematic, ...]
+    norm_factors: tuple[NormFactor, ...]
+    optimization: Optimization
+
+    @property
+    def data_sample(self) -> Sample:
+        return next(s for s in self.samples if s.data)
+
+    @property
+    def cuts(self) -> tuple[Cut, ...]:
+        """All cuts of all regions, in config order."""
+        return tuple(cut for region in self.regions for cut in region.cuts)
+
+    def cut_values(self) -> dict[str, float]:
+        """Cut name -> threshold (the format of ``cuts.json``)."""
+        return {cut.name: cut.value for cut in self.cuts}
+
+    def with_cut_values(self, values: Mapping[str, float], source: str = "cuts") -> Config:
+        """A copy with cut thresholds replaced by ``values`` (cut name -> value).
+
+        Raises ConfigError for an unknown cut name or a value outside the cut's Bounds.
+        """
+        known = {cut.name: cut for cut in self.cuts}
+        for name, value in values.items():
+            if name not in known:
+                raise ConfigError(f"{source}: unknown cut '{name}'{_suggest(name, known)}")
+            low, high = known[name].bounds
+            if not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ConfigError(
+                    f"{source}: cut '{name}' = {value!r} is outside its Bounds [{low}, {high}]"
+                )
+        regions = tuple(
+            dataclasses.replace(
+                region,
+                cuts=tuple(
+                    dataclasses.replace(cut, value=float(values.get(cut.name, cut.value)))
+                    for cut in region.cuts
+                ),
+            )
+            for region in self.regions
+        )
+        return dataclasses.replace(self, regions=regions)
+
+    def samples_in(self, region: Region, *, data: bool = False) -> tuple[Sample, ...]:
+        """The prediction samples in ``region`` (or only the data sample, with ``data=True``)."""
+        return tuple(
+            s for s in self.samples if s.data == data and _contains(s.regions, region.name)
+        )
+
+    def systematics_for(self, region: Region, sample: Sample) -> tuple[Systematic, ...]:
+        """Systematics acting on ``sample`` in ``region``, in config order."""
+        return tuple(
+            syst
+            for syst in self.systematics
+            if _contains(syst.regions, region.name) and _contains(syst.samples, sample.name)
+        )
+
+    def norm_factors_for(self, region: Region, sample: Sample) -> tuple[NormFactor, ...]:
+        return tuple(
+            nf
+            for nf in self.norm_factors
+            if _contains(nf.regions, region.name) and _contains(nf.samples, sample.name)
+        )
+
+    def templates(self) -> Iterator[Template]:
+        """Every histogram the workspace needs, in config order.
+
+        Per region: the data, then per prediction sample the nominal and the Up/Down variations
+        of its NormPlusShape systematics (a ``Symmetrize`` side is derived from the other side
+        and read from no file; Normalization systematics need no histogram).
+        """
+        for region in self.regions:
+            for sample in self.samples_in(region, data=True) + self.samples_in(region):
+                yield self._template(region, sample, None, None)
+                if sample.data:
+                    continue
+                for syst in self.systematics_for(region, sample):
+                    if syst.type != "NormPlusShape":
+                        continue
+                    for side in ("Up", "Down"):
+                        if not syst.side(side).symmetrize:
+                            yield self._template(region, sample, syst, side)
+
+    def _template(
+        self, region: Region, sample: Sample, syst: Systematic | None, side: Side | None
+    ) -> Template:
+        over = syst.side(side) if syst is not None and side is not None else TemplateOverrides()
+        region_path = over.region_path if over.region_path is not None else region.region_path
+        sample_paths = over.sample_paths if over.sample_paths is not None else sample.sample_paths
+        path = self.general.input_path
+        if region_path is not None:
+            path = path.replace("{RegionPath}", region_path)
+        if "{SamplePath}" in path:
+            paths = tuple(pathlib.Path(path.replace("{SamplePath}", p)) for p in sample_paths)
+        else:
+            paths = (pathlib.Path(path),)
+        filter_ = over.filter or sample.filter or region.filter
+        return Template(
+            region=region,
+            sample=sample,
+            variation="nominal" if syst is None else f"{syst.name}_{side}",
+            paths=paths,
+            tree=over.tree or sample.tree,
+            filter=filter_,
+            weight=over.weight or sample.weight,
+            variable=over.variable or region.variable,
+        )
+
+
+# ----------------------------------------------------------------------------- loading
+def load(path: str | pathlib.Path) -> Config:
+    """Read, validate and convert the YAML analysis configuration at ``path``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path}: configuration file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    return from_dict(raw, source=path.name)
+
+
+def from_dict(raw: Any, *, source: str = "config") -> Config:
+    """Validate a configuration given as a dictionary and convert it to a :class:`Config`."""
+    validate(raw, source=source)
+    return _convert(raw, source)
+
+
+def validate(raw: Any, *, source: str = "config") -> None:
+    """Raise ConfigError unless ``raw`` is a valid configuration (schema, then semantics)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with General, Regions, Samples, ...")
+    schema = _schema()
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(raw))
+    # a misspelt key shows up twice (unknown key, missing key): name the typo
+    typos = [e for e in errors if e.validator == "additionalProperties"]
+    error = jsonschema.exceptions.best_match(typos or errors)
+    if error is not None:
+        raise ConfigError(f"{source}: {_describe(error, schema)}")
+    _check_semantics(raw, source)
+
+
+def load_cuts(path: str | pathlib.Path, config: Config) -> Config:
+    """Apply a ``cuts.json`` file (cut name -> value) to ``config``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path}: cuts file not found")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected an object mapping cut names to values")
+    return config.with_cut_values(values, source=str(path))
+
+
+def _schema() -> dict[str, Any]:
+    text = resources.files("analysis").joinpath("schemas/config.json").read_text()
+    return json.loads(text)
+
+
+def _yaml_path(parts: Sequence[Any]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError, schema: dict[str, Any]) -> str:
+    """One line for a schema error: YAML path, what was found, what was expected."""
+    where = _yaml_path(list(error.absolute_path))
+    if error.validator == "additionalProperties":
+        allowed = sorted(_resolve(error.schema, schema).get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        key = extra[0]
+        return f"{where}: unknown key '{key}'{_suggest(key, allowed)}; allowed: {', '.join(allowed)}"
+    if error.validator == "required":
+        missing = error.message.split("'")[1]
+        return f"{where}: missing required key '{missing}'"
+    if error.validator == "enum":
+        options = ", ".join(repr(o) for o in error.validator_value)
+        return f"{where}: {error.instance!r} is not one of {options}"
+    if error.validator == "type":
+        return f"{where}: expected {error.validator_value}, got {error.instance!r}"
+    return f"{where}: {error.message}"
+
+
+def _resolve(subschema: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    ref = subschema.get("$ref")
+    if ref is None:
+        return subschema
+    node: Any = schema
+    for part in ref.lstrip("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def _suggest(name: str, candidates: Any) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _as_tuple(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _contains(names: tuple[str, ...] | None, name: str) -> bool:
+    return names is None or name in names
+
+
+def _check_semantics(raw: dict[str, Any], source: str) -> None:
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{source}: {msg}")
+
+    def unique(section: str, items: list[dict[str, Any]], key: str = "Name") -> set[str]:
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item[key] in seen:
+                fail(f"{section}[{i}].{key}: '{item[key]}' is used twice; names must be unique")
+            seen.add(item[key])
+        return seen
+
+    general = raw["General"]
+    if "VariationPath" in general:
+        fail("General.VariationPath: histogram inputs are not supported; diffana reads ntuples")
+    definitions = raw.get("Definitions", [])
+    def_names = unique("Definitions", definitions)
+    for i, definition in enumerate(definitions):
+        if definition["Name"] in RESERVED_NAMES:
+            fail(f"Definitions[{i}].Name: '{definition['Name']}' is reserved for a module name")
+    regions = raw["Regions"]
+    region_names = unique("Regions", regions)
+    samples = raw["Samples"]
+    sample_names = unique("Samples", samples)
+    data = [s["Name"] for s in samples if s.get("Data", False)]
+    if len(data) != 1:
+        fail(f"Samples: expected exactly one sample with Data: true, found {len(data)}")
+    nf_names = unique("NormFactors", raw["NormFactors"])
+    systematics = raw.get("Systematics", [])
+    unique("Systematics", systematics)
+    del def_names
+
+    cut_names: set[str] = set()
+    for i, region in enumerate(regions):
+        edges = region["Binning"]
+        if any(not math.isfinite(e) for e in edges) or any(
+            b <= a for a, b in zip(edges, edges[1:], strict=False)
+        ):
+            fail(f"Regions[{i}].Binning: bin edges must be finite and strictly increasing, got {edges}")
+        if "Rebin" in region:
+            fail(f"Regions[{i}].Rebin: rebinning histogram inputs is not supported")
+        for j, cut in enumerate(region.get("Cuts", [])):
+            where = f"Regions[{i}].Cuts[{j}]"
+            name = cut.get("Name", f"{region['Name']}:{cut['Variable']}{cut['Direction']}")
+            if name in cut_names:
+                fail(f"{where}: cut name '{name}' is used twice; give the cut a unique Name")
+            cut_names.add(name)
+            trainable = cut.get("Trainable", True)
+            if "Bounds" not in cut:
+                if trainable:
+                    fail(f"{where}: a trainable cut needs Bounds [low, high]")
+                continue
+            low, high = cut["Bounds"]
+            if not low <= cut["Value"] <= high or low >= high and trainable:
+                fail(f"{where}: Value {cut['Value']} must lie within Bounds [{low}, {high}] (low < high)")
+
+    def check_refs(where: str, item: dict[str, Any], key: str, known: set[str]) -> None:
+        for name in _as_tuple(item.get(key)) or ():
+            if name not in known:
+                fail(f"{where}.{key}: unknown name '{name}'{_suggest(name, known)}")
+
+    for i, sample in enumerate(samples):
+        check_refs(f"Samples[{i}]", sample, "Regions", region_names)
+    for i, nf in enumerate(raw["NormFactors"]):
+        check_refs(f"NormFactors[{i}]", nf, "Regions", region_names)
+        check_refs(f"NormFactors[{i}]", nf, "Samples", sample_names)
+        if "Bounds" in nf:
+            low, high = nf["Bounds"]
+            if not low < high:
+                fail(f"NormFactors[{i}].Bounds: expected low < high, got {nf['Bounds']}")
+            if "Nominal" in nf and not low <= nf["Nominal"] <= high:
+                fail(f"NormFactors[{i}].Nominal: {nf['Nominal']} is outside Bounds {nf['Bounds']}")
+    for i, syst in enumerate(systematics):
+        where = f"Systematics[{i}]"
+        check_refs(where, syst, "Regions", region_names)
+        check_refs(where, syst, "Samples", sample_names)
+        if "Smoothing" in syst:
+            fail(f"{where}.Smoothing: template smoothing is not supported")
+        for side in ("Up", "Down"):
+            if "VariationPath" in syst[side]:
+                fail(f"{where}.{side}.VariationPath: histogram inputs are not supported")
+        if syst["Type"] == "Normalization":
+            for side in ("Up", "Down"):
+                if "Normalization" not in syst[side]:
+                    fail(f"{where}.{side}: a Normalization systematic needs a Normalization value")
+        elif syst["Up"].get("Symmetrize") and syst["Down"].get("Symmetrize"):
+            fail(f"{where}: Up and Down cannot both be symmetrized")
+        if data[0] in (_as_tuple(syst.get("Samples")) or ()):
+            fail(f"{where}.Samples: a systematic cannot act on the data sample '{data[0]}'")
+    poi = general.get("POI")
+    if poi and poi not in nf_names:
+        fail(f"General.POI: '{poi}' is not a NormFactor{_suggest(poi, nf_names)}")
+    for i, fixed in enumerate(general.get("Fixed", [])):
+        if fixed["Name"] == poi:
+            fail(f"General.Fixed[{i}]: the POI '{poi}' cannot be fixed")
+
+
+def _template_overrides(raw: dict[str, Any]) -> TemplateOverrides:
+    return TemplateOverrides(
+        tree=raw.get("Tree"),
+        weight=raw.get("Weight"),
+        variable=raw.get("Variable"),
+        filter=raw.get("Filter"),
+        region_path=raw.get("RegionPath"),
+        sample_paths=_as_tuple(raw.get("SamplePath")),
+        normalization=raw.get("Normalization"),
+        symmetrize=raw.get("Symmetrize", False),
+    )
+
+
+def _convert(raw: dict[str, Any], source: str) -> Config:
+    general = raw["General"]
+    regions = tuple(
+        Region(
+            name=r["Name"],
+            variable=r["Variable"],
+            binning=tuple(float(e) for e in r["Binning"]),
+            filter=r.get("Filter"),
+            cuts=tuple(
+                Cut(
+                    name=c.get("Name", f"{r['Name']}:{c['Variable']}{c['Direction']}"),
+                    variable=c["Variable"],
+                    direction=c["Direction"],
+                    value=float(c["Value"]),
+                    bounds=tuple(float(b) for b in c.get("Bounds", (c["Value"], c["Value"]))),
+                    trainable=c.get("Trainable", True),
+                )
+                for c in r.get("Cuts", [])
+            ),
+            region_path=r.get("RegionPath"),
+        )
+        for r in raw["Regions"]
+    )
+    samples = tuple(
+        Sample(
+            name=s["Name"],
+            tree=s["Tree"],
+            sample_paths=_as_tuple(s.get("SamplePath")) or (),
+            weight=s.get("Weight"),
+            filter=s.get("Filter"),
+            data=s.get("Data", False),
+            disable_staterror=s.get("DisableStaterror", False),
+            regions=_as_tuple(s.get("Regions")),
+        )
+        for s in raw["Samples"]
+    )
+    systematics = tuple(
+        Systematic(
+            name=s["Name"],
+            type=s["Type"],
+            up=_template_overrides(s["Up"]),
+            down=_template_overrides(s["Down"]),
+            regions=_as_tuple(s.get("Regions")),
+            samples=_as_tuple(s.get("Samples")),
+            modifier_name=s.get("ModifierName", s["Name"]),
+        )
+        for s in raw.get("Systematics", [])
+    )
+    norm_factors = tuple(
+        NormFactor(
+            name=n["Name"],
+            regions=_as_tuple(n.get("Regions")),
+            samples=_as_tuple(n.get("Samples")),
+            nominal=n.get("Nominal"),
+            bounds=tuple(n["Bounds"]) if "Bounds" in n else None,
+        )
+        for n in raw["NormFactors"]
+    )
+    opt = raw.get("Optimization", {})
+    temp = opt.get("Temperature", {})
+    defaults = Optimization()
+    optimization = Optimization(
+        objective=opt.get("Objective", defaults.objective),
+        steps=opt.get("Steps", defaults.steps),
+        learning_rate=float(opt.get("LearningRate", defaults.learning_rate)),
+        bandwidth=float(opt.get("Bandwidth", defaults.bandwidth)),
+        temperature=Temperature(
+            initial=float(temp.get("Initial", defaults.temperature.initial)),
+            final=float(temp.get("Final", defaults.temperature.final)),
+            schedule=temp.get("Schedule", defaults.temperature.schedule),
+        ),
+        evaluate_every=opt.get("EvaluateEvery", defaults.evaluate_every),
+        checkpoint_every=opt.get("CheckpointEvery", defaults.checkpoint_every),
+        seed=opt.get("Seed", defaults.seed),
+    )
+    return Config(
+        source=source,
+        general=General(
+            measurement=general["Measurement"],
+            poi=general.get("POI") or None,
+            input_path=general["InputPath"],
+            fixed={f["Name"]: float(f["Value"]) for f in general.get("Fixed", [])},
+        ),
+        definitions=tuple(Definition(d["Name"], d["Expression"]) for d in raw.get("Definitions", [])),
+        regions=regions,
+        samples=samples,
+        systematics=systematics,
+        norm_factors=norm_factors,
+        optimization=optimization,
+    )
