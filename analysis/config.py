@@ -38,7 +38,7 @@ from analysis.errors import ConfigError, InputFileError
 
 Side = Literal["Up", "Down"]
 #: names that expressions see besides the columns; Definitions may not shadow them
-RESERVED_NAMES = frozenset({"np", "numpy", "ak", "awkward", "vector"})
+RESERVED_NAMES = frozenset({"np", "numpy", "ak", "awkward", "vector", "abs"})
 
 
 # ----------------------------------------------------------------------------- records

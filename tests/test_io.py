@@ -1,0 +1,132 @@
+"""ROOT reading against an independent uproot + numpy computation."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import uproot
+
+from analysis import config as configuration
+from analysis.errors import AnalysisError, ConfigError, MissingObjectError
+from analysis.io import read_events
+
+
+def _expected(toy, tree: str, weight: str | None) -> dict[str, np.ndarray]:
+    """Filter, Definitions and Weight of the toy config, computed event by event in Python."""
+    file, name = tree.split(":")
+    arrays = uproot.open(toy.folder / file)[name].arrays(library="np")
+    keep, x, lead_pt, met, w = [], [], [], [], []
+    for i in range(len(arrays["x"])):
+        etas, pts = arrays["Muon_eta"][i], arrays["Muon_pt"][i]
+        if sum(abs(e) < 1.5 for e in etas) >= 1:
+            x.append(arrays["x"][i])
+            lead_pt.append(pts[0])
+            met.append(arrays["met"][i])
+            w.append(1.0 if weight is None else eval(weight, {}, {k: arrays[k][i] for k in ("weight", "weight_up")}))
+    return {"x": np.array(x), "lead_pt": np.array(lead_pt), "met": np.array(met), "weight": np.array(w)}
+
+
+def test_read_events_equals_independent_computation(toy):
+    cfg = configuration.from_dict(toy.config)
+    events = read_events(cfg)
+    cases = {
+        ("SR", "Data", "nominal"): ("data.root:data", None),
+        ("SR", "Signal", "nominal"): ("mc.root:sig", "weight"),
+        ("SR", "Background", "nominal"): ("mc.root:bkg", "weight"),
+        ("SR", "Background", "Modeling_Up"): ("mc.root:bkg_up", "weight"),
+        ("SR", "Background", "WeightSys_Up"): ("mc.root:bkg", "weight_up"),
+        ("SR", "Background", "WeightSys_Down"): ("mc.root:bkg", "0.95*weight"),
+        ("SR", "Signal", "WeightSys_Down"): ("mc.root:sig", "0.95*weight"),
+    }
+    assert set(cases) <= set(events)
+    assert ("SR", "Background", "Modeling_Down") not in events  # symmetrized: read from no file
+    for key, (tree, weight) in cases.items():
+        expected = _expected(toy, tree, weight)
+        got = events[key]
+        assert got.weight.dtype == torch.float64
+        np.testing.assert_allclose(got.weight.numpy(), expected["weight"], rtol=1e-12)
+        np.testing.assert_array_equal(got.observable.numpy(), expected["x"])
+        np.testing.assert_array_equal(got.columns["lead_pt"].numpy(), expected["lead_pt"].astype(np.float64))
+        np.testing.assert_array_equal(got.columns["met"].numpy(), expected["met"])
+
+
+def test_small_chunks_give_the_same_columns(toy):
+    cfg = configuration.from_dict(toy.config)
+    whole = read_events(cfg)
+    chunked = read_events(cfg, step_size=700)
+    for key, events in whole.items():
+        torch.testing.assert_close(chunked[key].weight, events.weight, rtol=0, atol=0)
+        torch.testing.assert_close(chunked[key].observable, events.observable, rtol=0, atol=0)
+
+
+def test_dtype_and_device_follow_request(toy):
+    cfg = configuration.from_dict(toy.config)
+    events = read_events(cfg, dtype=torch.float32, device="cpu")
+    ev = events[("SR", "Signal", "nominal")]
+    assert ev.weight.dtype == torch.float32 and ev.observable.dtype == torch.float32
+
+
+def test_cache_skips_root_reading_and_invalidates_on_change(toy, tmp_path, monkeypatch):
+    cfg = configuration.from_dict(toy.config)
+    cache = tmp_path / "cache"
+    first = read_events(cfg, cache_dir=cache)
+    entries = sorted(cache.glob("*.npz"))
+    assert len(entries) == 4  # one per (files, tree): data, sig, bkg, bkg_up
+    # a second run must not open any ROOT file
+    with monkeypatch.context() as patch:
+        patch.setattr(uproot, "open", lambda *a, **k: pytest.fail("ROOT file opened on a cache hit"))
+        second = read_events(cfg, cache_dir=cache)
+    for key in first:
+        assert torch.equal(first[key].weight, second[key].weight)
+        assert torch.equal(first[key].observable, second[key].observable)
+    # a changed input file (new mtime) is read again
+    stat = (toy.folder / "data.root").stat()
+    os.utime(toy.folder / "data.root", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    read_events(cfg, cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == len(entries) + 1
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["x.__class__", "().__class__.__bases__", "_hidden + x", "open('f')", "__import__('os')"],
+)
+def test_expressions_are_restricted(toy, expression):
+    toy.config["Regions"][0]["Variable"] = expression
+    cfg = configuration.from_dict(toy.config)
+    with pytest.raises(AnalysisError):
+        read_events(cfg)
+
+
+def test_builtins_are_not_available(toy):
+    toy.config["Definitions"].append({"Name": "bad", "Expression": "len(x)"})
+    toy.config["Regions"][0]["Variable"] = "bad"
+    cfg = configuration.from_dict(toy.config)
+    with pytest.raises(MissingObjectError, match="no branch 'len'"):
+        read_events(cfg)
+
+
+def test_vector_definition(toy):
+    """A vector expression (invariant mass of the two leading muons) against numpy."""
+    toy.config["Definitions"].append(
+        {"Name": "mass", "Expression": "(vector.zip({'pt': Muon_pt, 'eta': Muon_eta, 'phi': 0*Muon_pt, 'mass': 0*Muon_pt})[:, 0] + vector.zip({'pt': Muon_pt, 'eta': Muon_eta, 'phi': 0*Muon_pt, 'mass': 0*Muon_pt})[:, -1]).mass"}
+    )
+    toy.config["Regions"][0]["Variable"] = "mass"
+    cfg = configuration.from_dict(toy.config)
+    got = read_events(cfg)[("SR", "Data", "nominal")].observable.numpy()
+    arrays = uproot.open(toy.folder / "data.root")["data"].arrays(library="np")
+    expected = []
+    for pts, etas in zip(arrays["Muon_pt"], arrays["Muon_eta"], strict=True):
+        if sum(abs(e) < 1.5 for e in etas) >= 1:
+            # massless, same phi: m^2 = 2 pt1 pt2 (cosh(deta) - 1)
+            expected.append(np.sqrt(max(2 * pts[0] * pts[-1] * (np.cosh(etas[0] - etas[-1]) - 1), 0)))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_jagged_cut_variable_is_rejected(toy):
+    toy.config["Regions"][0]["Cuts"][0]["Variable"] = "Muon_pt"
+    cfg = configuration.from_dict(toy.config)
+    with pytest.raises(ConfigError, match="'Muon_pt' has 2 dimensions"):
+        read_events(cfg)
