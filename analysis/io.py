@@ -254,10 +254,16 @@ def _read_group(
                         definition, code, namespace, config, example, path, tree
                     )
                 n_events = len(chunk)
+                where = f"sample '{example.sample.name}' ({path}:{tree})"
                 for (entry_filter, entry_weight, exprs), (cols, weights) in zip(compiled, out, strict=True):
-                    mask = _per_event(entry_filter, namespace, n_events, "Filter", bool)
-                    weight = _per_event(entry_weight, namespace, n_events, "Weight", float)
-                    cols.append({expr: _per_event((expr, code), namespace, n_events, "Variable", float)[mask] for expr, code in exprs})
+                    mask = _per_event(entry_filter, namespace, n_events, "Filter", bool, where)
+                    weight = _per_event(entry_weight, namespace, n_events, "Weight", float, where)
+                    cols.append(
+                        {
+                            expr: _per_event((expr, code), namespace, n_events, "Variable", float, where)[mask]
+                            for expr, code in exprs
+                        }
+                    )
                     weights.append(weight[mask])
         except AnalysisError:
             raise
@@ -361,6 +367,7 @@ def _per_event(
     n_events: int,
     role: str,
     kind: type,
+    where: str,
 ) -> np.ndarray:
     """Evaluate an expression to one value per event (a constant is broadcast)."""
     if entry is None:
@@ -369,7 +376,8 @@ def _per_event(
     try:
         value = eval(code, namespace)  # noqa: S307 - restricted namespace
     except Exception as err:
-        raise DataError(f"{role} {expr!r} failed: {type(err).__name__}: {err}") from None
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DataError(f"{role} {expr!r} failed on {where}: {type(err).__name__}: {message}") from None
     if isinstance(value, ak.Array):
         if value.ndim != 1:
             raise ConfigError(

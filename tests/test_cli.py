@@ -1,0 +1,126 @@
+"""The CLI contract: outputs, and every bad input -> one line, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from analysis import config as configuration
+from analysis.cli import main
+from analysis.histograms import hard_histograms
+from tests.conftest import write_tree
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_validate_and_histograms_and_workspace(toy, tmp_path):
+    path = toy.write_config()
+    result = run("validate", str(path))
+    assert result.exit_code == 0 and json.loads(result.stdout) == {"valid": True}
+
+    out = tmp_path / "out" / "histograms.json"
+    result = run("histograms", str(path), "--output", str(out), "--no-cache", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    written = json.loads(out.read_text())
+    expected = hard_histograms(configuration.load(path))
+    for (region, sample, variation), hist in expected.items():
+        leaf = written[region][sample][variation]
+        np.testing.assert_allclose(leaf["yields"], hist.yields.numpy(), rtol=1e-15)
+        np.testing.assert_allclose(leaf["sumw2"], hist.sumw2.numpy(), rtol=1e-15)
+        assert leaf["edges"] == list(configuration.load(path).regions[0].binning)
+
+    cuts = tmp_path / "cuts.json"
+    cuts.write_text(json.dumps({"SR:lead_pt>": 25.0}))
+    tight = json.loads(run("workspace", str(path), "--cuts", str(cuts), "--no-cache").stdout)
+    loose = json.loads(run("workspace", str(path), "--no-cache").stdout)
+    assert sum(tight["observations"][0]["data"]) < sum(loose["observations"][0]["data"])
+
+
+def _rewrite(toy, change):
+    change(toy.config)
+    return toy.write_config(name="bad.yaml")
+
+
+def _truncate(toy):
+    data = (toy.folder / "data.root").read_bytes()
+    (toy.folder / "data.root").write_bytes(data[: len(data) // 2])
+
+
+def _nan_branch(toy):
+    columns = dict(toy.columns["mc.root:sig"])
+    met = np.array(columns["met"])
+    met[[3, 17, 99]] = np.nan
+    columns["met"] = met
+    (toy.folder / "sig.root").unlink(missing_ok=True)
+    write_tree(toy.folder / "sig.root", "sig", columns)
+    toy.config["Samples"][1]["SamplePath"] = "sig.root"
+
+
+BAD_INPUTS = {
+    "missing file": (lambda t: t.config["Samples"][1].update(SamplePath="nope.root"),
+                     "nope.root: file not found (sample 'Signal'"),
+    "missing tree": (lambda t: t.config["Samples"][2].update(Tree="bkgg"),
+                     "mc.root: no tree 'bkgg' (sample 'Background'); did you mean 'bkg'"),
+    "missing branch": (lambda t: t.config["Regions"][0]["Cuts"][1].update(Variable="mett"),
+                       "no branch 'mett'; did you mean 'met'"),
+    "config key typo": (lambda t: t.config["Regions"][0].update(Varable="x"),
+                        "bad.yaml: Regions[0]: unknown key 'Varable' (did you mean 'Variable'?)"),
+    "non-increasing edges": (lambda t: t.config["Regions"][0].update(Binning=[0.0, 2.0, 1.0]),
+                             "Regions[0].Binning: bin edges must be finite and strictly increasing"),
+    "definition fails": (lambda t: t.config["Definitions"].append(
+        {"Name": "third", "Expression": "Muon_pt[:, 5]"}) or t.config["Regions"][0].update(Variable="third"),
+        "Definitions[2] 'third' = 'Muon_pt[:, 5]' failed on sample"),
+    "truncated file": (_truncate, "data.root"),
+    "NaN in branch": (_nan_branch, "branch 'met' has 3 NaN value(s)"),
+    "empty after filter": (lambda t: t.config["Samples"][1].update(Filter="x > 100"),
+                           "sample 'Signal' in region 'SR' (nominal) has no events after Filter 'x > 100'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_line_and_exit_code_2(toy, tmp_path, case):
+    change, message = BAD_INPUTS[case]
+    if case in ("truncated file", "NaN in branch"):
+        change(toy)
+        path = toy.write_config(name="bad.yaml")
+    else:
+        path = _rewrite(toy, lambda c: change(toy))
+    out = tmp_path / "result" / "workspace.json"
+    result = run("workspace", str(path), "--no-cache", "--output", str(out))
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert message in lines[0], lines[0]
+    assert not out.parent.exists() or not any(out.parent.iterdir())  # nothing half-written
+
+
+def test_truncated_file_names_the_problem(toy):
+    _truncate(toy)
+    result = run("histograms", str(toy.write_config()), "--no-cache")
+    assert result.exit_code == 2
+    assert "truncated or corrupt" in result.stderr and "data.root" in result.stderr
+
+
+def test_missing_config_file_and_bad_device(tmp_path):
+    result = run("validate", str(tmp_path / "missing.yaml"))
+    assert result.exit_code == 2 and "missing.yaml: configuration file not found" in result.stderr
+    result = run("validate", str(tmp_path / "missing.yaml"), "--device", "tpu")
+    assert result.exit_code == 2 and "'tpu'" in result.stderr
+
+
+def test_real_process_prints_no_traceback(toy):
+    toy.config["Samples"][1]["Tree"] = "sgi"
+    path = toy.write_config(name="bad.yaml")
+    proc = subprocess.run([sys.executable, "-m", "analysis.cli", "histograms", str(path), "--no-cache"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "no tree 'sgi'" in proc.stderr
