@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# the workflow's rules call `diffana` and `pyhf`, so the venv's bin goes first on PATH
 demo: setup
-	$(BIN)/snakemake -c2 --snakefile Snakefile
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake -c2 --snakefile Snakefile
 
 test: setup
-	$(BIN)/python -m pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check analysis tests benchmarks
