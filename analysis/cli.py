@@ -43,7 +43,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise click.BadParameter(f"'{name}' is not a device; expected auto, cpu or cuda[:N]") from None
+        raise click.BadParameter(
+            f"'{name}' is not a device; expected auto, cpu or cuda[:N]"
+        ) from None
     if device.type not in ("cpu", "cuda"):
         raise click.BadParameter(f"'{name}': expected auto, cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -85,13 +87,19 @@ def _setup_logging(verbose: int) -> None:
 def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """``--output``, ``--device`` and ``-v``; passes ``output`` and ``device`` on."""
 
-    @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=pathlib.Path),
-                  default=None, help="JSON output file (default: stdout).")
-    @click.option("--device", default="auto", show_default=True,
-                  help="auto, cpu or cuda[:N].")
+    @click.option(
+        "--output",
+        "-o",
+        type=click.Path(dir_okay=False, path_type=pathlib.Path),
+        default=None,
+        help="JSON output file (default: stdout).",
+    )
+    @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
     @click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logging.")
     @functools.wraps(func)
-    def wrapper(*args: Any, output: pathlib.Path | None, device: str, verbose: int, **kwargs: Any) -> Any:
+    def wrapper(
+        *args: Any, output: pathlib.Path | None, device: str, verbose: int, **kwargs: Any
+    ) -> Any:
         _setup_logging(verbose)
         return func(*args, output=output, device=resolve_device(device), **kwargs)
 
@@ -102,14 +110,28 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """``CONFIG``, ``--cuts`` and the column cache settings."""
 
     @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=pathlib.Path))
-    @click.option("--cuts", type=click.Path(path_type=pathlib.Path), default=None,
-                  help="cuts.json (cut name -> value) replacing the configured cut values.")
-    @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
-                  default=None, help="Column cache (default: $DIFFANA_CACHE_DIR or ~/.cache/diffana).")
+    @click.option(
+        "--cuts",
+        type=click.Path(path_type=pathlib.Path),
+        default=None,
+        help="cuts.json (cut name -> value) replacing the configured cut values.",
+    )
+    @click.option(
+        "--cache-dir",
+        type=click.Path(file_okay=False, path_type=pathlib.Path),
+        default=None,
+        help="Column cache (default: $DIFFANA_CACHE_DIR or ~/.cache/diffana).",
+    )
     @click.option("--no-cache", is_flag=True, help="Read the ROOT files even if cached.")
     @functools.wraps(func)
-    def wrapper(*args: Any, config_path: pathlib.Path, cuts: pathlib.Path | None,
-                cache_dir: pathlib.Path | None, no_cache: bool, **kwargs: Any) -> Any:
+    def wrapper(
+        *args: Any,
+        config_path: pathlib.Path,
+        cuts: pathlib.Path | None,
+        cache_dir: pathlib.Path | None,
+        no_cache: bool,
+        **kwargs: Any,
+    ) -> Any:
         from analysis import config as configuration
         from analysis.io import default_cache_dir
 
@@ -129,16 +151,37 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
-              default=pathlib.Path("data/generated"), show_default=True, help="Output folder.")
-@click.option("--events", type=click.IntRange(min=1), default=200_000, show_default=True,
-              help="Number of MC events, shared among the samples.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=pathlib.Path),
+    default=pathlib.Path("data/generated"),
+    show_default=True,
+    help="Output folder.",
+)
+@click.option(
+    "--events",
+    type=click.IntRange(min=1),
+    default=200_000,
+    show_default=True,
+    help="Number of MC events, shared among the samples.",
+)
 @click.option("--seed", type=int, default=1, show_default=True, help="Random seed.")
-@click.option("--lumi", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Integrated luminosity in fb^-1 (default: the generator's).")
+@click.option(
+    "--lumi",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Integrated luminosity in fb^-1 (default: the generator's).",
+)
 @common_options
-def generate(out_dir: pathlib.Path, events: int, seed: int, lumi: float | None,
-             output: pathlib.Path | None, device: torch.device) -> None:
+def generate(
+    out_dir: pathlib.Path,
+    events: int,
+    seed: int,
+    lumi: float | None,
+    output: pathlib.Path | None,
+    device: torch.device,
+) -> None:
     """Generate the demo dimuon-resonance ROOT files."""
     from analysis import generate as generator
 
@@ -161,8 +204,9 @@ def validate(config_path: pathlib.Path, output: pathlib.Path | None, device: tor
 @main.command()
 @config_options
 @common_options
-def histograms(config: Any, cache_dir: pathlib.Path | None, output: pathlib.Path | None,
-               device: torch.device) -> None:
+def histograms(
+    config: Any, cache_dir: pathlib.Path | None, output: pathlib.Path | None, device: torch.device
+) -> None:
     """Hard histograms (edges, yields, sumw2) per region, sample and variation."""
     from analysis.histograms import hard_histograms, histograms_to_dict
 
@@ -172,8 +216,9 @@ def histograms(config: Any, cache_dir: pathlib.Path | None, output: pathlib.Path
 @main.command()
 @config_options
 @common_options
-def workspace(config: Any, cache_dir: pathlib.Path | None, output: pathlib.Path | None,
-              device: torch.device) -> None:
+def workspace(
+    config: Any, cache_dir: pathlib.Path | None, output: pathlib.Path | None, device: torch.device
+) -> None:
     """Build the pyhf JSON workspace of an analysis (hard cuts)."""
     from analysis import workspace as ws
     from analysis.histograms import hard_histograms

@@ -369,7 +369,9 @@ def _describe(error: jsonschema.ValidationError, schema: dict[str, Any]) -> str:
         allowed = sorted(_resolve(error.schema, schema).get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         key = extra[0]
-        return f"{where}: unknown key '{key}'{_suggest(key, allowed)}; allowed: {', '.join(allowed)}"
+        return (
+            f"{where}: unknown key '{key}'{_suggest(key, allowed)}; allowed: {', '.join(allowed)}"
+        )
     if error.validator == "required":
         missing = error.message.split("'")[1]
         return f"{where}: missing required key '{missing}'"
@@ -444,7 +446,10 @@ def _check_semantics(raw: dict[str, Any], source: str) -> None:
         if any(not math.isfinite(e) for e in edges) or any(
             b <= a for a, b in zip(edges, edges[1:], strict=False)
         ):
-            fail(f"Regions[{i}].Binning: bin edges must be finite and strictly increasing, got {edges}")
+            fail(
+                f"Regions[{i}].Binning: bin edges must be finite and strictly increasing, "
+                f"got {edges}"
+            )
         if "Rebin" in region:
             fail(f"Regions[{i}].Rebin: rebinning histogram inputs is not supported")
         for j, cut in enumerate(region.get("Cuts", [])):
@@ -459,8 +464,11 @@ def _check_semantics(raw: dict[str, Any], source: str) -> None:
                     fail(f"{where}: a trainable cut needs Bounds [low, high]")
                 continue
             low, high = cut["Bounds"]
-            if not low <= cut["Value"] <= high or low >= high and trainable:
-                fail(f"{where}: Value {cut['Value']} must lie within Bounds [{low}, {high}] (low < high)")
+            if not low <= cut["Value"] <= high or (trainable and low >= high):
+                fail(
+                    f"{where}: Value {cut['Value']} must lie within Bounds [{low}, {high}] "
+                    "(low < high)"
+                )
 
     def check_refs(where: str, item: dict[str, Any], key: str, known: set[str]) -> None:
         for name in _as_tuple(item.get(key)) or ():
@@ -599,7 +607,9 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
             input_path=general["InputPath"],
             fixed={f["Name"]: float(f["Value"]) for f in general.get("Fixed", [])},
         ),
-        definitions=tuple(Definition(d["Name"], d["Expression"]) for d in raw.get("Definitions", [])),
+        definitions=tuple(
+            Definition(d["Name"], d["Expression"]) for d in raw.get("Definitions", [])
+        ),
         regions=regions,
         samples=samples,
         systematics=systematics,

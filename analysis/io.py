@@ -40,7 +40,13 @@ import uproot
 import vector
 
 from analysis.config import RESERVED_NAMES, Config, Definition, Template
-from analysis.errors import AnalysisError, ConfigError, DataError, InputFileError, MissingObjectError
+from analysis.errors import (
+    AnalysisError,
+    ConfigError,
+    DataError,
+    InputFileError,
+    MissingObjectError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +120,7 @@ def read_events(
     result: dict[TemplateKey, Events] = {}
     for (paths, tree), members in groups.items():
         requests = list(
-            dict.fromkeys(
-                _Request(t.filter, t.weight, template_expressions(t)) for t in members
-            )
+            dict.fromkeys(_Request(t.filter, t.weight, template_expressions(t)) for t in members)
         )
         arrays = _read_group(config, paths, tree, requests, members[0], cache_dir, step_size)
         for template in members:
@@ -129,7 +133,9 @@ def read_events(
                 )
             result[template_key(template)] = Events(
                 variable=template.variable,
-                columns={k: torch.as_tensor(v).to(device=device, dtype=dtype) for k, v in columns.items()},
+                columns={
+                    k: torch.as_tensor(v).to(device=device, dtype=dtype) for k, v in columns.items()
+                },
                 weight=torch.as_tensor(weight).to(device=device, dtype=dtype),
             )
     return result
@@ -144,9 +150,14 @@ def compile_expression(expr: str, what: str) -> tuple[object, frozenset[str]]:
         raise ConfigError(f"{what}: {expr!r} is not a valid expression ({err.msg})") from None
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
-            raise ConfigError(f"{what}: {expr!r} uses attribute '{node.attr}'; names starting with '_' are not allowed")
+            raise ConfigError(
+                f"{what}: {expr!r} uses attribute '{node.attr}'; "
+                "names starting with '_' are not allowed"
+            )
         if isinstance(node, ast.Name) and node.id.startswith("_"):
-            raise ConfigError(f"{what}: {expr!r} uses name '{node.id}'; names starting with '_' are not allowed")
+            raise ConfigError(
+                f"{what}: {expr!r} uses name '{node.id}'; names starting with '_' are not allowed"
+            )
     names = frozenset(n.id for n in ast.walk(tree) if isinstance(n, ast.Name))
     return compile(tree, "<expression>", "eval"), names
 
@@ -203,7 +214,9 @@ def _read_group(
                 f"InputPath '{config.general.input_path}')"
             )
     # compile everything first: a bad expression fails before any file is opened
-    compiled: list[tuple[tuple[str, object] | None, tuple[str, object] | None, list[tuple[str, object]]]] = []
+    compiled: list[
+        tuple[tuple[str, object] | None, tuple[str, object] | None, list[tuple[str, object]]]
+    ] = []
     names: set[str] = set()
     for request in requests:
         entry_filter = entry_weight = None
@@ -255,12 +268,16 @@ def _read_group(
                     )
                 n_events = len(chunk)
                 where = f"sample '{example.sample.name}' ({path}:{tree})"
-                for (entry_filter, entry_weight, exprs), (cols, weights) in zip(compiled, out, strict=True):
+                for (entry_filter, entry_weight, exprs), (cols, weights) in zip(
+                    compiled, out, strict=True
+                ):
                     mask = _per_event(entry_filter, namespace, n_events, "Filter", bool, where)
                     weight = _per_event(entry_weight, namespace, n_events, "Weight", float, where)
                     cols.append(
                         {
-                            expr: _per_event((expr, code), namespace, n_events, "Variable", float, where)[mask]
+                            expr: _per_event(
+                                (expr, code), namespace, n_events, "Variable", float, where
+                            )[mask]
                             for expr, code in exprs
                         }
                     )
@@ -377,7 +394,9 @@ def _per_event(
         value = eval(code, namespace)  # noqa: S307 - restricted namespace
     except Exception as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise DataError(f"{role} {expr!r} failed on {where}: {type(err).__name__}: {message}") from None
+        raise DataError(
+            f"{role} {expr!r} failed on {where}: {type(err).__name__}: {message}"
+        ) from None
     if isinstance(value, ak.Array):
         if value.ndim != 1:
             raise ConfigError(

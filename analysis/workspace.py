@@ -9,7 +9,8 @@ Per region and prediction sample the modifiers are, in this order (as cabinetry 
 them): ``staterror_<region>`` with data ``sqrt(sum w^2)`` per bin (unless DisableStaterror), the
 NormFactors acting on the sample, then the Systematics in config order:
 
-- ``Normalization``: ``normsys`` with ``hi = 1 + Up.Normalization``, ``lo = 1 + Down.Normalization``.
+- ``Normalization``: ``normsys`` with ``hi = 1 + Up.Normalization``,
+  ``lo = 1 + Down.Normalization``.
 - ``NormPlusShape``: split into a normalisation and a shape part. With nominal n and a variation
   v, the ``normsys`` factor is ``k = sum(v) / sum(n)`` and the ``histosys`` template is ``v / k``,
   which has the nominal's total yield. A ``Symmetrize`` side is the mirror of the other side

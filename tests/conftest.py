@@ -26,8 +26,10 @@ def write_tree(path: pathlib.Path, name: str, columns: dict[str, np.ndarray | ak
     """Write (or add to ``path``) a TTree with uproot's mktree; jagged muons as Muon_*."""
     mode = uproot.update if path.exists() else uproot.recreate
     with mode(path) as file:
-        types = {k: (v.type if isinstance(v, ak.Array) and k == "Muon" else np.asarray(v).dtype)
-                 for k, v in columns.items()}
+        types = {
+            k: (v.type if isinstance(v, ak.Array) and k == "Muon" else np.asarray(v).dtype)
+            for k, v in columns.items()
+        }
         tree = file.mktree(name, types)
         tree.extend(columns)
 
@@ -49,7 +51,9 @@ class ToyAnalysis:
 def _toy_columns(rng: np.random.Generator, n: int, shift: float, weighted: bool) -> dict:
     n_muon = rng.integers(1, 4, size=n)
     pt = rng.exponential(20.0, size=int(n_muon.sum())) + 5.0
-    muon = ak.zip({"pt": ak.unflatten(pt, n_muon), "eta": ak.unflatten(rng.normal(0, 1.5, pt.size), n_muon)})
+    muon = ak.zip(
+        {"pt": ak.unflatten(pt, n_muon), "eta": ak.unflatten(rng.normal(0, 1.5, pt.size), n_muon)}
+    )
     columns = {"x": rng.normal(shift, 1.0, n), "met": rng.exponential(30.0, n), "Muon": muon}
     if weighted:
         weight = rng.uniform(0.5, 1.5, n) * np.where(rng.uniform(size=n) < 0.1, -1.0, 1.0)
@@ -92,12 +96,26 @@ def toy(tmp_path: pathlib.Path) -> ToyAnalysis:
             {"Name": "Background", "Tree": "bkg", "SamplePath": "mc.root", "Weight": "weight"},
         ],
         "Systematics": [
-            {"Name": "Lumi", "Type": "Normalization", "Up": {"Normalization": 0.02},
-             "Down": {"Normalization": -0.02}},
-            {"Name": "Modeling", "Type": "NormPlusShape", "Samples": "Background",
-             "Up": {"Tree": "bkg_up"}, "Down": {"Symmetrize": True}},
-            {"Name": "WeightSys", "Type": "NormPlusShape", "Samples": ["Background", "Signal"],
-             "Up": {"Weight": "weight_up"}, "Down": {"Weight": "0.95*weight"}},
+            {
+                "Name": "Lumi",
+                "Type": "Normalization",
+                "Up": {"Normalization": 0.02},
+                "Down": {"Normalization": -0.02},
+            },
+            {
+                "Name": "Modeling",
+                "Type": "NormPlusShape",
+                "Samples": "Background",
+                "Up": {"Tree": "bkg_up"},
+                "Down": {"Symmetrize": True},
+            },
+            {
+                "Name": "WeightSys",
+                "Type": "NormPlusShape",
+                "Samples": ["Background", "Signal"],
+                "Up": {"Weight": "weight_up"},
+                "Down": {"Weight": "0.95*weight"},
+            },
         ],
         "NormFactors": [{"Name": "mu", "Samples": "Signal", "Nominal": 1, "Bounds": [0, 10]}],
     }

@@ -64,23 +64,39 @@ def _nan_branch(toy):
 
 
 BAD_INPUTS = {
-    "missing file": (lambda t: t.config["Samples"][1].update(SamplePath="nope.root"),
-                     "nope.root: file not found (sample 'Signal'"),
-    "missing tree": (lambda t: t.config["Samples"][2].update(Tree="bkgg"),
-                     "mc.root: no tree 'bkgg' (sample 'Background'); did you mean 'bkg'"),
-    "missing branch": (lambda t: t.config["Regions"][0]["Cuts"][1].update(Variable="mett"),
-                       "no branch 'mett'; did you mean 'met'"),
-    "config key typo": (lambda t: t.config["Regions"][0].update(Varable="x"),
-                        "bad.yaml: Regions[0]: unknown key 'Varable' (did you mean 'Variable'?)"),
-    "non-increasing edges": (lambda t: t.config["Regions"][0].update(Binning=[0.0, 2.0, 1.0]),
-                             "Regions[0].Binning: bin edges must be finite and strictly increasing"),
-    "definition fails": (lambda t: t.config["Definitions"].append(
-        {"Name": "third", "Expression": "Muon_pt[:, 5]"}) or t.config["Regions"][0].update(Variable="third"),
-        "Definitions[2] 'third' = 'Muon_pt[:, 5]' failed on sample"),
+    "missing file": (
+        lambda t: t.config["Samples"][1].update(SamplePath="nope.root"),
+        "nope.root: file not found (sample 'Signal'",
+    ),
+    "missing tree": (
+        lambda t: t.config["Samples"][2].update(Tree="bkgg"),
+        "mc.root: no tree 'bkgg' (sample 'Background'); did you mean 'bkg'",
+    ),
+    "missing branch": (
+        lambda t: t.config["Regions"][0]["Cuts"][1].update(Variable="mett"),
+        "no branch 'mett'; did you mean 'met'",
+    ),
+    "config key typo": (
+        lambda t: t.config["Regions"][0].update(Varable="x"),
+        "bad.yaml: Regions[0]: unknown key 'Varable' (did you mean 'Variable'?)",
+    ),
+    "non-increasing edges": (
+        lambda t: t.config["Regions"][0].update(Binning=[0.0, 2.0, 1.0]),
+        "Regions[0].Binning: bin edges must be finite and strictly increasing",
+    ),
+    "definition fails": (
+        lambda t: (
+            t.config["Definitions"].append({"Name": "third", "Expression": "Muon_pt[:, 5]"})
+            or t.config["Regions"][0].update(Variable="third")
+        ),
+        "Definitions[2] 'third' = 'Muon_pt[:, 5]' failed on sample",
+    ),
     "truncated file": (_truncate, "data.root"),
     "NaN in branch": (_nan_branch, "branch 'met' has 3 NaN value(s)"),
-    "empty after filter": (lambda t: t.config["Samples"][1].update(Filter="x > 100"),
-                           "sample 'Signal' in region 'SR' (nominal) has no events after Filter 'x > 100'"),
+    "empty after filter": (
+        lambda t: t.config["Samples"][1].update(Filter="x > 100"),
+        "sample 'Signal' in region 'SR' (nominal) has no events after Filter 'x > 100'",
+    ),
 }
 
 
@@ -119,8 +135,12 @@ def test_missing_config_file_and_bad_device(tmp_path):
 def test_real_process_prints_no_traceback(toy):
     toy.config["Samples"][1]["Tree"] = "sgi"
     path = toy.write_config(name="bad.yaml")
-    proc = subprocess.run([sys.executable, "-m", "analysis.cli", "histograms", str(path), "--no-cache"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis.cli", "histograms", str(path), "--no-cache"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "no tree 'sgi'" in proc.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import yaml
 
 from analysis import config as configuration
 from analysis.errors import ConfigError
@@ -41,29 +40,51 @@ def test_defaults_and_cut_names(toy):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda c: c["Regions"][0].update(Binnig=c["Regions"][0].pop("Binning")),
-         "Regions[0]: unknown key 'Binnig' (did you mean 'Binning'?)"),
-        (lambda c: c["Regions"][0].update(Binning=[0, 1, 1, 2]),
-         "Regions[0].Binning: bin edges must be finite and strictly increasing"),
-        (lambda c: c["Samples"][1].update(Data=True),
-         "Samples: expected exactly one sample with Data: true, found 2"),
-        (lambda c: c["Samples"].append(copy.deepcopy(c["Samples"][1])),
-         "Samples[3].Name: 'Signal' is used twice"),
+        (
+            lambda c: c["Regions"][0].update(Binnig=c["Regions"][0].pop("Binning")),
+            "Regions[0]: unknown key 'Binnig' (did you mean 'Binning'?)",
+        ),
+        (
+            lambda c: c["Regions"][0].update(Binning=[0, 1, 1, 2]),
+            "Regions[0].Binning: bin edges must be finite and strictly increasing",
+        ),
+        (
+            lambda c: c["Samples"][1].update(Data=True),
+            "Samples: expected exactly one sample with Data: true, found 2",
+        ),
+        (
+            lambda c: c["Samples"].append(copy.deepcopy(c["Samples"][1])),
+            "Samples[3].Name: 'Signal' is used twice",
+        ),
         (lambda c: c["General"].update(POI="mu_sig"), "General.POI: 'mu_sig' is not a NormFactor"),
-        (lambda c: c["Systematics"][1].update(Samples="Backgrund"),
-         "Systematics[1].Samples: unknown name 'Backgrund' (did you mean 'Background'?)"),
-        (lambda c: c["Systematics"][0].update(Type="Norm"),
-         "Systematics[0].Type: 'Norm' is not one of 'Normalization', 'NormPlusShape'"),
-        (lambda c: c["Regions"][0]["Cuts"][0].update(Value=100.0),
-         "Regions[0].Cuts[0]: Value 100.0 must lie within Bounds [5.0, 60.0]"),
-        (lambda c: c["Regions"][0]["Cuts"][0].pop("Bounds"),
-         "Regions[0].Cuts[0]: a trainable cut needs Bounds"),
-        (lambda c: c["Regions"][0]["Cuts"][0].update(Direction=">="),
-         "Regions[0].Cuts[0].Direction: '>=' is not one of '>', '<'"),
-        (lambda c: c["Definitions"].append({"Name": "np", "Expression": "x"}),
-         "Definitions[2].Name: 'np' is reserved"),
-        (lambda c: c["Systematics"][1]["Up"].update(Symmetrize=True),
-         "Systematics[1]: Up and Down cannot both be symmetrized"),
+        (
+            lambda c: c["Systematics"][1].update(Samples="Backgrund"),
+            "Systematics[1].Samples: unknown name 'Backgrund' (did you mean 'Background'?)",
+        ),
+        (
+            lambda c: c["Systematics"][0].update(Type="Norm"),
+            "Systematics[0].Type: 'Norm' is not one of 'Normalization', 'NormPlusShape'",
+        ),
+        (
+            lambda c: c["Regions"][0]["Cuts"][0].update(Value=100.0),
+            "Regions[0].Cuts[0]: Value 100.0 must lie within Bounds [5.0, 60.0]",
+        ),
+        (
+            lambda c: c["Regions"][0]["Cuts"][0].pop("Bounds"),
+            "Regions[0].Cuts[0]: a trainable cut needs Bounds",
+        ),
+        (
+            lambda c: c["Regions"][0]["Cuts"][0].update(Direction=">="),
+            "Regions[0].Cuts[0].Direction: '>=' is not one of '>', '<'",
+        ),
+        (
+            lambda c: c["Definitions"].append({"Name": "np", "Expression": "x"}),
+            "Definitions[2].Name: 'np' is reserved",
+        ),
+        (
+            lambda c: c["Systematics"][1]["Up"].update(Symmetrize=True),
+            "Systematics[1]: Up and Down cannot both be symmetrized",
+        ),
     ],
 )
 def test_invalid_configs_name_the_problem(toy, change, message):
@@ -81,7 +102,9 @@ def test_cuts_file_is_checked(toy, tmp_path):
     path.write_text('{"SR:lead_pt>": 20.0}')
     assert configuration.load_cuts(path, cfg).cut_values()["SR:lead_pt>"] == 20.0
     path.write_text('{"SR:lead_pt": 20.0}')
-    with pytest.raises(ConfigError, match="unknown cut 'SR:lead_pt' \\(did you mean 'SR:lead_pt>'\\?\\)"):
+    with pytest.raises(
+        ConfigError, match="unknown cut 'SR:lead_pt' \\(did you mean 'SR:lead_pt>'\\?\\)"
+    ):
         configuration.load_cuts(path, cfg)
     path.write_text('{"SR:lead_pt>": 99.0}')
     with pytest.raises(ConfigError, match="outside its Bounds"):

@@ -20,8 +20,11 @@ def test_hard_histogram_equals_hist(dtype):
     weights = rng.normal(1.0, 0.5, values.size)
     reference = hist.Hist(hist.axis.Variable(edges), storage=hist.storage.Weight())
     reference.fill(values, weight=weights)
-    got = hard_histogram(torch.tensor(values, dtype=dtype), torch.tensor(weights, dtype=dtype),
-                         torch.tensor(edges, dtype=dtype))
+    got = hard_histogram(
+        torch.tensor(values, dtype=dtype),
+        torch.tensor(weights, dtype=dtype),
+        torch.tensor(edges, dtype=dtype),
+    )
     assert got.yields.dtype == dtype
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
     np.testing.assert_allclose(got.yields.numpy(), reference.values(), rtol=rtol)
@@ -35,7 +38,11 @@ def test_hard_histograms_of_analysis_equal_hist(toy):
     region = cfg.regions[0]
     for key, ev in events.items():
         x = ev.observable.numpy()
-        lead_pt, met, w = (ev.columns["lead_pt"].numpy(), ev.columns["met"].numpy(), ev.weight.numpy())
+        lead_pt, met, w = (
+            ev.columns["lead_pt"].numpy(),
+            ev.columns["met"].numpy(),
+            ev.weight.numpy(),
+        )
         keep = (lead_pt > 15.0) & (met < 60.0)
         reference = hist.Hist(hist.axis.Variable(region.binning), storage=hist.storage.Weight())
         reference.fill(x[keep], weight=w[keep])
@@ -49,6 +56,9 @@ def test_cut_values_change_the_selection(toy):
     events = read_events(cfg)
     tighter = cfg.with_cut_values({"SR:lead_pt>": 30.0})
     ev = events[("SR", "Signal", "nominal")]
-    loose, tight = hard_cut_mask(ev, cfg.regions[0].cuts), hard_cut_mask(ev, tighter.regions[0].cuts)
+    loose, tight = (
+        hard_cut_mask(ev, cfg.regions[0].cuts),
+        hard_cut_mask(ev, tighter.regions[0].cuts),
+    )
     pt, met = ev.columns["lead_pt"], ev.columns["met"]
     assert int(tight.sum()) == int(((pt > 30.0) & (met < 60.0)).sum()) < int(loose.sum())

@@ -18,15 +18,24 @@ def _expected(toy, tree: str, weight: str | None) -> dict[str, np.ndarray]:
     """Filter, Definitions and Weight of the toy config, computed event by event in Python."""
     file, name = tree.split(":")
     arrays = uproot.open(toy.folder / file)[name].arrays(library="np")
-    keep, x, lead_pt, met, w = [], [], [], [], []
+    x, lead_pt, met, w = [], [], [], []
     for i in range(len(arrays["x"])):
         etas, pts = arrays["Muon_eta"][i], arrays["Muon_pt"][i]
         if sum(abs(e) < 1.5 for e in etas) >= 1:
             x.append(arrays["x"][i])
             lead_pt.append(pts[0])
             met.append(arrays["met"][i])
-            w.append(1.0 if weight is None else eval(weight, {}, {k: arrays[k][i] for k in ("weight", "weight_up")}))
-    return {"x": np.array(x), "lead_pt": np.array(lead_pt), "met": np.array(met), "weight": np.array(w)}
+            w.append(
+                1.0
+                if weight is None
+                else eval(weight, {}, {k: arrays[k][i] for k in ("weight", "weight_up")})
+            )
+    return {
+        "x": np.array(x),
+        "lead_pt": np.array(lead_pt),
+        "met": np.array(met),
+        "weight": np.array(w),
+    }
 
 
 def test_read_events_equals_independent_computation(toy):
@@ -49,7 +58,9 @@ def test_read_events_equals_independent_computation(toy):
         assert got.weight.dtype == torch.float64
         np.testing.assert_allclose(got.weight.numpy(), expected["weight"], rtol=1e-12)
         np.testing.assert_array_equal(got.observable.numpy(), expected["x"])
-        np.testing.assert_array_equal(got.columns["lead_pt"].numpy(), expected["lead_pt"].astype(np.float64))
+        np.testing.assert_array_equal(
+            got.columns["lead_pt"].numpy(), expected["lead_pt"].astype(np.float64)
+        )
         np.testing.assert_array_equal(got.columns["met"].numpy(), expected["met"])
 
 
@@ -77,7 +88,9 @@ def test_cache_skips_root_reading_and_invalidates_on_change(toy, tmp_path, monke
     assert len(entries) == 4  # one per (files, tree): data, sig, bkg, bkg_up
     # a second run must not open any ROOT file
     with monkeypatch.context() as patch:
-        patch.setattr(uproot, "open", lambda *a, **k: pytest.fail("ROOT file opened on a cache hit"))
+        patch.setattr(
+            uproot, "open", lambda *a, **k: pytest.fail("ROOT file opened on a cache hit")
+        )
         second = read_events(cfg, cache_dir=cache)
     for key in first:
         assert torch.equal(first[key].weight, second[key].weight)
@@ -110,9 +123,11 @@ def test_builtins_are_not_available(toy):
 
 def test_vector_definition(toy):
     """A vector expression (invariant mass of the two leading muons) against numpy."""
-    toy.config["Definitions"].append(
-        {"Name": "mass", "Expression": "(vector.zip({'pt': Muon_pt, 'eta': Muon_eta, 'phi': 0*Muon_pt, 'mass': 0*Muon_pt})[:, 0] + vector.zip({'pt': Muon_pt, 'eta': Muon_eta, 'phi': 0*Muon_pt, 'mass': 0*Muon_pt})[:, -1]).mass"}
-    )
+    muons = "vector.zip({'pt': Muon_pt, 'eta': Muon_eta, 'phi': 0 * Muon_pt, 'mass': 0 * Muon_pt})"
+    toy.config["Definitions"] += [
+        {"Name": "muons", "Expression": muons},
+        {"Name": "mass", "Expression": "(muons[:, 0] + muons[:, -1]).mass"},
+    ]
     toy.config["Regions"][0]["Variable"] = "mass"
     cfg = configuration.from_dict(toy.config)
     got = read_events(cfg)[("SR", "Data", "nominal")].observable.numpy()
@@ -121,7 +136,9 @@ def test_vector_definition(toy):
     for pts, etas in zip(arrays["Muon_pt"], arrays["Muon_eta"], strict=True):
         if sum(abs(e) < 1.5 for e in etas) >= 1:
             # massless, same phi: m^2 = 2 pt1 pt2 (cosh(deta) - 1)
-            expected.append(np.sqrt(max(2 * pts[0] * pts[-1] * (np.cosh(etas[0] - etas[-1]) - 1), 0)))
+            expected.append(
+                np.sqrt(max(2 * pts[0] * pts[-1] * (np.cosh(etas[0] - etas[-1]) - 1), 0))
+            )
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pyhf
 import pytest
@@ -69,17 +70,31 @@ def test_normplusshape_split_against_numpy(toy):
     assert background["name"] == "Background"
     mods = {(m["name"], m["type"]): m for m in background["modifiers"]}
     assert [m["type"] for m in background["modifiers"]] == [
-        "staterror", "normsys", "normsys", "histosys", "normsys", "histosys"]
+        "staterror",
+        "normsys",
+        "normsys",
+        "histosys",
+        "normsys",
+        "histosys",
+    ]
     assert mods[("Modeling", "normsys")]["data"]["hi"] == pytest.approx(k_up, rel=1e-12)
     assert mods[("Modeling", "normsys")]["data"]["lo"] == pytest.approx(2 - k_up, rel=1e-12)
-    np.testing.assert_allclose(mods[("Modeling", "histosys")]["data"]["hi_data"], up / k_up, rtol=1e-12)
-    np.testing.assert_allclose(mods[("Modeling", "histosys")]["data"]["lo_data"], 2 * nominal - up / k_up, rtol=1e-12)
+    np.testing.assert_allclose(
+        mods[("Modeling", "histosys")]["data"]["hi_data"], up / k_up, rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        mods[("Modeling", "histosys")]["data"]["lo_data"], 2 * nominal - up / k_up, rtol=1e-12
+    )
     down = hists[("SR", "Background", "WeightSys_Down")].yields.numpy()
     assert mods[("WeightSys", "normsys")]["data"]["lo"] == pytest.approx(0.95, rel=1e-12)
-    np.testing.assert_allclose(mods[("WeightSys", "histosys")]["data"]["lo_data"], down / 0.95, rtol=1e-12)
+    np.testing.assert_allclose(
+        mods[("WeightSys", "histosys")]["data"]["lo_data"], down / 0.95, rtol=1e-12
+    )
     np.testing.assert_allclose(
         mods[("staterror_SR", "staterror")]["data"],
-        np.sqrt(hists[("SR", "Background", "nominal")].sumw2.numpy()), rtol=1e-12)
+        np.sqrt(hists[("SR", "Background", "nominal")].sumw2.numpy()),
+        rtol=1e-12,
+    )
     assert mods[("Lumi", "normsys")]["data"] == {"hi": 1.02, "lo": 0.98}
 
 
