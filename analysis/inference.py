@@ -1,0 +1,502 @@
+"""Statistical inference on a HistFactory model: test statistics, asymptotic CLs, discovery
+significance, upper limits, likelihood scans, ranking, goodness of fit and toys.
+
+Conventions are pyhf's (0.7.6) and, for the result records, cabinetry's:
+
+- Test statistics (Cowan, Cranmer, Gross, Vitells, arXiv:1007.1727). With
+  ``t_mu = max(0, 2 NLL(mu, theta_hat_hat) - 2 NLL(mu_hat, theta_hat))``:
+  ``q_mu = t_mu if mu_hat <= mu else 0`` (eq. 14), ``q~_mu`` the same with the POI bounded below
+  at 0 (eq. 16; pyhf fits within the model's bounds for both), ``q0 = t_0 if mu_hat >= 0 else
+  0`` (eq. 12).
+- Asymptotics (Wald approximation, sec. 3): the Asimov dataset is the model's expectation at
+  the parameters fitted to the *observed* data with the POI fixed at 0 (at 1 for q0), as pyhf
+  does. With ``s = sqrt(q)`` and ``s_A = sqrt(q_A)`` the test statistic in ``-mu_hat/sigma``
+  space is ``t = s - s_A`` (q, q0), and for q~ ``t = s - s_A`` if ``s <= s_A`` else
+  ``(q - q_A) / (2 s_A)`` (eq. 65-66). Then ``CLs+b = Phi(-(t + s_A))``, ``CLb = Phi(-t)``,
+  ``CLs = CLs+b / CLb``; the expected band uses ``t = n`` for ``n = 2, 1, 0, -1, -2`` (pyhf's
+  order, i.e. CLs from the -2 sigma to the +2 sigma band). For q0 the p-value is CLs+b.
+- Upper limits: the POI where CLs = 1 - CL, found by bracketing and bisection with all six
+  curves (observed and the five expected) solved together in batched hypotests.
+- Ranking: the POI shift when one nuisance parameter is fixed at its best fit +- its pre-fit
+  (constraint) or post-fit uncertainty and the others refitted (cabinetry ``fit.ranking``).
+- Goodness of fit: saturated model, ``2 (NLL_best - NLL_sat)`` with the Poisson terms at
+  ``lambda = n`` and the constraint terms at the suggested initial parameters, chi2 with
+  ``n_bins - n_unconstrained`` degrees of freedom (cabinetry ``fit._goodness_of_fit``).
+
+All fits here are the batched torch Newton fits of :mod:`analysis.fit`: the many fits that a
+hypotest, a limit, a scan or a set of toys needs run as one batched call. Everything stays in
+torch on the model's device; results are small frozen records.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from analysis.errors import AnalysisError, ConfigError
+from analysis.fit import newton_minimize
+
+log = logging.getLogger(__name__)
+
+TestStat = Literal["q", "qtilde", "q0"]
+#: order of the expected band in pyhf: -mu_hat/sigma = +2 ... -2, i.e. CLs from -2 to +2 sigma
+BAND_NSIGMA = (2.0, 1.0, 0.0, -1.0, -2.0)
+
+
+class InferenceError(AnalysisError, ArithmeticError):
+    """An inference step cannot be done for this model or data (e.g. no bracketed limit)."""
+
+
+# ----------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class HypotestResult:
+    """CLs of a hypothesis test at each tested POI value (leading shape of ``poi_value``)."""
+
+    poi_value: torch.Tensor
+    test_stat: str
+    teststat: torch.Tensor  # the observed q (q_mu, q~_mu or q0)
+    cls_obs: torch.Tensor  # CLs (CLs+b, i.e. the p-value, for q0)
+    cls_exp: torch.Tensor  # (..., 5): -2 sigma .. +2 sigma
+    clsb_obs: torch.Tensor
+    clb_obs: torch.Tensor
+
+    def to_dict(self) -> dict:
+        return {
+            "poi_value": self.poi_value.tolist(),
+            "test_stat": self.test_stat,
+            "teststat": self.teststat.tolist(),
+            "cls_obs": self.cls_obs.tolist(),
+            "cls_exp": self.cls_exp.tolist(),
+        }
+
+
+@dataclass(frozen=True)
+class SignificanceResult:
+    """Discovery p-values and significances (observed, and expected under mu = 1)."""
+
+    observed_p_value: float
+    observed_significance: float
+    expected_p_value: float
+    expected_significance: float
+
+    def to_dict(self) -> dict:
+        return {
+            "observed": {
+                "p_value": self.observed_p_value,
+                "significance": self.observed_significance,
+            },
+            "expected": {
+                "p_value": self.expected_p_value,
+                "significance": self.expected_significance,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class LimitResult:
+    """Upper limits on the POI at confidence level ``cl``: observed and the expected band."""
+
+    cl: float
+    observed: float
+    expected: tuple[float, float, float, float, float]  # -2 sigma .. +2 sigma
+
+    def to_dict(self) -> dict:
+        return {"cl": self.cl, "observed": self.observed, "expected": list(self.expected)}
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Profile-likelihood scan: ``delta_twice_nll`` at each value of ``parameter``."""
+
+    parameter: str
+    bestfit: float
+    uncertainty: float
+    values: torch.Tensor
+    delta_twice_nll: torch.Tensor
+
+    def to_dict(self) -> dict:
+        return {
+            "parameter": self.parameter,
+            "bestfit": self.bestfit,
+            "uncertainty": self.uncertainty,
+            "values": self.values.tolist(),
+            "delta_twice_nll": self.delta_twice_nll.tolist(),
+        }
+
+
+@dataclass(frozen=True)
+class RankingResult:
+    """Impact of each nuisance parameter on the POI (cabinetry's RankingResults fields)."""
+
+    labels: tuple[str, ...]
+    bestfit: torch.Tensor
+    uncertainty: torch.Tensor
+    prefit_up: torch.Tensor
+    prefit_down: torch.Tensor
+    postfit_up: torch.Tensor
+    postfit_down: torch.Tensor
+
+    def to_dict(self) -> dict:
+        return {
+            "ranking": [
+                {
+                    "name": name,
+                    "bestfit": float(self.bestfit[i]),
+                    "uncertainty": float(self.uncertainty[i]),
+                    "prefit_up": float(self.prefit_up[i]),
+                    "prefit_down": float(self.prefit_down[i]),
+                    "postfit_up": float(self.postfit_up[i]),
+                    "postfit_down": float(self.postfit_down[i]),
+                }
+                for i, name in enumerate(self.labels)
+            ]
+        }
+
+
+@dataclass(frozen=True)
+class GoodnessOfFit:
+    """Saturated-model goodness of fit."""
+
+    delta_twice_nll: float
+    ndof: int
+    p_value: float
+
+    def to_dict(self) -> dict:
+        return {"delta_twice_nll": self.delta_twice_nll, "ndof": self.ndof, "p_value": self.p_value}
+
+
+# ----------------------------------------------------------------------------- helpers
+def normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Phi(x), standard normal CDF, accurate in both tails (``torch.special.ndtr``)."""
+    return torch.special.ndtr(x)
+
+
+def significance_from_p_value(p: torch.Tensor) -> torch.Tensor:
+    """Z = Phi^-1(1 - p), computed as ``-ndtri(p)`` so that small p stay accurate."""
+    return -torch.special.ndtri(p)
+
+
+def _poi_index(model) -> int:
+    if model.poi_index is None:
+        raise ConfigError("the model has no parameter of interest (measurement POI missing)")
+    return int(model.poi_index)
+
+
+def _settings(model, init, bounds, fixed):
+    init = (
+        model.suggested_init()
+        if init is None
+        else torch.as_tensor(init, dtype=model.dtype, device=model.device)
+    )
+    bounds = (
+        model.suggested_bounds()
+        if bounds is None
+        else torch.as_tensor(bounds, dtype=model.dtype, device=model.device)
+    )
+    fixed = (
+        model.suggested_fixed()
+        if fixed is None
+        else torch.as_tensor(fixed, dtype=torch.bool, device=model.device)
+    )
+    return init, bounds, fixed
+
+
+#: offsets (in units of the constraint width) of the extra starts for kinked parameters
+KINK_STARTS = (0.5, -0.5)
+
+
+def minimize(model, data, start, *, bounds, fixed, what: str = "fit"):
+    """Batched Newton fits of ``model`` to ``data`` from ``start`` (..., P).
+
+    Parameters with a kink at 0 (histosys code0, normsys code1; see
+    :meth:`~analysis.likelihood.Model.kinked_parameters`) make the likelihood piecewise smooth
+    with possibly one local minimum on each side of the kink, and a Newton fit (or MIGRAD) from
+    0 stops in whichever it walks into. Such models are fitted from the given start and from
+    the start shifted by +0.5 and -0.5 on all kinked parameters, in one batched call, and the
+    lowest converged minimum is kept. Smooth models (code4/code4p, pyhf's defaults) are fitted
+    once. Returns (parameters (..., P), twice_nll (...)).
+    """
+    kinked = model.kinked_parameters() & ~fixed
+    objective = lambda p: model.twice_nll(p, data)  # noqa: E731
+    if not bool(kinked.any()):
+        result = newton_minimize(objective, start, bounds=bounds, fixed=fixed)
+        _warn_unconverged(result, what)
+        return result.x, result.fun
+    offsets = [torch.zeros_like(start)] + [
+        torch.where(kinked, d, 0.0).expand_as(start) for d in KINK_STARTS
+    ]
+    starts = torch.stack([start + o for o in offsets])
+    starts = torch.minimum(torch.maximum(starts, bounds[:, 0]), bounds[:, 1])
+    starts = torch.where(fixed, start, starts)
+    result = newton_minimize(objective, starts, bounds=bounds, fixed=fixed)
+    fun = torch.where(result.converged, result.fun, torch.inf)
+    best = fun.argmin(0)
+    x = torch.take_along_dim(result.x, best[None, ..., None], dim=0)[0]
+    converged = result.converged.any(0)
+    if not bool(converged.all()):
+        log.warning(
+            "%d of %d %s(s) did not converge", int((~converged).sum()), converged.numel(), what
+        )
+    return x, torch.take_along_dim(result.fun, best[None], dim=0)[0]
+
+
+def free_fit(model, data, *, init=None, bounds=None, fixed=None):
+    """Batched unconditional fits: returns (parameters (..., P), twice_nll (...))."""
+    init, bounds, fixed = _settings(model, init, bounds, fixed)
+    start = init.expand(*data.shape[:-1], init.shape[-1]).clone()
+    return minimize(model, data, start, bounds=bounds, fixed=fixed, what="free fit")
+
+
+def fixed_poi_fit(model, data, poi_value, *, init=None, bounds=None, fixed=None):
+    """Batched fits with the POI fixed at ``poi_value`` (broadcast against the data's batch)."""
+    init, bounds, fixed = _settings(model, init, bounds, fixed)
+    poi = _poi_index(model)
+    poi_value = torch.as_tensor(poi_value, dtype=init.dtype, device=init.device)
+    batch = torch.broadcast_shapes(data.shape[:-1], poi_value.shape)
+    start = init.expand(*batch, init.shape[-1]).clone()
+    start[..., poi] = poi_value
+    fixed = fixed.clone()
+    fixed[poi] = True
+    return minimize(model, data, start, bounds=bounds, fixed=fixed, what="fixed-POI fit")
+
+
+def _warn_unconverged(result, what: str) -> None:
+    failed = int((~result.converged).sum())
+    if failed:
+        log.warning("%d of %d %s(s) did not converge", failed, result.converged.numel(), what)
+
+
+def test_statistic(
+    model, data, poi_value, test_stat: TestStat = "qtilde", *, init=None, bounds=None, fixed=None
+):
+    """The observed test statistic (q_mu, q~_mu or q0) at ``poi_value``, batched."""
+    poi = _poi_index(model)
+    x_free, nll_free = free_fit(model, data, init=init, bounds=bounds, fixed=fixed)
+    poi_value = torch.as_tensor(poi_value, dtype=x_free.dtype, device=x_free.device)
+    _, nll_fixed = fixed_poi_fit(model, data, poi_value, init=init, bounds=bounds, fixed=fixed)
+    t = torch.clamp(nll_fixed - nll_free, min=0.0)
+    mu_hat = x_free[..., poi]
+    if test_stat == "q0":
+        return torch.where(mu_hat < 0, torch.zeros_like(t), t)
+    if test_stat in ("q", "qtilde"):
+        return torch.where(mu_hat > poi_value, torch.zeros_like(t), t)
+    raise ConfigError(f"unknown test statistic '{test_stat}'; expected q, qtilde or q0")
+
+
+def asimov_data(
+    model, data, asimov_poi: float, *, init=None, bounds=None, fixed=None
+) -> torch.Tensor:
+    """pyhf's Asimov dataset: expected data at the fit to ``data`` with the POI fixed."""
+    pars, _ = fixed_poi_fit(model, data, asimov_poi, init=init, bounds=bounds, fixed=fixed)
+    return model.expected_data(pars)
+
+
+def asymptotic_cls(sqrt_q: torch.Tensor, sqrt_q_asimov: torch.Tensor, test_stat: TestStat):
+    """(CLs+b, CLb, CLs) and the expected (..., 5) CLs+b and CLs from the Wald approximation."""
+    if test_stat == "qtilde":
+        safe = torch.where(sqrt_q_asimov > 0, sqrt_q_asimov, torch.ones_like(sqrt_q_asimov))
+        t = torch.where(
+            sqrt_q <= sqrt_q_asimov,
+            sqrt_q - sqrt_q_asimov,
+            (sqrt_q**2 - sqrt_q_asimov**2) / (2 * safe),
+        )
+    else:
+        t = sqrt_q - sqrt_q_asimov
+    clsb, clb = normal_cdf(-(t + sqrt_q_asimov)), normal_cdf(-t)
+    n = torch.tensor(BAND_NSIGMA, dtype=t.dtype, device=t.device)
+    clsb_exp = normal_cdf(-(n + sqrt_q_asimov.unsqueeze(-1)))
+    clb_exp = normal_cdf(-n).expand_as(clsb_exp)
+    return clsb, clb, clsb / clb, clsb_exp, clsb_exp / clb_exp
+
+
+def hypotest(
+    model, data, poi_value, test_stat: TestStat = "qtilde", *, init=None, bounds=None, fixed=None
+) -> HypotestResult:
+    """Asymptotic hypothesis test(s) at ``poi_value`` (a number or a 1-D tensor of values)."""
+    kwargs = {"init": init, "bounds": bounds, "fixed": fixed}
+    data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
+    poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
+    q = test_statistic(model, data, poi_value, test_stat, **kwargs)
+    asimov = asimov_data(model, data, 1.0 if test_stat == "q0" else 0.0, **kwargs)
+    q_asimov = test_statistic(model, asimov, poi_value, test_stat, **kwargs)
+    clsb, clb, cls, clsb_exp, cls_exp = asymptotic_cls(
+        torch.sqrt(q), torch.sqrt(q_asimov), test_stat
+    )
+    if test_stat == "q0":
+        cls, cls_exp = clsb, clsb_exp
+    return HypotestResult(poi_value, test_stat, q, cls, cls_exp, clsb, clb)
+
+
+def significance(model, data, *, init=None, bounds=None, fixed=None) -> SignificanceResult:
+    """Discovery p-value and significance from q0 (observed, and median expected for mu = 1)."""
+    result = hypotest(model, data, 0.0, "q0", init=init, bounds=bounds, fixed=fixed)
+    p_obs, p_exp = result.cls_obs, result.cls_exp[..., 2]
+    return SignificanceResult(
+        float(p_obs),
+        float(significance_from_p_value(p_obs)),
+        float(p_exp),
+        float(significance_from_p_value(p_exp)),
+    )
+
+
+def upper_limit(
+    model,
+    data,
+    cl: float = 0.95,
+    test_stat: TestStat = "qtilde",
+    *,
+    bracket=None,
+    xtol: float = 1e-5,
+    init=None,
+    bounds=None,
+    fixed=None,
+    max_iter: int = 100,
+) -> LimitResult:
+    """Observed and expected upper limits: the POI values where CLs = 1 - ``cl``.
+
+    All six curves (observed, expected -2..+2 sigma) are solved together: each bisection step is
+    one batched hypotest at six POI values. The default bracket is (0, upper POI bound); CLs must
+    fall below 1 - cl at the upper end, else :class:`InferenceError`.
+    """
+    alpha = 1.0 - cl
+    kwargs = {"init": init, "bounds": bounds, "fixed": fixed}
+    poi = _poi_index(model)
+    poi_bounds = model.suggested_bounds()[poi] if bounds is None else torch.as_tensor(bounds)[poi]
+    low, high = (
+        (float(poi_bounds[0]), float(poi_bounds[1])) if bracket is None else map(float, bracket)
+    )
+    low = max(low, 1e-9 * max(abs(high), 1.0))  # CLs is 1 at mu = 0 by construction
+
+    def excess(mu: torch.Tensor) -> torch.Tensor:
+        result = hypotest(model, data, mu, test_stat, **kwargs)
+        curves = torch.cat(
+            [result.cls_obs[:1], result.cls_exp[torch.arange(1, 6), torch.arange(5)]]
+        )
+        return curves - alpha
+
+    lo = torch.full((6,), low, dtype=model.dtype, device=model.device)
+    hi = torch.full((6,), high, dtype=model.dtype, device=model.device)
+    f_lo, f_hi = excess(lo), excess(hi)
+    names = ["observed", "-2 sigma", "-1 sigma", "median", "+1 sigma", "+2 sigma"]
+    for bad, where, value in [(f_hi > 0, "upper", high), (f_lo < 0, "lower", low)]:
+        if bool(bad.any()):
+            which = ", ".join(n for n, b in zip(names, bad.tolist(), strict=True) if b)
+            raise InferenceError(
+                f"CLs at the {where} end of the bracket ({value:g}) does not bracket "
+                f"CLs = {alpha:g} for the {which} limit; widen the bracket or the POI bounds"
+            )
+    for _ in range(max_iter):  # bisection on all six curves at once
+        if float((hi - lo).max()) < xtol:
+            break
+        mid = 0.5 * (lo + hi)
+        above = excess(mid) > 0
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    limits = (0.5 * (lo + hi)).tolist()
+    return LimitResult(cl, limits[0], tuple(limits[1:]))
+
+
+def scan(
+    model,
+    data,
+    parameter: str,
+    values=None,
+    *,
+    n_steps: int = 11,
+    init=None,
+    bounds=None,
+    fixed=None,
+) -> ScanResult:
+    """Profile likelihood of ``parameter``: twice NLL at each value minus the global minimum.
+
+    Default ``values``: ``n_steps`` points within best fit +- 2 post-fit uncertainties
+    (cabinetry's default), the uncertainty from the inverse Hessian at the best fit.
+    """
+    from analysis.fit import fit as single_fit
+
+    if parameter not in model.par_names:
+        raise ConfigError(
+            f"unknown parameter '{parameter}'; parameters: {', '.join(model.par_names)}"
+        )
+    index = model.par_names.index(parameter)
+    init, bounds, fixed = _settings(model, init, bounds, fixed)
+    data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
+    best = single_fit(
+        lambda p: model.twice_nll(p, data),
+        init,
+        bounds=bounds,
+        fixed=fixed,
+        labels=model.par_names,
+        method="newton",
+    )
+    center, width = float(best.bestfit[index]), float(best.uncertainty[index])
+    if values is None:
+        values = torch.linspace(
+            center - 2 * width, center + 2 * width, n_steps, dtype=model.dtype, device=model.device
+        )
+    values = torch.as_tensor(values, dtype=model.dtype, device=model.device)
+    start = init.expand(values.shape[0], init.shape[0]).clone()
+    start[:, index] = values
+    fixed_scan = fixed.clone()
+    fixed_scan[index] = True
+    result = newton_minimize(
+        lambda p: model.twice_nll(p, data), start, bounds=bounds, fixed=fixed_scan
+    )
+    _warn_unconverged(result, "scan fit")
+    return ScanResult(parameter, center, width, values, result.fun - best.twice_nll)
+
+
+def ranking(model, data, fit_result, *, init=None, bounds=None, fixed=None) -> RankingResult:
+    """Pre- and post-fit impacts of every nuisance parameter on the POI (cabinetry's ranking)."""
+    poi = _poi_index(model)
+    init, bounds, fixed = _settings(model, init, bounds, fixed)
+    data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
+    prefit = model.prefit_uncertainties()
+    bestfit, uncertainty = fit_result.bestfit.to(init), fit_result.uncertainty.to(init)
+    # the impacts are differences of two minima: take the nominal one from the same exact
+    # minimiser as the refits (a MIGRAD minimum is only good to its EDM tolerance)
+    nominal, _ = minimize(model, data, bestfit, bounds=bounds, fixed=fixed, what="nominal fit")
+    nominal_poi = nominal[poi]
+    rows = [i for i in range(model.npars) if i != poi]
+    impacts = torch.zeros(len(rows), 4, dtype=init.dtype, device=init.device)
+    for row, i in enumerate(rows):
+        shifts = torch.stack([prefit[i], -prefit[i], uncertainty[i], -uncertainty[i]])
+        needed = shifts != 0  # unconstrained (no pre-fit) or fixed parameters: impact 0
+        if not bool(needed.any()) or bool(fixed[i]):
+            continue
+        start = init.expand(4, init.shape[0]).clone()
+        start[:, i] = bestfit[i] + shifts
+        start[:, i] = torch.minimum(torch.maximum(start[:, i], bounds[i, 0]), bounds[i, 1])
+        fixed_i = fixed.clone()
+        fixed_i[i] = True
+        result = newton_minimize(
+            lambda p: model.twice_nll(p, data), start, bounds=bounds, fixed=fixed_i
+        )
+        _warn_unconverged(result, "ranking fit")
+        impacts[row] = torch.where(needed, result.x[:, poi] - nominal_poi, torch.zeros_like(shifts))
+    labels = tuple(model.par_names[i] for i in rows)
+    return RankingResult(labels, bestfit[rows], uncertainty[rows], *impacts.unbind(-1))
+
+
+def poisson_logpdf(n: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """log Poisson(n | lam) with the continuous extension ``n log lam - lam - lgamma(n + 1)``."""
+    return torch.xlogy(n, lam) - lam - torch.lgamma(n + 1)
+
+
+def goodness_of_fit(model, data, twice_nll_best) -> GoodnessOfFit:
+    """Saturated-model goodness of fit (cabinetry's convention, see the module docstring)."""
+    from scipy import stats
+
+    data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
+    init = model.suggested_init()
+    main = data[..., : model.nmain]
+    main_at_init = poisson_logpdf(main, model.expected_actualdata(init)).sum(-1)
+    constraint = model.logpdf(init, data) - main_at_init
+    saturated = -(poisson_logpdf(main, main).sum(-1) + constraint)
+    delta = float(torch.as_tensor(twice_nll_best) - 2 * saturated)
+    ndof = model.nmain - int(model.unconstrained_free_count())
+    p_value = float(stats.chi2.sf(delta, ndof)) if ndof > 0 else math.nan
+    return GoodnessOfFit(delta, ndof, p_value)

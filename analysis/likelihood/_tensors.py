@@ -1,0 +1,57 @@
+"""Small helpers to move spec numbers into tensors and back to plain JSON values."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def as_tensor(value: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``value`` (number, list of numbers or of 0-d tensors, array, tensor) as a tensor.
+
+    A tensor is moved with ``.to`` so that its autograd history is kept; a list that contains
+    tensors is stacked (also differentiable). Nothing here goes through numpy for tensors.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=dtype, device=device)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return torch.stack([as_tensor(v, dtype=dtype, device=device) for v in value])
+    return torch.as_tensor(value, dtype=dtype, device=device)
+
+
+def to_plain(value: Any) -> Any:
+    """A detached, JSON-serialisable copy: tensors and arrays become (lists of) floats."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def structural_copy(value: Any) -> Any:
+    """Copy dicts and lists, share the leaves (tensors keep their autograd graph)."""
+    if isinstance(value, Mapping):
+        return {k: structural_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [structural_copy(v) for v in value]
+    return value
+
+
+def has_tensor(value: Any) -> bool:
+    """Whether a nested structure holds any torch tensor."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(has_tensor(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(has_tensor(v) for v in value)
+    return False

@@ -1,0 +1,20 @@
+"""Log-density of the HistFactory Poisson terms, as pyhf (numpy backend) evaluates it.
+
+Elementwise, broadcasting its arguments; callers sum over the last axis. (The Gaussian
+constraint term is in :meth:`analysis.likelihood.model.Model._constraint`, where its constant
+is precomputed.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def poisson_logpdf(n: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    r"""Continuous Poisson log-density :math:`n \log\lambda - \lambda - \log\Gamma(n + 1)`.
+
+    ``n`` need not be an integer (Asimov data); :math:`0 \log 0 = 0` (``torch.xlogy``), so
+    :math:`\lambda = 0` with :math:`n = 0` gives 0 as pyhf does. Reproduces the Poisson p.m.f.
+    exactly for integer ``n``.
+    """
+    return torch.xlogy(n, lam) - lam - torch.lgamma(n + 1.0)

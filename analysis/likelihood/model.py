@@ -1,0 +1,554 @@
+r"""The HistFactory probability model in torch, with pyhf's semantics, names and order.
+
+.. math::
+
+    L(n, a \mid \theta) = \prod_{b} \mathrm{Pois}(n_b \mid \lambda_b(\theta))
+        \prod_{j \in \mathrm{normal}} \mathrm{Gaus}(a_j \mid \theta_j, \sigma_j)
+        \prod_{k \in \mathrm{poisson}} \mathrm{Pois}(a_k \mid \theta_k \tau_k)
+
+with :math:`\lambda_b = \sum_c \big(\prod_{\mathrm{mult}} f\big)\,
+\big(\nu^0_{cb} + \sum_{\mathrm{add}} \delta_{cb}\big)` summed over the samples ``c`` of bin
+``b``'s channel (pyhf's "Mathematical grammar", Cranmer et al. CERN-OPEN-2012-016). Poisson
+terms use the continuous extension :math:`n\log\lambda - \lambda - \log\Gamma(n+1)`; every
+normalisation constant is kept, so :meth:`Model.logpdf` equals ``pyhf.Model.logpdf``.
+
+Conventions (all pyhf's): channels sorted by name; parameter sets registered modifier type by
+type in the registry's (alphabetical) order, within a type in order of first use walking
+channels, samples and modifiers sorted by name (``staterror`` sets sorted by name); data is
+``[main bins in channel order] + [auxdata in parameter order]``.
+
+Batching: every method takes ``pars`` of shape ``(..., P)`` and ``data`` of shape
+``(..., nmain + naux)``; leading dimensions broadcast against each other, so ``(B, 1, P)``
+parameters with ``(D, N)`` datasets give ``(B, D)`` results.
+
+Gradients: a model built from spec tensors that require grad holds the graph from those
+tensors to its internal constants (templates, constraint widths, aux data). Outputs of
+:meth:`logpdf` etc. are differentiable in ``pars``, ``data`` and those tensors. As with any
+tensor computed once, back-propagate through one model's constants once per build (or pass
+``retain_graph=True``).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from analysis.errors import ConfigError, DataError
+from analysis.likelihood import modifiers as modifier_registry
+from analysis.likelihood._tensors import as_tensor
+from analysis.likelihood.distributions import poisson_logpdf
+from analysis.likelihood.modifiers import Block, Layout, Modifier
+from analysis.likelihood.modifiers.base import SlotTable, gather_product, with_ones
+from analysis.likelihood.parameters import ParamSet, merge
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+# pyhf.Model's default when no modifier_settings are given (also cabinetry's)
+#: interpolation codes with a kink at alpha = 0 (piecewise linear / exponential)
+KINKED_CODES = frozenset({"code0", "code1"})
+DEFAULT_MODIFIER_SETTINGS = {
+    "normsys": {"interpcode": "code4"},
+    "histosys": {"interpcode": "code4p"},
+}
+
+
+class Model:
+    """A HistFactory model built from a pyhf *model* spec (``channels`` and ``parameters``).
+
+    Usually made by :meth:`analysis.likelihood.Workspace.model`. ``spec`` is assumed valid
+    against pyhf's schema (the workspace validates it); numbers in it may be tensors.
+
+    Args:
+        spec: ``{"channels": [...], "parameters": [...]}`` (the measurement's parameters).
+        poi_name: the parameter of interest, or ``None`` for a model without one.
+        modifier_settings: pyhf's ``modifier_settings``, e.g.
+            ``{"normsys": {"interpcode": "code1"}}``. ``None`` means pyhf's model default
+            ``{"normsys": code4, "histosys": code4p}``; a type missing from a given dict uses
+            its own default (normsys ``code1``, histosys ``code0``), as in pyhf.
+        dtype, device: of every tensor the model makes and returns.
+        source: name of the workspace, used in error messages.
+    """
+
+    def __init__(
+        self,
+        spec: Mapping[str, Any],
+        *,
+        poi_name: str | None = None,
+        modifier_settings: Mapping[str, Mapping[str, Any]] | None = None,
+        dtype: torch.dtype = torch.float64,
+        device: str | torch.device = "cpu",
+        source: str = "model",
+    ) -> None:
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.source = source
+        settings = _check_settings(
+            DEFAULT_MODIFIER_SETTINGS if modifier_settings is None else modifier_settings, source
+        )
+        self.modifier_settings = types.MappingProxyType(settings)
+        blocks, uses, layout = self._layout(spec)
+        self.channels: tuple[str, ...] = tuple(layout.channel_bins)
+        self.channel_slices: Mapping[str, slice] = types.MappingProxyType(dict(layout.channel_bins))
+        self.channel_nbins: Mapping[str, int] = types.MappingProxyType(
+            {c: s.stop - s.start for c, s in layout.channel_bins.items()}
+        )
+        self.samples: tuple[str, ...] = tuple(sorted({b.sample for b in blocks}))
+        self.nmain = layout.nbins
+
+        # 1. modifiers collect their data in pyhf's walk order
+        mods: dict[str, Modifier] = {
+            name: cls(layout, settings.get(name, {}).get("interpcode"))
+            for name, cls in modifier_registry.REGISTRY.items()
+        }
+        for block, block_mods in zip(blocks, uses, strict=True):
+            for (mod_name, mod_type), (mod, path) in sorted(block_mods.items()):
+                mods[mod_type].add(mod_name, mod.get("data"), block, path)
+        self._modifiers = [m for m in mods.values() if m.active]
+
+        # 2. parameter sets, registered type by type (pyhf's order)
+        requirements: dict[str, list] = {}
+        for mod in self._modifiers:
+            for name, req in mod.requirements().items():
+                requirements.setdefault(name, []).append((mod.type, req))
+        if not requirements:
+            raise ConfigError(f"{source}: the model has no parameters (no modifiers)")
+        user = self._user_parameters(spec.get("parameters", []) or [])
+        self._param_sets: tuple[ParamSet, ...] = tuple(
+            merge(name, reqs, user.get(name), source=source, dtype=dtype, device=self.device)
+            for name, reqs in requirements.items()
+        )
+        kinked = {m.type for m in self._modifiers if m.interpcode in KINKED_CODES}
+        self._kinked_sets = frozenset(
+            name for name, reqs in requirements.items() if any(t in kinked for t, _ in reqs)
+        )
+        slices, names, start = {}, [], 0
+        for ps in self._param_sets:
+            slices[ps.name] = slice(start, start + ps.n)
+            names += ps.names()
+            start += ps.n
+        self.par_slices: Mapping[str, slice] = types.MappingProxyType(slices)
+        self.par_names: tuple[str, ...] = tuple(names)
+        self.par_order: tuple[str, ...] = tuple(slices)
+        self.npars = start
+        for mod in self._modifiers:
+            mod.finalize(self.par_slices, self.npars)
+        self._additive = [m for m in self._modifiers if m.op == "add"]
+        self._build_factor_table(layout, blocks)
+        self._nominal_column = torch.cat([b.nominal for b in blocks])[:, None]
+        self._cell_bin = torch.cat(
+            [torch.arange(b.bins.start, b.bins.stop, device=self.device) for b in blocks]
+        )
+        sample_of = {s: i for i, s in enumerate(self.samples)}
+        self._cell_sample = torch.cat(
+            [torch.full((b.nbins,), sample_of[b.sample], device=self.device) for b in blocks]
+        )
+        self._build_constraints()
+        self.poi_name: str | None = None
+        self.poi_index: int | None = None
+        if poi_name is not None and poi_name != "":
+            self._set_poi(poi_name)
+
+    # ------------------------------------------------------------------ build helpers
+    def _layout(self, spec: Mapping[str, Any]) -> tuple[list[Block], list[dict], Layout]:
+        channels = spec["channels"]
+        order = sorted(range(len(channels)), key=lambda i: channels[i]["name"])
+        channel_bins: dict[str, slice] = {}
+        blocks: list[Block] = []
+        uses: list[dict] = []
+        cells = bins = 0
+        for ci in order:
+            channel = channels[ci]
+            samples = channel["samples"]
+            nominals = {}
+            for si, sample in enumerate(samples):
+                path = f"channels[{ci}].samples[{si}]"
+                nominal = as_tensor(sample["data"], dtype=self.dtype, device=self.device)
+                if nominal.ndim != 1 or nominal.shape[0] != len(samples[0]["data"]):
+                    raise ConfigError(
+                        f"{self.source}: {path}: data has {tuple(nominal.shape)} values but "
+                        f"channel '{channel['name']}' has {len(samples[0]['data'])} bins"
+                    )
+                nominals[sample["name"]] = (si, nominal)
+            nbins = len(samples[0]["data"])
+            channel_bins[channel["name"]] = slice(bins, bins + nbins)
+            for name in sorted(nominals):
+                si, nominal = nominals[name]
+                path = f"channels[{ci}].samples[{si}]"
+                blocks.append(
+                    Block(
+                        channel=channel["name"],
+                        sample=name,
+                        index=len(blocks),
+                        cells=slice(cells, cells + nbins),
+                        bins=slice(bins, bins + nbins),
+                        nominal=nominal,
+                        path=path,
+                    )
+                )
+                block_mods: dict[tuple[str, str], tuple[dict, str]] = {}
+                for mi, mod in enumerate(samples[si]["modifiers"]):
+                    mod_path = f"{path}.modifiers[{mi}]"
+                    mod_type = mod.get("type")
+                    cls = modifier_registry.get(mod_type, f"{self.source}: {mod_path}")
+                    key = (mod["name"], mod_type)
+                    if not cls.shared and key in block_mods:
+                        raise ConfigError(
+                            f"{self.source}: {mod_path}: {mod_type} '{mod['name']}' appears "
+                            "twice on one sample"
+                        )
+                    block_mods[key] = (mod, mod_path)  # the last one wins, as in pyhf
+                uses.append(block_mods)
+                cells += nbins
+            bins += nbins
+        layout = Layout(
+            ncells=cells,
+            nbins=bins,
+            channel_bins=channel_bins,
+            dtype=self.dtype,
+            device=self.device,
+            source=self.source,
+        )
+        return blocks, uses, layout
+
+    def _build_factor_table(self, layout: Layout, blocks: list[Block]) -> None:
+        """Slot tables for all multiplicative types together (one product per call).
+
+        Factors constant over a block (normfactor, lumi, normsys) are multiplied per block,
+        rows of ``[x; unit values; 1]``; the cells then multiply their block's product with
+        their per-bin parameters (staterror, shapesys, shapefactor), rows of
+        ``[x; block products; 1]``.
+        """
+        self._unit_factors = []  # multiplicative types with their own unit values
+        block_table = SlotTable(len(blocks))
+        cell_table = SlotTable(layout.ncells)
+        offset = self.npars
+        has_block_factor = [False] * len(blocks)
+        for mod in self._modifiers:
+            if mod.op != "multiply":
+                continue
+            shift = 0 if mod.on_pars else offset
+            if not mod.on_pars:
+                self._unit_factors.append(mod)
+                offset += mod.n_units
+            for block, units in mod.entries:
+                if mod.per_block:
+                    block_table.put(slice(block.index, block.index + 1), [shift + units])
+                    has_block_factor[block.index] = True
+                else:
+                    cell_table.put(block.cells, [shift + u for u in units])
+        self._block_slots = block_table.build(pad=offset, device=self.device)
+        for block in blocks:
+            if has_block_factor[block.index]:
+                cell_table.put(block.cells, [self.npars + block.index] * block.nbins)
+        n_block_rows = len(blocks) if self._block_slots.numel() else 0
+        self._cell_slots = cell_table.build(pad=self.npars + n_block_rows, device=self.device)
+
+    def _user_parameters(self, parameters: list[Mapping[str, Any]]) -> dict[str, Mapping]:
+        user: dict[str, Mapping] = {}
+        for entry in parameters:
+            if entry["name"] in user:
+                raise ConfigError(
+                    f"{self.source}: the measurement configures parameter '{entry['name']}' "
+                    "more than once"
+                )
+            user[entry["name"]] = entry
+        return user
+
+    def _build_constraints(self) -> None:
+        dev, dt = self.device, self.dtype
+        aux, aux_par, aux_scale = [], [], []
+        gauss_pos, gauss_sigma, pois_pos = [], [], []
+        position = 0
+        for ps in self._param_sets:
+            if ps.constraint is None:
+                continue
+            first = self.par_slices[ps.name].start
+            par_index = list(range(first, first + ps.n))
+            positions = list(range(position, position + ps.n))
+            position += ps.n
+            aux.append(ps.auxdata)
+            aux_par += par_index
+            if ps.constraint == "normal":
+                gauss_pos += positions
+                gauss_sigma.append(ps.sigmas)
+                aux_scale.append(torch.ones(ps.n, dtype=dt, device=dev))
+            else:
+                pois_pos += positions
+                aux_scale.append(ps.factors)
+
+        def index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=dev)
+
+        def cat(values: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(values) if values else torch.zeros(0, dtype=dt, device=dev)
+
+        self.naux = position
+        self.auxdata: torch.Tensor = cat(aux)
+        self._aux_par, self._aux_scale = index(aux_par), cat(aux_scale)[:, None]
+        # Gaussian terms on all aux entries with 1/sigma = 0 on Poisson ones (z = 0 there)
+        inv_sigma = torch.zeros(position, dtype=dt, device=dev)
+        log_norm = torch.zeros((), dtype=dt, device=dev)
+        self._has_gauss = bool(gauss_pos)
+        if gauss_pos:
+            sigma = cat(gauss_sigma)
+            inv_sigma = inv_sigma.index_put((index(gauss_pos),), 1.0 / sigma)
+            log_norm = -(torch.log(sigma) + _LOG_SQRT_2PI).sum()
+        self._inv_sigma, self._gauss_log_norm = inv_sigma, log_norm
+        self._has_poisson = bool(pois_pos)
+        self._pois_mask = torch.zeros(position, dtype=torch.bool, device=dev)
+        self._pois_mask[index(pois_pos)] = True
+        self._all_poisson = bool(pois_pos) and not gauss_pos
+
+    def _set_poi(self, name: str) -> None:
+        if name not in self.par_slices:
+            listed = ", ".join(self.par_order[:20]) + (", ..." if self.npars > 20 else "")
+            raise ConfigError(
+                f"{self.source}: POI '{name}' is not a parameter of the model (parameters: "
+                f"{listed})"
+            )
+        sl = self.par_slices[name]
+        if sl.stop - sl.start != 1:
+            raise ConfigError(
+                f"{self.source}: POI '{name}' has {sl.stop - sl.start} components; the POI "
+                "must be a single parameter"
+            )
+        self.poi_name, self.poi_index = name, sl.start
+
+    # ------------------------------------------------------------------ suggestions
+    def suggested_init(self) -> torch.Tensor:
+        """Initial values, shape ``(P,)`` (pyhf ``suggested_init``), detached."""
+        return torch.cat([ps.inits for ps in self._param_sets]).detach().clone()
+
+    def suggested_bounds(self) -> torch.Tensor:
+        """Bounds ``[low, high]`` per parameter, shape ``(P, 2)``, detached."""
+        return torch.cat([ps.bounds for ps in self._param_sets]).detach().clone()
+
+    def suggested_fixed(self) -> torch.Tensor:
+        """Whether each parameter is fixed (measurement ``fixed``, masked gammas), ``(P,)``."""
+        fixed = [f for ps in self._param_sets for f in ps.fixed]
+        return torch.tensor(fixed, dtype=torch.bool, device=self.device)
+
+    def prefit_uncertainties(self) -> torch.Tensor:
+        """Constraint width per parameter, ``(P,)``: Gaussian sigma, ``1/sqrt(tau)`` for
+        Poisson constraints, 0 for unconstrained and fixed parameters (cabinetry's
+        ``prefit_uncertainties``)."""
+        parts = []
+        for ps in self._param_sets:
+            if ps.constraint == "normal":
+                width = ps.sigmas
+            elif ps.constraint == "poisson":
+                width = torch.sqrt(1.0 / ps.factors)
+            else:
+                width = torch.zeros(ps.n, dtype=self.dtype, device=self.device)
+            fixed = torch.tensor(ps.fixed, dtype=torch.bool, device=self.device)
+            parts.append(torch.where(fixed, torch.zeros_like(width), width))
+        return torch.cat(parts).detach().clone()
+
+    def unconstrained_free_count(self) -> int:
+        """Number of unconstrained parameters that are not fixed (for goodness of fit)."""
+        return sum(sum(not f for f in ps.fixed) for ps in self._param_sets if ps.constraint is None)
+
+    def kinked_parameters(self) -> torch.Tensor:
+        """``(P,)`` bool: parameters of piecewise interpolations (histosys code0, normsys code1).
+
+        Their likelihood has a kink at 0, where a fit started at 0 can stop in the local
+        minimum on the wrong side; fits that must find the global minimum start from both sides
+        (see :mod:`analysis.inference`).
+        """
+        mask = torch.zeros(self.npars, dtype=torch.bool, device=self.device)
+        for name in self._kinked_sets:
+            mask[self.par_slices[name]] = True
+        return mask & ~self.suggested_fixed()
+
+    def sample(
+        self, pars: Any, n: int, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``n`` pseudo-datasets (toys) drawn at ``pars``: shape ``(n, ..., nmain + naux)``.
+
+        Main bins are Poisson(lambda(pars)); auxiliary data are Gaussian around the expected
+        auxiliary value with the constraint's sigma, or Poisson(tau * gamma) for Poisson
+        constraints (shapesys), as pyhf's ``model.make_pdf(pars).sample``.
+        """
+        pars = self._pars(pars)
+        main = self.expected_actualdata(pars).detach()
+        aux = self.expected_auxdata(pars).detach()
+        shape = (n, *main.shape[:-1])
+        toys_main = torch.poisson(main.expand(*shape, main.shape[-1]), generator=generator)
+        noise = torch.randn(
+            *shape, aux.shape[-1], dtype=self.dtype, device=self.device, generator=generator
+        )
+        sigma = torch.where(self._inv_sigma > 0, 1.0 / self._inv_sigma, 0.0)
+        toys_aux = aux + sigma * noise
+        if self._has_poisson:
+            counts = torch.poisson(aux.clamp(min=0).expand_as(toys_aux), generator=generator)
+            toys_aux = torch.where(self._pois_mask, counts, toys_aux)
+        return torch.cat([toys_main, toys_aux], dim=-1)
+
+    # ------------------------------------------------------------------ evaluation
+    def _pars(self, pars: Any) -> torch.Tensor:
+        pars = as_tensor(pars, dtype=self.dtype, device=self.device)
+        if pars.ndim == 0 or pars.shape[-1] != self.npars:
+            got = pars.shape[-1] if pars.ndim else "a scalar"
+            raise ValueError(
+                f"pars has {got} entries in its last dimension but {self.npars} were expected"
+            )
+        return pars
+
+    def _data(self, data: Any) -> torch.Tensor:
+        data = as_tensor(data, dtype=self.dtype, device=self.device)
+        expected = self.nmain + self.naux
+        if data.ndim == 0 or data.shape[-1] != expected:
+            got = data.shape[-1] if data.ndim else "a scalar"
+            raise DataError(
+                f"data has {got} entries in its last dimension but {expected} were expected "
+                f"({self.nmain} main bins + {self.naux} auxiliary)"
+            )
+        return data
+
+    def _columns(self, pars: torch.Tensor) -> torch.Tensor:
+        """``(..., P)`` -> contiguous ``(P, batch)`` (the internal column layout)."""
+        return pars.reshape(-1, self.npars).T.contiguous()
+
+    def _rows(self, columns: torch.Tensor, batch: torch.Size) -> torch.Tensor:
+        """``(F, batch)`` -> ``(..., F)`` with the original batch shape."""
+        return columns.T.reshape(batch + columns.shape[:1])
+
+    def _cell_rates(self, x: torch.Tensor) -> torch.Tensor:
+        """Expected yield per cell, ``(n_cells, batch)``, for columns ``x``."""
+        rates = self._nominal_column
+        for mod in self._additive:
+            rates = rates + mod.apply(x)
+        if self._cell_slots.numel():
+            rows = [x]
+            if self._block_slots.numel():
+                values = with_ones([x] + [mod.values(x) for mod in self._unit_factors])
+                rows.append(gather_product(values, self._block_slots))
+            rates = rates * gather_product(with_ones(rows), self._cell_slots)
+        return rates.expand(-1, x.shape[1])
+
+    def _lambda(self, x: torch.Tensor) -> torch.Tensor:
+        rates = self._cell_rates(x)
+        out = rates.new_zeros((self.nmain, rates.shape[1]))
+        return out.index_add(0, self._cell_bin, rates)
+
+    def expected_actualdata(self, pars: Any) -> torch.Tensor:
+        """Expected main-bin yields :math:`\\lambda(\\theta)`, ``(..., nmain)``."""
+        pars = self._pars(pars)
+        return self._rows(self._lambda(self._columns(pars)), pars.shape[:-1])
+
+    def expected_by_sample(self, pars: Any) -> torch.Tensor:
+        """Expected yields per sample, ``(..., len(samples), nmain)`` (0 where a sample is
+        absent from a channel); summing over samples gives :meth:`expected_actualdata`."""
+        pars = self._pars(pars)
+        rates = self._cell_rates(self._columns(pars))
+        flat = self._cell_sample * self.nmain + self._cell_bin
+        out = rates.new_zeros((len(self.samples) * self.nmain, rates.shape[1]))
+        out = self._rows(out.index_add(0, flat, rates), pars.shape[:-1])
+        return out.unflatten(-1, (len(self.samples), self.nmain))
+
+    def _expected_aux(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, self._aux_par) * self._aux_scale
+
+    def expected_auxdata(self, pars: Any) -> torch.Tensor:
+        """Expected auxiliary data, ``(..., naux)``: :math:`\\theta` for Gaussian
+        constraints, :math:`\\theta\\tau` for Poisson ones."""
+        pars = self._pars(pars)
+        return self._rows(self._expected_aux(self._columns(pars)), pars.shape[:-1])
+
+    def expected_data(self, pars: Any, include_auxdata: bool = True) -> torch.Tensor:
+        """Main expected yields followed (by default) by the expected auxiliary data."""
+        pars = self._pars(pars)
+        x = self._columns(pars)
+        columns = self._lambda(x)
+        if include_auxdata:
+            columns = torch.cat([columns, self._expected_aux(x)])
+        return self._rows(columns, pars.shape[:-1])
+
+    def main_logpdf(self, pars: Any, maindata: Any) -> torch.Tensor:
+        """:math:`\\sum_b \\log\\mathrm{Pois}(n_b \\mid \\lambda_b)`; ``maindata``
+        ``(..., nmain)``."""
+        lam = self.expected_actualdata(pars)
+        n = as_tensor(maindata, dtype=self.dtype, device=self.device)
+        return poisson_logpdf(n, lam).sum(-1)
+
+    def constraint_logpdf(self, pars: Any, auxdata: Any) -> torch.Tensor:
+        """Sum of the constraint log-densities; ``auxdata`` ``(..., naux)``."""
+        pars = self._pars(pars)
+        aux = as_tensor(auxdata, dtype=self.dtype, device=self.device)
+        expected = self._rows(self._expected_aux(self._columns(pars)), pars.shape[:-1])
+        return self._constraint(expected, aux)
+
+    def _constraint(self, expected: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        r"""Constraint log-density for expected aux data ``(..., A)`` and aux data ``(..., A)``.
+
+        Gaussian entries: :math:`-\tfrac12 ((a - \theta)/\sigma)^2 - \log(\sigma\sqrt{2\pi})`
+        (pyhf's ``normal_logpdf``, normalisation kept; the constants are summed at build time and
+        :math:`1/\sigma = 0` on Poisson entries). Poisson entries: :func:`poisson_logpdf`.
+        """
+        total = None
+        if self._has_gauss:
+            z = (aux - expected) * self._inv_sigma
+            total = (z * z).sum(-1) * -0.5 + self._gauss_log_norm
+        if self._has_poisson:
+            if self._all_poisson:
+                terms = poisson_logpdf(aux, expected)
+            else:  # evaluate on safe values off the Poisson entries (no NaN in gradients)
+                mask = self._pois_mask
+                n = torch.where(mask, aux, 1.0)
+                lam = torch.where(mask, expected, 1.0)
+                terms = torch.where(mask, poisson_logpdf(n, lam), 0.0)
+            total = terms.sum(-1) if total is None else total + terms.sum(-1)
+        if total is None:  # no constrained parameters
+            batch = torch.broadcast_shapes(expected.shape[:-1], aux.shape[:-1])
+            total = expected.new_zeros(batch)
+        return total
+
+    def logpdf(self, pars: Any, data: Any) -> torch.Tensor:
+        """Full log-likelihood (pyhf's ``model.logpdf``), shape: broadcast of the batch dims."""
+        pars, data = self._pars(pars), self._data(data)
+        expected = self._rows(self._expected_columns(pars), pars.shape[:-1])
+        main = poisson_logpdf(data[..., : self.nmain], expected[..., : self.nmain]).sum(-1)
+        return main + self._constraint(expected[..., self.nmain :], data[..., self.nmain :])
+
+    def _expected_columns(self, pars: torch.Tensor) -> torch.Tensor:
+        """Expected main and auxiliary data in column layout, ``(nmain + naux, batch)``."""
+        x = self._columns(pars)
+        return torch.cat([self._lambda(x), self._expected_aux(x)])
+
+    def twice_nll(self, pars: Any, data: Any) -> torch.Tensor:
+        """:math:`-2\\log L`, shape as :meth:`logpdf`."""
+        return -2.0 * self.logpdf(pars, data)
+
+    def __repr__(self) -> str:
+        return (
+            f"Model({self.source!r}: {len(self.channels)} channels, {self.nmain} bins, "
+            f"{self.npars} parameters, poi={self.poi_name!r}, dtype={self.dtype}, "
+            f"device={self.device})"
+        )
+
+
+def _check_settings(settings: Any, source: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(settings, Mapping):
+        raise ConfigError(f"{source}: modifier_settings must be a mapping, got {settings!r}")
+    out: dict[str, dict[str, Any]] = {}
+    for type_name, options in settings.items():
+        cls = modifier_registry.get(type_name, f"{source}: modifier_settings")
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"{source}: modifier_settings['{type_name}'] must be a mapping")
+        unknown = set(options) - ({"interpcode"} if cls.interpcodes else set())
+        if unknown:
+            raise ConfigError(
+                f"{source}: modifier_settings['{type_name}'] has unknown option(s) "
+                f"{', '.join(sorted(unknown))}"
+            )
+        if "interpcode" in options and options["interpcode"] not in cls.interpcodes:
+            raise ConfigError(
+                f"{source}: interpolation code '{options['interpcode']}' is not available for "
+                f"{type_name}; valid: {', '.join(cls.interpcodes)}"
+            )
+        out[type_name] = dict(options)
+    return out

@@ -1,0 +1,369 @@
+"""pyhf workspaces: loading (JSON, HistFactory XML, patches, patchsets), validation, export.
+
+A :class:`Workspace` holds a validated pyhf JSON workspace spec whose numbers may be torch
+tensors (histograms that carry gradients). Validation runs pyhf's JSON schema on a detached
+copy, then checks what the schema cannot say (unique names, bin counts, an observation per
+channel). Errors are one line naming the file and the JSON path:
+``ws.json: channels[0].samples[1].modifiers[0]: 'type' is a required property``.
+
+Patches are applied to the *workspace* spec (paths like ``/channels/0/samples/-``), as
+``pyhf patchset apply`` does: a JSON Patch file (a list of operations) or ``FILE:NAME`` for the
+patch ``NAME`` of a pyhf patchset, whose digests must match the workspace (pyhf verifies them
+too).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import pathlib
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonpatch
+import jsonpointer
+import jsonschema
+import pyhf
+import pyhf.exceptions
+import pyhf.readxml
+import torch
+
+from analysis.errors import ConfigError, DataError, InputFileError, MissingObjectError
+from analysis.likelihood import modifiers as modifier_registry
+from analysis.likelihood._tensors import as_tensor, structural_copy, to_plain
+from analysis.likelihood.model import Model
+
+log = logging.getLogger(__name__)
+
+Source = str | os.PathLike | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A validated pyhf JSON workspace (``channels``, ``observations``, ``measurements``)."""
+
+    spec: dict
+    source: str = field(default="workspace", compare=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, source: Source, patches: Sequence[str | os.PathLike] = ()) -> Workspace:
+        """Read a pyhf JSON workspace, a HistFactory XML top-level file or a dict, then apply
+        ``patches`` (JSON Patch files or ``PATCHSET.json:NAME``) and validate the result.
+
+        XML: ``<Input>`` and ROOT file paths are relative to a base directory, as in ROOT's
+        ``hist2workspace``; the first of the XML file's folder, its parent folder and the
+        current directory in which every ``<Input>`` exists is used (pyhf's ``rootdir``).
+        """
+        if isinstance(source, Mapping):
+            workspace = cls.from_spec(source)
+        else:
+            path = pathlib.Path(source)
+            if not path.is_file():
+                raise InputFileError(f"{source}: no such file")
+            if path.suffix.lower() == ".xml":
+                spec = _read_xml(path)
+            else:
+                spec = _read_json(path)
+            workspace = cls.from_spec(spec, source=str(source))
+        for patch in patches:
+            workspace = workspace._patched(patch)
+        return workspace
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], *, source: str = "workspace") -> Workspace:
+        """Wrap ``spec`` (may hold tensors, which are kept, not copied) after validating it."""
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{source}: a workspace must be a JSON object, got {type(spec)}")
+        validate(spec, source)
+        return cls(spec=structural_copy(spec), source=source)
+
+    def _patched(self, patch: str | os.PathLike) -> Workspace:
+        text = str(patch)
+        head, sep, name = text.rpartition(":")
+        if sep and name and head and pathlib.Path(head).is_file():
+            ops, label = _patchset_ops(pathlib.Path(head), name, self)
+        else:
+            ops, label = _patch_file_ops(pathlib.Path(patch)), text
+        spec = structural_copy(self.spec)
+        for i, op in enumerate(ops):
+            try:
+                spec = jsonpatch.JsonPatch([op]).apply(spec, in_place=True)
+            except (
+                jsonpatch.JsonPatchException,
+                jsonpointer.JsonPointerException,
+                KeyError,
+                IndexError,
+                TypeError,
+            ) as exc:
+                raise ConfigError(
+                    f"{label}: operation {i} ({op.get('op')} {op.get('path')}) does not apply to "
+                    f"{self.source}: {exc}"
+                ) from None
+        return Workspace.from_spec(spec, source=f"{self.source} patched with {label}")
+
+    # ------------------------------------------------------------------ access
+    @property
+    def measurement_names(self) -> tuple[str, ...]:
+        return tuple(m["name"] for m in self.spec["measurements"])
+
+    def measurement(self, name: str | None = None) -> dict:
+        """The measurement ``name`` (default: the first, as pyhf)."""
+        names = self.measurement_names
+        if name is None:
+            if len(names) > 1:
+                log.warning("%s: several measurements, using the first (%s)", self.source, names[0])
+            return self.spec["measurements"][0]
+        if name not in names:
+            raise ConfigError(
+                f"{self.source}: no measurement named '{name}'; valid: {', '.join(names)}"
+            )
+        return self.spec["measurements"][names.index(name)]
+
+    def model(
+        self,
+        measurement: str | None = None,
+        *,
+        modifier_settings: Mapping[str, Mapping[str, Any]] | None = None,
+        poi_name: str | None = None,
+        dtype: torch.dtype = torch.float64,
+        device: str | torch.device = "cpu",
+    ) -> Model:
+        """The :class:`Model` of ``measurement`` (default: the first one).
+
+        ``poi_name`` overrides the measurement's POI; ``""`` builds a model without POI.
+        ``modifier_settings`` as in pyhf (``None``: normsys code4, histosys code4p).
+        """
+        meas = self.measurement(measurement)
+        poi = meas["config"]["poi"] if poi_name is None else poi_name
+        if poi_name is None and not poi:
+            raise ConfigError(
+                f"{self.source}: measurement '{meas['name']}' has no POI; pass poi_name "
+                "('' for a model without POI)"
+            )
+        spec = {"channels": self.spec["channels"], "parameters": meas["config"]["parameters"]}
+        return Model(
+            spec,
+            poi_name=poi or None,
+            modifier_settings=modifier_settings,
+            dtype=dtype,
+            device=device,
+            source=self.source,
+        )
+
+    def data(self, model: Model, include_auxdata: bool = True) -> torch.Tensor:
+        """Observed main data in ``model``'s channel order, then ``model.auxdata``."""
+        observed = {o["name"]: o["data"] for o in self.spec["observations"]}
+        parts = []
+        for channel in model.channels:
+            if channel not in observed:
+                raise DataError(f"{self.source}: no observation for channel '{channel}'")
+            values = as_tensor(observed[channel], dtype=model.dtype, device=model.device)
+            if values.shape != (model.channel_nbins[channel],):
+                raise DataError(
+                    f"{self.source}: observation of channel '{channel}' has "
+                    f"{tuple(values.shape)} values, the model {model.channel_nbins[channel]} bins"
+                )
+            parts.append(values)
+        if include_auxdata:
+            parts.append(model.auxdata)
+        return torch.cat(parts)
+
+    def to_json(self) -> dict:
+        """A plain, detached, pyhf-valid copy of the spec (tensors become lists of floats)."""
+        plain = to_plain(self.spec)
+        plain.setdefault("version", pyhf.schema.version)
+        return plain
+
+
+# ---------------------------------------------------------------------- validation
+def validate(spec: Mapping[str, Any], source: str) -> None:
+    """Schema and semantic checks; ConfigError naming ``source`` and the JSON path."""
+    plain = to_plain(spec)
+    _check_modifier_types(plain, source)
+    try:
+        pyhf.schema.validate(plain, "workspace.json")
+    except pyhf.exceptions.InvalidSpecification as exc:
+        raise ConfigError(_schema_message(exc.parent, source)) from None
+    _check_semantics(plain, source)
+
+
+def _check_modifier_types(spec: Any, source: str) -> None:
+    """Before the schema (whose anyOf would hide it): a missing or unknown modifier type."""
+    channels = spec.get("channels") if isinstance(spec, Mapping) else None
+    for ci, channel in enumerate(channels if isinstance(channels, list) else []):
+        samples = channel.get("samples") if isinstance(channel, Mapping) else None
+        for si, sample in enumerate(samples if isinstance(samples, list) else []):
+            mods = sample.get("modifiers") if isinstance(sample, Mapping) else None
+            for mi, mod in enumerate(mods if isinstance(mods, list) else []):
+                path = f"channels[{ci}].samples[{si}].modifiers[{mi}]"
+                if not isinstance(mod, Mapping):
+                    continue
+                if "type" not in mod:
+                    raise ConfigError(f"{source}: {path}: 'type' is a required property")
+                modifier_registry.get(mod["type"], f"{source}: {path}")
+
+
+def _format_path(parts: Sequence[Any]) -> str:
+    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+    return text.lstrip(".")
+
+
+def _schema_message(error: jsonschema.ValidationError, source: str) -> str:
+    if error.validator == "anyOf" and error.context:
+        # modifiers: keep the errors of the branch whose 'type' matches
+        branches: dict[Any, list[jsonschema.ValidationError]] = {}
+        for sub in error.context:
+            branches.setdefault(sub.schema_path[0], []).append(sub)
+        matching = [
+            errs
+            for errs in branches.values()
+            if not any(
+                e.validator == "const" and list(e.path)[-1:] in (["type"], ["name"]) for e in errs
+            )
+        ]
+        candidates = matching[0] if len(matching) == 1 else list(error.context)
+        error = jsonschema.exceptions.best_match(candidates)
+    path = _format_path(list(error.absolute_path))
+    message = error.message.replace("\n", " ")
+    return f"{source}: {path}: {message}" if path else f"{source}: {message}"
+
+
+def _check_semantics(spec: Mapping[str, Any], source: str) -> None:
+    names = [c["name"] for c in spec["channels"]]
+    _unique(names, f"{source}: channel", "channels")
+    _unique([m["name"] for m in spec["measurements"]], f"{source}: measurement", "measurements")
+    observed = {}
+    for oi, obs in enumerate(spec["observations"]):
+        if obs["name"] in observed:
+            raise ConfigError(
+                f"{source}: observations[{oi}]: duplicate observation '{obs['name']}'"
+            )
+        observed[obs["name"]] = len(obs["data"])
+    for ci, channel in enumerate(spec["channels"]):
+        nbins = len(channel["samples"][0]["data"])
+        path = f"channels[{ci}]"
+        _unique([s["name"] for s in channel["samples"]], f"{source}: {path}: sample", "samples")
+        for si, sample in enumerate(channel["samples"]):
+            spath = f"{path}.samples[{si}]"
+            _length(sample["data"], nbins, f"{source}: {spath}.data")
+            for mi, mod in enumerate(sample["modifiers"]):
+                mpath = f"{spath}.modifiers[{mi}].data"
+                data = mod["data"]
+                if mod["type"] == "histosys":
+                    _length(data["lo_data"], nbins, f"{source}: {mpath}.lo_data")
+                    _length(data["hi_data"], nbins, f"{source}: {mpath}.hi_data")
+                elif mod["type"] in ("staterror", "shapesys"):
+                    _length(data, nbins, f"{source}: {mpath}")
+        if channel["name"] not in observed:
+            raise ConfigError(f"{source}: {path}: no observation for channel '{channel['name']}'")
+        if observed[channel["name"]] != nbins:
+            raise ConfigError(
+                f"{source}: observation of channel '{channel['name']}' has "
+                f"{observed[channel['name']]} bins, its samples {nbins}"
+            )
+
+
+def _unique(values: list[str], what: str, plural: str) -> None:
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise ConfigError(f"{what} name '{value}' is used twice; {plural} need unique names")
+        seen.add(value)
+
+
+def _length(values: list, nbins: int, where: str) -> None:
+    if len(values) != nbins:
+        raise ConfigError(f"{where}: {len(values)} values but the channel has {nbins} bins")
+
+
+# ---------------------------------------------------------------------- readers
+def _read_json(path: pathlib.Path) -> Any:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{path}: cannot be read ({exc})") from None
+
+
+def _xml_rootdir(path: pathlib.Path) -> pathlib.Path:
+    try:
+        inputs = [e.text.strip() for e in ET.parse(path).getroot().findall("Input") if e.text]
+    except ET.ParseError as exc:
+        raise ConfigError(f"{path}: not valid XML ({exc})") from None
+    candidates = [path.parent, path.parent.parent, pathlib.Path.cwd()]
+    for rootdir in candidates:
+        if all((rootdir / name).is_file() for name in inputs):
+            return rootdir
+    missing = inputs[0] if inputs else "?"
+    raise InputFileError(
+        f"{path}: <Input> {missing} not found relative to {path.parent}, {path.parent.parent} "
+        "or the current directory"
+    )
+
+
+def _read_xml(path: pathlib.Path) -> dict:
+    rootdir = _xml_rootdir(path)
+    try:
+        return pyhf.readxml.parse(path, rootdir)
+    except pyhf.exceptions.InvalidSpecification as exc:
+        raise ConfigError(_schema_message(exc.parent, str(path))) from None
+    except KeyError as exc:
+        raise MissingObjectError(f"{path}: {exc.args[0] if exc.args else exc}") from None
+    except ET.ParseError as exc:
+        raise ConfigError(f"{path}: an <Input> file is not valid XML ({exc})") from None
+    except OSError as exc:
+        raise InputFileError(f"{path}: {exc}") from None
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    finally:
+        _close_xml_cache()
+
+
+def _close_xml_cache() -> None:
+    """pyhf.readxml caches open ROOT files in a module global; close and drop them."""
+    cache = getattr(pyhf.readxml, "__FILECACHE__", {})
+    for handle, _ in list(cache.values()):
+        close = getattr(handle, "close", None)
+        if close is not None:
+            close()
+    pyhf.readxml.clear_filecache()
+
+
+def _patch_file_ops(path: pathlib.Path) -> list[dict]:
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such patch file")
+    ops = _read_json(path)
+    try:
+        pyhf.schema.validate(ops, "jsonpatch.json")
+    except pyhf.exceptions.InvalidSpecification as exc:
+        raise ConfigError(_schema_message(exc.parent, f"{path} (JSON Patch)")) from None
+    return ops
+
+
+def _patchset_ops(path: pathlib.Path, name: str, workspace: Workspace) -> tuple[list, str]:
+    spec = _read_json(path)
+    try:
+        patchset = pyhf.PatchSet(spec)
+    except pyhf.exceptions.InvalidSpecification as exc:
+        raise ConfigError(_schema_message(exc.parent, f"{path} (patchset)")) from None
+    except pyhf.exceptions.InvalidPatchSet as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    names = [p.name for p in patchset.patches]
+    if name not in names:
+        raise ConfigError(f"{path}: no patch named '{name}'; valid names: {', '.join(names)}")
+    try:
+        patchset.verify(workspace.to_json())
+    except pyhf.exceptions.PatchSetVerificationError as exc:
+        raise ConfigError(
+            f"{path}: patchset was made for a different workspace than {workspace.source} ({exc})"
+        ) from None
+    return copy.deepcopy(patchset[name].patch), f"{path}:{name}"

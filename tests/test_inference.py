@@ -1,0 +1,213 @@
+"""Inference against pyhf's validation cases, pyhf itself, and cabinetry's published numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyhf
+import pytest
+import torch
+import yaml
+
+from analysis import config as configuration
+from analysis import fit as fitting
+from analysis import inference
+from analysis import workspace as builder
+from analysis.histograms import hard_histograms
+from analysis.likelihood import Workspace
+from tests.conftest import REFERENCE, reference_path
+
+CASES = sorted((REFERENCE / "pyhf_validation" / "reference_cases").glob("*.json"))
+#: the reference numbers come from pyhf's default scipy (SLSQP) fits, whose minima are loose:
+#: pyhf itself with a tight Minuit differs from them by up to 3.3e-4 relative (and agrees with
+#: us to 2.4e-6), so the comparison with the stored numbers allows that much
+SCIPY_MINIMUM_RTOL = 5e-4
+#: in this case pyhf's scipy fits stop in local minima on the wrong side of the code0 kink (the
+#: fixed-mu fit has twice NLL 31.375 where 30.872 exists); see test_coupled_histosys_minima
+LOCAL_MINIMUM_CASES = {"2bin_2channel_coupledhistosys_mu1"}
+
+
+def _case(case_path):
+    case = json.loads(case_path.read_text())
+    ws = Workspace.load(case["workspace"])
+    model = ws.model(modifier_settings=case["modifier_settings"])
+    return case, ws, model, ws.data(model)
+
+
+@pytest.mark.parametrize("case_path", CASES, ids=[p.stem for p in CASES])
+def test_pyhf_validation_cases(case_path):
+    case, _, model, data = _case(case_path)
+    result = inference.hypotest(model, data, case["mu_test"], case["test_stat"])
+    ours = np.array([float(result.cls_obs), *result.cls_exp.tolist()])
+    # pyhf on the same workspace with a tight Minuit (its exact minimum)
+    ref_ws = pyhf.Workspace(case["workspace"])
+    ref_model = ref_ws.model(modifier_settings=case["modifier_settings"])
+    pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-7, strategy=2))
+    try:
+        obs, exp = pyhf.infer.hypotest(
+            case["mu_test"],
+            ref_ws.data(ref_model),
+            ref_model,
+            test_stat=case["test_stat"],
+            return_expected_set=True,
+        )
+    finally:
+        pyhf.set_backend("numpy", "scipy")
+    if case["case_id"] in LOCAL_MINIMUM_CASES:
+        return  # both pyhf optimizers stop in local minima here: test_coupled_histosys_minima
+    np.testing.assert_allclose(ours, [float(obs), *map(float, exp)], rtol=1e-5)
+    stored = [case["expected_CLs"]["obs"], *case["expected_CLs"]["exp"]]
+    rtol = max(case["rel_tolerance_used_by_pyhf"], SCIPY_MINIMUM_RTOL)
+    np.testing.assert_allclose(ours, stored, rtol=rtol)
+
+
+def test_coupled_histosys_minima():
+    """Where pyhf's fits disagree with ours, ours are the lower minima of pyhf's own NLL."""
+    case_path = next(p for p in CASES if p.stem in LOCAL_MINIMUM_CASES)
+    case, _, model, data = _case(case_path)
+    ref_ws = pyhf.Workspace(case["workspace"])
+    ref_model = ref_ws.model(modifier_settings=case["modifier_settings"])
+    ref_data = ref_ws.data(ref_model)
+    for mu in (1.0, 0.0):
+        ours, ours_nll = inference.fixed_poi_fit(model, data, mu)
+        theirs, theirs_nll = pyhf.infer.mle.fixed_poi_fit(
+            mu, ref_data, ref_model, return_fitted_val=True
+        )
+        # our point evaluated by pyhf gives our value, and it is not above pyhf's minimum
+        assert float(-2 * ref_model.logpdf(ours.numpy(), ref_data)[0]) == pytest.approx(
+            float(ours_nll), rel=1e-10
+        )
+        assert float(ours_nll) <= float(theirs_nll) + 1e-8
+    _, ours_nll = inference.fixed_poi_fit(model, data, 1.0)
+    assert float(ours_nll) == pytest.approx(30.8717, abs=1e-3)  # pyhf's scipy fit: 31.3751
+
+
+def test_pyhf_documented_example():
+    ws = Workspace.load(reference_path("pyhf_validation", "2-bin_1-channel.json"))
+    model = ws.model()
+    result = inference.hypotest(model, ws.data(model), 1.0, "qtilde")
+    assert float(result.cls_obs) == pytest.approx(0.35998409, rel=1e-6)
+
+
+@pytest.mark.parametrize("test_stat", ["qtilde", "q", "q0"])
+def test_hypotest_equals_pyhf(test_stat):
+    spec = json.loads(reference_path("cabinetry", "example_workspace.json").read_text())
+    ws = Workspace.load(spec)
+    model = ws.model()
+    mu = 0.0 if test_stat == "q0" else 2.5
+    ours = inference.hypotest(model, ws.data(model), mu, test_stat)
+    ref_ws = pyhf.Workspace(spec)
+    ref_model = ref_ws.model()
+    obs, exp = pyhf.infer.hypotest(
+        mu, ref_ws.data(ref_model), ref_model, test_stat=test_stat, return_expected_set=True
+    )
+    assert float(ours.cls_obs) == pytest.approx(float(obs), rel=2e-4)
+    np.testing.assert_allclose(ours.cls_exp.numpy(), np.array(exp, dtype=float), rtol=2e-4)
+
+
+def test_batched_hypotests_equal_single_ones():
+    ws = Workspace.load(reference_path("pyhf_validation", "2-bin_1-channel.json"))
+    model = ws.model()
+    mus = torch.tensor([0.3, 1.0, 2.0, 4.0], dtype=torch.float64)
+    batched = inference.hypotest(model, ws.data(model), mus)
+    for i, mu in enumerate(mus):
+        single = inference.hypotest(model, ws.data(model), float(mu))
+        assert float(batched.cls_obs[i]) == pytest.approx(float(single.cls_obs), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- cabinetry
+@pytest.fixture(scope="module")
+def cabinetry_model():
+    raw = yaml.safe_load(reference_path("cabinetry", "config_example.yml").read_text())
+    raw["General"]["InputPath"] = str(reference_path("cabinetry", "ntuples")) + "/{SamplePath}"
+    cfg = configuration.from_dict(raw)
+    ws = Workspace.load(builder.build(cfg, hard_histograms(cfg)))
+    model = ws.model()
+    ref = json.loads(reference_path("cabinetry", "REFERENCE_NUMBERS.json").read_text())
+    order = [model.par_names.index(name) for name in ref["parameter_order"]]
+    return ws, model, ws.data(model), ref, order
+
+
+def test_cabinetry_fit(cabinetry_model):
+    _, model, data, ref, order = cabinetry_model
+    result = fitting.fit(
+        lambda p: model.twice_nll(p, data),
+        model.suggested_init(),
+        bounds=model.suggested_bounds(),
+        fixed=model.suggested_fixed(),
+        labels=model.par_names,
+        minos=("Signal_norm",),
+        method="minuit",
+    )
+    assert result.converged
+    np.testing.assert_allclose(result.bestfit.numpy()[order], ref["bestfit"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(result.uncertainty.numpy()[order], ref["uncertainty"], atol=1e-3)
+    assert float(result.twice_nll) == pytest.approx(ref["best_twice_nll"], rel=1e-6)
+    poi = model.par_names.index("Signal_norm")
+    np.testing.assert_allclose(
+        result.corr_mat.numpy()[poi][order], ref["corr_Signal_norm_row"], rtol=1e-3, atol=1e-3
+    )
+    best, lo, hi = (float(x) for x in ref["minos_Signal_norm"].split())
+    assert result.minos["Signal_norm"][0] == pytest.approx(lo, abs=2e-4)
+    assert result.minos["Signal_norm"][1] == pytest.approx(hi, abs=2e-4)
+    gof = inference.goodness_of_fit(model, data, result.twice_nll)
+    assert gof.p_value == pytest.approx(ref["goodness_of_fit_pvalue"], rel=1e-3)
+
+
+def test_cabinetry_scan_limit_significance_ranking(cabinetry_model):
+    _, model, data, ref, order = cabinetry_model
+    lo, hi = ref["scan_Signal_norm"]["par_range"]
+    scan = inference.scan(
+        model, data, "Signal_norm", torch.linspace(lo, hi, 3, dtype=torch.float64)
+    )
+    np.testing.assert_allclose(
+        scan.delta_twice_nll.numpy(), ref["scan_Signal_norm"]["delta_nlls"], atol=5e-4
+    )
+    limit = inference.upper_limit(model, data, cl=0.95)
+    assert limit.observed == pytest.approx(ref["limit_CLs_95"]["observed"], rel=1e-2)
+    np.testing.assert_allclose(limit.expected, ref["limit_CLs_95"]["expected"], rtol=1e-2)
+    sig = inference.significance(model, data)
+    assert sig.observed_p_value == pytest.approx(ref["significance"]["observed_p"], rel=1e-3)
+    assert sig.observed_significance == pytest.approx(ref["significance"]["observed_Z"], rel=1e-3)
+    assert sig.expected_p_value == pytest.approx(ref["significance"]["expected_p"], rel=1e-3)
+    assert sig.expected_significance == pytest.approx(ref["significance"]["expected_Z"], rel=1e-3)
+    best = fitting.fit(
+        lambda p: model.twice_nll(p, data),
+        model.suggested_init(),
+        bounds=model.suggested_bounds(),
+        fixed=model.suggested_fixed(),
+        labels=model.par_names,
+        method="newton",
+    )
+    ranking = inference.ranking(model, data, best)
+    ref_labels = [n for n in ref["parameter_order"] if n != "Signal_norm"]
+    idx = [ranking.labels.index(n) for n in ref_labels]
+    # cabinetry's impacts are differences of two pyhf-Minuit fits at pyhf's default tolerance
+    # (0.1), which leaves up to 7e-3 of noise in them; pyhf with a tight Minuit agrees with our
+    # exact refits (checked below for the two entries that differ most)
+    np.testing.assert_allclose(ranking.prefit_up.numpy()[idx], ref["ranking_prefit_up"], atol=8e-3)
+    np.testing.assert_allclose(
+        ranking.prefit_down.numpy()[idx], ref["ranking_prefit_down"], atol=8e-3
+    )
+    spec = json.loads(reference_path("cabinetry", "example_workspace.json").read_text())
+    ref_ws = pyhf.Workspace(spec)
+    ref_model = ref_ws.model()
+    ref_data, poi = ref_ws.data(ref_model), ref_model.config.poi_index
+    pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-6))
+    try:
+        best_ref = pyhf.infer.mle.fit(ref_data, ref_model)
+        for name, sign, ours in [
+            ("staterror_Signal_region[0]", 1, ranking.prefit_up),
+            ("Luminosity", -1, ranking.prefit_down),
+        ]:
+            i = ref_model.config.par_names.index(name)
+            init, fixed = ref_model.config.suggested_init(), ref_model.config.suggested_fixed()
+            init[i] = best_ref[i] + sign * float(model.prefit_uncertainties()[i])
+            fixed[i] = True
+            refit = pyhf.infer.mle.fit(ref_data, ref_model, init_pars=init, fixed_params=fixed)
+            assert float(ours[ranking.labels.index(name)]) == pytest.approx(
+                refit[poi] - best_ref[poi], abs=2e-5
+            )
+    finally:
+        pyhf.set_backend("numpy", "scipy")
