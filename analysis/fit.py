@@ -65,6 +65,7 @@ __all__ = [
     "fitted_parameters",
     "newton_minimize",
     "value_grad_hessian",
+    "with_implicit_gradient",
 ]
 
 # Scaled-Hessian eigenvalues at or below this are treated as zero (a degenerate direction). The
@@ -877,6 +878,49 @@ class _ImplicitArgmin(torch.autograd.Function):
             grad_init = torch.where(fixed, grad_out - coupled, 0.0)
             grad_init = grad_init.sum_to_size(ctx.init_shape)
         return (None, grad_init, *out)
+
+
+def with_implicit_gradient(
+    twice_nll: Objective,
+    x: torch.Tensor,
+    *,
+    bounds: Any,
+    fixed: Any = None,
+) -> torch.Tensor:
+    """A minimum ``x`` (..., P) of ``twice_nll`` made differentiable in what the objective uses.
+
+    For objectives that close over tensors requiring grad (a likelihood model built from
+    yields that carry gradients), where :func:`fitted_parameters` cannot rebuild the objective
+    from explicit inputs. Returns one Newton step from the minimum,
+
+        x* = x - H_FF^-1 g_F(x, phi),        g = grad_theta f,  H = d^2 f / d theta^2,
+
+    with ``x`` and ``H`` detached and ``g`` kept in the graph. At the minimum ``g = 0``, so
+    ``x*`` equals ``x`` (to rounding), and its derivative is the implicit function theorem's
+    ``d theta_hat / d phi = -H^-1 d(grad_theta f)/d phi``. Fixed parameters and parameters on a
+    bound (within 1e-10 relative) keep their value and get no derivative through the fit.
+    Outside grad mode, or when the objective at ``x`` needs no gradient, ``x`` is returned
+    detached.
+    """
+    if not torch.is_grad_enabled():
+        return x
+    x = x.detach()
+    if not twice_nll(x).requires_grad:  # the objective depends on nothing that needs a gradient
+        return x
+    low, high = _as_bounds(bounds, x)
+    fixed_mask = _as_fixed(fixed, x)
+    scale = 1e-10 * torch.clamp(x.abs(), min=1.0)
+    on_bound = ((x - low).abs() <= scale) | ((high - x).abs() <= scale)
+    free = ~fixed_mask & ~on_bound
+    with torch.enable_grad():
+        point = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(twice_nll(point).sum(), point, create_graph=True)
+    _, _, hessian = value_grad_hessian(twice_nll, x)
+    pair = free.unsqueeze(-1) & free.unsqueeze(-2)
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    matrix = torch.where(pair, hessian, 0.0) + eye * (~free).unsqueeze(-1)
+    step = torch.linalg.solve(matrix, torch.where(free, grad, 0.0).unsqueeze(-1)).squeeze(-1)
+    return x - torch.where(free, step, 0.0)
 
 
 def fitted_parameters(

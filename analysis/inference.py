@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 
 from analysis.errors import AnalysisError, ConfigError
-from analysis.fit import newton_minimize
+from analysis.fit import newton_minimize, value_grad_hessian, with_implicit_gradient
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,8 @@ def _settings(model, init, bounds, fixed):
     return init, bounds, fixed
 
 
+#: POI values of the batched scan that brackets each limit before root finding
+GRID_POINTS = 21
 #: offsets (in units of the constraint width) of the extra starts for kinked parameters
 KINK_STARTS = (0.5, -0.5)
 
@@ -219,9 +221,21 @@ def minimize(model, data, start, *, bounds, fixed, what: str = "fit"):
     the start shifted by +0.5 and -0.5 on all kinked parameters, in one batched call, and the
     lowest converged minimum is kept. Smooth models (code4/code4p, pyhf's defaults) are fitted
     once. Returns (parameters (..., P), twice_nll (...)).
+
+    In grad mode the results are differentiable in whatever the model and the data were built
+    from: the parameters by the implicit function theorem
+    (:func:`~analysis.fit.with_implicit_gradient`), the minimum value by the envelope theorem.
     """
-    kinked = model.kinked_parameters() & ~fixed
     objective = lambda p: model.twice_nll(p, data)  # noqa: E731
+    x, fun = _best_minimum(model, objective, start, bounds, fixed, what)
+    if not torch.is_grad_enabled():
+        return x, fun
+    x = with_implicit_gradient(objective, x, bounds=bounds, fixed=fixed)
+    return x, objective(x)
+
+
+def _best_minimum(model, objective, start, bounds, fixed, what):
+    kinked = model.kinked_parameters() & ~fixed
     if not bool(kinked.any()):
         result = newton_minimize(objective, start, bounds=bounds, fixed=fixed)
         _warn_unconverged(result, what)
@@ -261,7 +275,12 @@ def fixed_poi_fit(model, data, poi_value, *, init=None, bounds=None, fixed=None)
     start[..., poi] = poi_value
     fixed = fixed.clone()
     fixed[poi] = True
-    return minimize(model, data, start, bounds=bounds, fixed=fixed, what="fixed-POI fit")
+    x, fun = minimize(model, data, start, bounds=bounds, fixed=fixed, what="fixed-POI fit")
+    if poi_value.requires_grad:  # the POI column carries the tested value's gradient
+        is_poi = torch.arange(x.shape[-1], device=x.device) == poi
+        x = torch.where(is_poi, poi_value.unsqueeze(-1), x)
+        fun = model.twice_nll(x, data)
+    return x, fun
 
 
 def _warn_unconverged(result, what: str) -> None:
@@ -271,13 +290,29 @@ def _warn_unconverged(result, what: str) -> None:
 
 
 def test_statistic(
-    model, data, poi_value, test_stat: TestStat = "qtilde", *, init=None, bounds=None, fixed=None
+    model,
+    data,
+    poi_value,
+    test_stat: TestStat = "qtilde",
+    *,
+    init=None,
+    bounds=None,
+    fixed=None,
+    free=None,
 ):
-    """The observed test statistic (q_mu, q~_mu or q0) at ``poi_value``, batched."""
+    """The observed test statistic (q_mu, q~_mu or q0) at ``poi_value``, batched.
+
+    ``free`` is the free fit ``(parameters, twice_nll)`` of ``data`` when it is known already;
+    the fixed-POI fits start from it.
+    """
     poi = _poi_index(model)
-    x_free, nll_free = free_fit(model, data, init=init, bounds=bounds, fixed=fixed)
+    if free is None:
+        free = free_fit(model, data, init=init, bounds=bounds, fixed=fixed)
+    x_free, nll_free = free
     poi_value = torch.as_tensor(poi_value, dtype=x_free.dtype, device=x_free.device)
-    _, nll_fixed = fixed_poi_fit(model, data, poi_value, init=init, bounds=bounds, fixed=fixed)
+    _, nll_fixed = fixed_poi_fit(
+        model, data, poi_value, init=x_free.detach(), bounds=bounds, fixed=fixed
+    )
     t = torch.clamp(nll_fixed - nll_free, min=0.0)
     mu_hat = x_free[..., poi]
     if test_stat == "q0":
@@ -313,22 +348,51 @@ def asymptotic_cls(sqrt_q: torch.Tensor, sqrt_q_asimov: torch.Tensor, test_stat:
     return clsb, clb, clsb / clb, clsb_exp, clsb_exp / clb_exp
 
 
+class AsymptoticCalculator:
+    """Asymptotic hypothesis tests of one model and dataset at any POI values (pyhf's name).
+
+    The fits that do not depend on the tested POI value are done once here: the free fit to
+    the data, the Asimov dataset (POI fixed at 0, or at 1 for q0) and the free fit to it.
+    Each :meth:`hypotest` then needs only the two fixed-POI fits, batched over the POI values.
+    """
+
+    def __init__(
+        self, model, data, test_stat: TestStat = "qtilde", *, init=None, bounds=None, fixed=None
+    ) -> None:
+        if test_stat not in ("q", "qtilde", "q0"):
+            raise ConfigError(f"unknown test statistic '{test_stat}'; expected q, qtilde or q0")
+        self.model, self.test_stat = model, test_stat
+        self.init, self.bounds, self.fixed = _settings(model, init, bounds, fixed)
+        kwargs = {"init": self.init, "bounds": self.bounds, "fixed": self.fixed}
+        self.data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
+        self.free = free_fit(model, self.data, **kwargs)
+        asimov_poi = 1.0 if test_stat == "q0" else 0.0
+        self.asimov = asimov_data(model, self.data, asimov_poi, **kwargs)
+        self.free_asimov = free_fit(model, self.asimov, **kwargs)
+
+    def hypotest(self, poi_value) -> HypotestResult:
+        """CLs (or the q0 p-value) at ``poi_value``: a number or a 1-D tensor of values."""
+        model, test_stat = self.model, self.test_stat
+        poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
+        kwargs = {"bounds": self.bounds, "fixed": self.fixed}
+        q = test_statistic(model, self.data, poi_value, test_stat, free=self.free, **kwargs)
+        q_asimov = test_statistic(
+            model, self.asimov, poi_value, test_stat, free=self.free_asimov, **kwargs
+        )
+        clsb, clb, cls, clsb_exp, cls_exp = asymptotic_cls(
+            torch.sqrt(q), torch.sqrt(q_asimov), test_stat
+        )
+        if test_stat == "q0":
+            cls, cls_exp = clsb, clsb_exp
+        return HypotestResult(poi_value, test_stat, q, cls, cls_exp, clsb, clb)
+
+
 def hypotest(
     model, data, poi_value, test_stat: TestStat = "qtilde", *, init=None, bounds=None, fixed=None
 ) -> HypotestResult:
     """Asymptotic hypothesis test(s) at ``poi_value`` (a number or a 1-D tensor of values)."""
-    kwargs = {"init": init, "bounds": bounds, "fixed": fixed}
-    data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
-    poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
-    q = test_statistic(model, data, poi_value, test_stat, **kwargs)
-    asimov = asimov_data(model, data, 1.0 if test_stat == "q0" else 0.0, **kwargs)
-    q_asimov = test_statistic(model, asimov, poi_value, test_stat, **kwargs)
-    clsb, clb, cls, clsb_exp, cls_exp = asymptotic_cls(
-        torch.sqrt(q), torch.sqrt(q_asimov), test_stat
-    )
-    if test_stat == "q0":
-        cls, cls_exp = clsb, clsb_exp
-    return HypotestResult(poi_value, test_stat, q, cls, cls_exp, clsb, clb)
+    calculator = AsymptoticCalculator(model, data, test_stat, init=init, bounds=bounds, fixed=fixed)
+    return calculator.hypotest(poi_value)
 
 
 def significance(model, data, *, init=None, bounds=None, fixed=None) -> SignificanceResult:
@@ -343,7 +407,7 @@ def significance(model, data, *, init=None, bounds=None, fixed=None) -> Signific
     )
 
 
-def upper_limit(
+def upper_limits(
     model,
     data,
     cl: float = 0.95,
@@ -355,48 +419,116 @@ def upper_limit(
     bounds=None,
     fixed=None,
     max_iter: int = 100,
-) -> LimitResult:
-    """Observed and expected upper limits: the POI values where CLs = 1 - ``cl``.
+) -> torch.Tensor:
+    """The POI values where CLs = 1 - ``cl``: tensor (6,), observed then expected -2..+2 sigma.
 
-    All six curves (observed, expected -2..+2 sigma) are solved together: each bisection step is
-    one batched hypotest at six POI values. The default bracket is (0, upper POI bound); CLs must
-    fall below 1 - cl at the upper end, else :class:`InferenceError`.
+    All six curves are solved together by the Illinois method (regula falsi that halves the
+    stale end's value, superlinear and always bracketed): each step is one batched hypotest at
+    six POI values. The default bracket is (0, upper POI bound); it must bracket every
+    crossing, else :class:`InferenceError`. In grad mode the limits are differentiable in
+    what the model and data were built from, by implicit differentiation of the root:
+    ``d mu*/d phi = -(d CLs/d phi) / (d CLs/d mu)`` at ``mu*`` (one more batched hypotest).
     """
     alpha = 1.0 - cl
-    kwargs = {"init": init, "bounds": bounds, "fixed": fixed}
     poi = _poi_index(model)
     poi_bounds = model.suggested_bounds()[poi] if bounds is None else torch.as_tensor(bounds)[poi]
-    low, high = (
-        (float(poi_bounds[0]), float(poi_bounds[1])) if bracket is None else map(float, bracket)
-    )
+    if bracket is None:
+        low, high = float(poi_bounds[0]), float(poi_bounds[1])
+    else:
+        low, high = (float(b) for b in bracket)
     low = max(low, 1e-9 * max(abs(high), 1.0))  # CLs is 1 at mu = 0 by construction
+    six = (torch.arange(1, 6), torch.arange(5))
+
+    calculator = AsymptoticCalculator(model, data, test_stat, init=init, bounds=bounds, fixed=fixed)
 
     def excess(mu: torch.Tensor) -> torch.Tensor:
-        result = hypotest(model, data, mu, test_stat, **kwargs)
-        curves = torch.cat(
-            [result.cls_obs[:1], result.cls_exp[torch.arange(1, 6), torch.arange(5)]]
-        )
-        return curves - alpha
+        result = calculator.hypotest(mu)
+        return torch.cat([result.cls_obs[:1], result.cls_exp[six]]) - alpha
 
-    lo = torch.full((6,), low, dtype=model.dtype, device=model.device)
-    hi = torch.full((6,), high, dtype=model.dtype, device=model.device)
-    f_lo, f_hi = excess(lo), excess(hi)
-    names = ["observed", "-2 sigma", "-1 sigma", "median", "+1 sigma", "+2 sigma"]
-    for bad, where, value in [(f_hi > 0, "upper", high), (f_lo < 0, "lower", low)]:
-        if bool(bad.any()):
-            which = ", ".join(n for n, b in zip(names, bad.tolist(), strict=True) if b)
-            raise InferenceError(
-                f"CLs at the {where} end of the bracket ({value:g}) does not bracket "
-                f"CLs = {alpha:g} for the {which} limit; widen the bracket or the POI bounds"
-            )
-    for _ in range(max_iter):  # bisection on all six curves at once
-        if float((hi - lo).max()) < xtol:
+    def log_ratio(mu: torch.Tensor) -> torch.Tensor:  # log(CLs / alpha): near-linear in mu
+        return torch.log(torch.clamp(excess(mu) + alpha, min=1e-300)) - math.log(alpha)
+
+    with torch.no_grad():
+        # one batched hypotest on a grid brackets every curve, then Illinois on log CLs
+        grid = torch.linspace(low, high, GRID_POINTS, dtype=model.dtype, device=model.device)
+        result = calculator.hypotest(grid)
+        curves = torch.cat([result.cls_obs[:, None], result.cls_exp], dim=1)  # (grid, 6)
+        values = torch.log(torch.clamp(curves, min=1e-300)) - math.log(alpha)
+        below = values < 0
+        names = ["observed", "-2 sigma", "-1 sigma", "median", "+1 sigma", "+2 sigma"]
+        for bad, where, value in [(~below[-1], "upper", high), (below[0], "lower", low)]:
+            if bool(bad.any()):
+                which = ", ".join(n for n, b in zip(names, bad.tolist(), strict=True) if b)
+                raise InferenceError(
+                    f"CLs at the {where} end of the bracket ({value:g}) does not bracket "
+                    f"CLs = {alpha:g} for the {which} limit; widen the bracket or the POI bounds"
+                )
+        first = below.to(torch.int64).argmax(0)  # first grid point below alpha, per curve
+        columns = torch.arange(6, device=grid.device)
+        lo, hi = grid[first - 1], grid[first]
+        f_lo, f_hi = values[first - 1, columns], values[first, columns]
+        roots = _illinois(log_ratio, lo, hi, f_lo, f_hi, xtol=xtol, max_iter=max_iter)
+    if not torch.is_grad_enabled():
+        return roots
+    mu = roots.clone().requires_grad_(True)
+    value = excess(mu)
+    (slope,) = torch.autograd.grad(value.sum(), mu, retain_graph=True)
+    return roots - (value - value.detach()) / slope.detach()
+
+
+def _illinois(f, a, b, fa, fb, *, xtol: float, max_iter: int) -> torch.Tensor:
+    """Roots of the decreasing functions ``f`` (elementwise, batched) bracketed by ``[a, b]``."""
+    side = torch.zeros_like(a)
+    c = b
+    for _ in range(max_iter):
+        c_new = torch.where(fb != fa, (a * fb - b * fa) / (fb - fa), 0.5 * (a + b))
+        c_new = torch.clamp(c_new, torch.minimum(a, b), torch.maximum(a, b))
+        done = (c_new - c).abs() < xtol
+        c = c_new
+        if bool(done.all()):
             break
-        mid = 0.5 * (lo + hi)
-        above = excess(mid) > 0
-        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-    limits = (0.5 * (lo + hi)).tolist()
+        fc = f(c)
+        right = fc * fb > 0  # c replaces b
+        fa = torch.where(right & (side == -1), fa / 2, fa)
+        fb = torch.where(~right & (side == 1), fb / 2, fb)
+        b, fb = torch.where(right, c, b), torch.where(right, fc, fb)
+        a, fa = torch.where(right, a, c), torch.where(right, fa, fc)
+        side = torch.where(right, -1.0, 1.0)
+    return c
+
+
+def upper_limit(
+    model, data, cl: float = 0.95, test_stat: TestStat = "qtilde", **kwargs
+) -> LimitResult:
+    """Observed and expected upper limits as a :class:`LimitResult` (see :func:`upper_limits`)."""
+    with torch.no_grad():
+        limits = upper_limits(model, data, cl, test_stat, **kwargs).tolist()
     return LimitResult(cl, limits[0], tuple(limits[1:]))
+
+
+def poi_uncertainty(model, data, *, init=None, bounds=None, fixed=None) -> torch.Tensor:
+    """sigma_mu = sqrt(2 [H^-1]_mu,mu) at the best fit, H the Hessian of twice the NLL.
+
+    Differentiable in grad mode (the best fit by the implicit function theorem, the Hessian with
+    ``create_graph``). Parameters fixed or on a bound are left out of the inversion.
+    """
+    poi = _poi_index(model)
+    init, bounds, fixed = _settings(model, init, bounds, fixed)
+    x, _ = free_fit(model, data, init=init, bounds=bounds, fixed=fixed)
+    _, _, hessian = value_grad_hessian(
+        lambda p: model.twice_nll(p, data), x, create_graph=torch.is_grad_enabled()
+    )
+    scale = 1e-10 * torch.clamp(x.detach().abs(), min=1.0)
+    on_bound = ((x.detach() - bounds[:, 0]).abs() <= scale) | (
+        (bounds[:, 1] - x.detach()).abs() <= scale
+    )
+    free = ~fixed & ~on_bound
+    free[poi] = True
+    index = torch.nonzero(free).squeeze(-1)
+    sub = hessian[..., index[:, None], index]
+    position = int((index == poi).nonzero())
+    covariance = 2 * torch.linalg.inv(sub)
+    return torch.sqrt(covariance[..., position, position])
 
 
 def scan(

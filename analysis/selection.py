@@ -1,0 +1,255 @@
+"""Soft selection: cuts relaxed to sigmoids, combined as sums of log-weights.
+
+A hard cut keeps an event when ``x > c`` (or ``x < c``). Its relaxation replaces the indicator by
+a logistic function of the distance to the threshold in units of a temperature ``tau``,
+
+    w(x) = sigmoid(s (x - c) / tau),        s = +1 for ">", -1 for "<",
+
+as in neos / relaxed (N. Simpson and L. Heinrich, "neos: End-to-End-Optimised Summary Statistics
+for High Energy Physics", arXiv:2203.05570; the ``relaxed.cut`` op, gradhep/relaxed). Everything
+here returns the LOG of the weight, ``log w = logsigmoid(s (x - c) / tau)``, computed by
+:func:`torch.nn.functional.logsigmoid`: it never forms ``exp`` of a large number, so slopes
+``1/tau`` up to ``1e6`` and beyond give finite values and gradients in float32, whereas
+``1 / (1 + exp(-z))`` written by hand overflows and returns NaN gradients. Several cuts multiply,
+i.e. their log-weights add (:func:`log_selection_weight`); an event then enters the histograms with
+weight ``weight * exp(log_w)``.
+
+The knob is ``tau``: large ``tau`` lets events far from the threshold feel (and move) the cut, so
+gradients are smooth and come from many events, but the relaxed selection is biased with respect
+to the boolean one; small ``tau`` approaches the boolean cut (exactly reached at ``tau = 0``) while
+the gradient comes from ever fewer events near the threshold and grows noisier. ``tau`` is set in
+units of the spread of the cut variable (:func:`cut_temperature`), so one schedule serves
+variables in GeV and in fractions.
+
+These are pure tensor functions: thresholds and temperatures may be tensors that require grad
+(trainable ``nn.Parameter`` thresholds, annealed buffers), and all arguments broadcast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+from torch.nn.functional import logsigmoid
+
+from analysis.errors import DataError
+
+__all__ = [
+    "DIRECTIONS",
+    "SoftCut",
+    "column_spread",
+    "cut_temperature",
+    "log_selection_weight",
+    "log_soft_cut",
+    "log_soft_window",
+    "soft_cut",
+]
+
+DIRECTIONS = {">": 1.0, "<": -1.0}
+"""Cut direction -> sign ``s`` in ``sigmoid(s (x - c) / tau)``."""
+
+Scalar = torch.Tensor | float
+
+
+def _sign(direction: str) -> float:
+    try:
+        return DIRECTIONS[direction]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"cut direction must be one of {sorted(DIRECTIONS)}, got {direction!r}"
+        ) from None
+
+
+def log_soft_cut(x: torch.Tensor, threshold: Scalar, tau: Scalar, direction: str) -> torch.Tensor:
+    r"""Log-weight of a soft cut: ``log w = logsigmoid(s (x - c) / tau)``.
+
+    Math: ``w = sigmoid(z) = 1 / (1 + exp(-z))`` with ``z = s (x - c) / tau``, ``s = +1`` for
+    ``">"`` (keep large ``x``) and ``s = -1`` for ``"<"``. ``log w`` lies in ``(-inf, 0]``; for
+    ``z -> -inf`` it is ``z`` (linear, not a vanishing exponential), which is what keeps products
+    of several cuts and their gradients exact in log space. Reference: the relaxed cut of neos,
+    arXiv:2203.05570 (``relaxed.cut``, which computes ``1 / (1 + exp(-slope (x - c)))``).
+
+    Hard limit: ``tau = 0`` exactly gives the boolean strict cut, ``log w = 0`` where
+    ``s (x - c) > 0`` and ``-inf`` elsewhere, so an event exactly at the threshold fails the cut
+    (as ``x > c`` / ``x < c`` do in :func:`analysis.histograms.hard_cut_mask`); its gradient with
+    respect to ``x``, ``threshold`` and ``tau`` is zero (the result stays connected to the
+    graph). For ``tau > 0`` an event at the threshold has ``w = 1/2``, and ``tau -> 0``
+    converges to the boolean cut everywhere except there.
+
+    Knob: ``tau`` trades bias (large ``tau``: events far from ``c`` are partly kept or lost) for
+    gradient variance (small ``tau``: only events within a few ``tau`` of ``c`` carry gradient).
+
+    Numerics: no NaN and no overflow for any finite ``(x - c) / tau``; gradients are finite while
+    ``|x - c| / tau**2`` is below the dtype's largest value (float32: 3.4e38, e.g. ``tau >= 1e-6``
+    for ``|x - c| < 1e26``; float64: 1.8e308). ``x = NaN`` gives NaN (the pipeline rejects NaN
+    columns before this point).
+
+    Args:
+        x: values of the cut variable, any shape.
+        threshold: cut value ``c`` (number or tensor, may require grad), broadcast with ``x``.
+        tau: temperature in the units of ``x``, ``>= 0`` (number or tensor, may require grad).
+            A Python number is checked; a tensor is not (that would synchronise with the device),
+            and elements ``<= 0`` give the hard cut.
+        direction: ``">"`` or ``"<"``.
+
+    Returns:
+        ``log w`` with the broadcast shape of ``x``, ``threshold`` and ``tau``.
+    """
+    sign = _sign(direction)
+    diff = x - threshold
+    if not isinstance(tau, torch.Tensor):
+        if not tau >= 0:  # also rejects NaN
+            raise ValueError(f"cut temperature tau must be >= 0, got {tau!r}")
+        if tau > 0:
+            return logsigmoid(diff * (sign / tau))
+        tau = torch.zeros((), dtype=diff.dtype, device=diff.device)  # hard, but graph-connected
+    soft = tau > 0
+    if soft.device.type == "cpu" and bool(soft.all()):  # no device sync on CPU: skip hard branch
+        return logsigmoid(diff * (sign / tau))
+    scale = sign / torch.where(soft, tau, torch.ones_like(tau))  # no 1/0 in the unused branch
+    return torch.where(soft, logsigmoid(diff * scale), _log_hard_cut(diff, sign))
+
+
+def _log_hard_cut(diff: torch.Tensor, sign: float) -> torch.Tensor:
+    """``0`` where ``sign * diff > 0`` (strict), ``-inf`` elsewhere; no gradient."""
+    passed = diff > 0 if sign > 0 else diff < 0
+    zero = torch.zeros((), dtype=diff.dtype, device=diff.device)
+    return torch.where(passed, zero, torch.full_like(zero, -torch.inf))
+
+
+def soft_cut(x: torch.Tensor, threshold: Scalar, tau: Scalar, direction: str) -> torch.Tensor:
+    """Weight of a soft cut, ``exp(log_soft_cut(...)) = sigmoid(s (x - c) / tau)`` in [0, 1]."""
+    return torch.exp(log_soft_cut(x, threshold, tau, direction))
+
+
+def log_soft_window(x: torch.Tensor, low: Scalar, high: Scalar, tau: Scalar) -> torch.Tensor:
+    r"""Log-weight of a two-sided soft cut ``low < x < high``.
+
+    Math: ``log w = logsigmoid((x - low) / tau) + logsigmoid((high - x) / tau)``, the product of a
+    ``">" low`` and a ``"<" high`` soft cut (:func:`log_soft_cut`, same reference and numerics).
+
+    Hard limit: ``tau = 0`` gives the strict boolean window, ``0`` inside and ``-inf`` outside and
+    on both edges. For ``tau > 0`` the weight at the window centre is below one when the window is
+    not much wider than ``tau`` (``sigmoid(L / 2tau)**2`` for a window of width ``L``), and
+    ``high <= low`` gives a small, not a zero, weight.
+
+    Knob: ``tau`` (one temperature for both edges), as for :func:`log_soft_cut`.
+    """
+    return log_soft_cut(x, low, tau, ">") + log_soft_cut(x, high, tau, "<")
+
+
+class SoftCut(NamedTuple):
+    """One soft cut: ``values`` of the variable, ``threshold``, ``tau`` and ``direction``."""
+
+    values: torch.Tensor
+    threshold: Scalar
+    tau: Scalar
+    direction: str
+
+
+def log_selection_weight(cuts: Iterable[SoftCut | tuple]) -> torch.Tensor:
+    r"""Log-weight of a selection of soft cuts: ``log w_i = sum_k log_soft_cut(x_ik, c_k, ...)``.
+
+    Math: the selection weight is the product ``w_i = prod_k sigmoid(s_k (x_ik - c_k) / tau_k)``
+    (DESIGN.md, "soft cuts"), summed here in log space so that an event far on the wrong side of
+    several cuts keeps an exact, finite log-weight (and gradient) instead of a product that
+    underflows to zero. An event then enters the histograms with weight ``weight * exp(log_w)``.
+
+    Hard limit: with every ``tau_k = 0`` this is ``0`` for events passing all (strict) cuts and
+    ``-inf`` otherwise, i.e. the boolean AND of the cuts.
+
+    Args:
+        cuts: ``SoftCut(values, threshold, tau, direction)`` tuples (plain 4-tuples work too),
+            one per cut, whose values broadcast against each other (usually all shape ``(N,)``).
+
+    Returns:
+        ``log w`` per event (the broadcast shape of the cuts' values).
+    """
+    total: torch.Tensor | None = None
+    for cut in cuts:
+        values, threshold, tau, direction = cut
+        term = log_soft_cut(values, threshold, tau, direction)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError(
+            "log_selection_weight got no cuts; a selection without cuts has log-weight 0 "
+            "(use the event weights directly)"
+        )
+    return total
+
+
+_IQR_TO_SIGMA = 1.3489795003921634  # 2 * Phi^-1(3/4): the interquartile range of N(0, 1)
+
+
+def column_spread(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Robust spread of a column: weighted interquartile range / 1.349, with fallbacks.
+
+    Math: ``spread = (Q(3/4) - Q(1/4)) / 1.349``, where ``Q`` is the weighted quantile with
+    ``|weights|`` by the inverted empirical CDF (the smallest value whose cumulative weight
+    fraction reaches ``q``; numpy's ``quantile(..., weights=, method="inverted_cdf")``). For a
+    Gaussian this is its standard deviation (Hyndman & Fan 1996, definition 1; the factor is
+    ``2 Phi^-1(3/4)``).
+
+    Why robust: cut variables are typically steeply falling or heavy-tailed (pT, MET, isolation);
+    the weighted standard deviation is then set by a few tail events (one mismeasured 5 TeV MET
+    event changes it), while the temperature should reflect the width of the bulk of events
+    around the thresholds. Why ``|weights|``: samples with negative weights have no well-defined
+    weighted quantile (the CDF is not monotonic); the spread is a scale, not an estimate, and the
+    absolute weights describe where the events lie.
+
+    Fallbacks, in order, so that the result is always ``> 0``: when the quartiles coincide (more
+    than half the weight on one value, e.g. an isolation column mostly at exactly 0) the IQR is 0
+    and the weighted standard deviation (with ``|weights|``) is used; when the column is
+    constant, its absolute value; when it is constantly 0, 1 (one unit of the variable).
+    Non-finite values and zero weights are ignored. Caveat: a spike holding between a quarter
+    and a half of the weight shrinks the IQR below the standard deviation (the spread is then
+    that of the bulk around the spike).
+
+    No gradient flows through the spread (it is measured once, on the nominal MC). Returns a 0-d
+    tensor in the dtype of ``x`` (float64 for an integer column), on its device.
+
+    Raises:
+        DataError: no event has a finite value and a non-zero weight.
+    """
+    dtype = x.dtype if x.is_floating_point() else torch.float64
+    x = x.detach().reshape(-1)
+    w = (torch.ones_like(x) if weights is None else weights.detach().reshape(-1)).abs()
+    if w.shape != x.shape:
+        raise ValueError(f"weights have {w.numel()} entries but x has {x.numel()}")
+    keep = torch.isfinite(x) & torch.isfinite(w) & (w > 0)
+    x, w = x[keep].to(torch.float64), w[keep].to(torch.float64)
+    if x.numel() == 0:
+        raise DataError("cannot measure the spread of a column without finite values and weights")
+    x, order = torch.sort(x)
+    w = w[order]
+    cdf = torch.cumsum(w, 0)
+    cdf = cdf / cdf[-1]
+    q = torch.tensor([0.25, 0.75], dtype=torch.float64, device=x.device)
+    index = torch.searchsorted(cdf, q).clamp_(max=x.numel() - 1)
+    lower, upper = x[index]
+    iqr_sigma = (upper - lower) / _IQR_TO_SIGMA
+    mean = torch.sum(w * x) / torch.sum(w)
+    std = torch.sqrt(torch.sum(w * (x - mean) ** 2) / torch.sum(w))
+    scale = torch.where(x[-1].abs() > 0, x[-1].abs(), torch.ones_like(std))
+    spread = torch.where(iqr_sigma > 0, iqr_sigma, torch.where(std > 0, std, scale))
+    return spread.to(dtype)
+
+
+def cut_temperature(
+    x: torch.Tensor, weights: torch.Tensor | None, tau_relative: Scalar
+) -> torch.Tensor:
+    r"""Temperature in the units of ``x``: ``tau = tau_relative * column_spread(x, weights)``.
+
+    ``tau_relative`` is the knob the optimisation schedule anneals (DESIGN.md: relaxation knobs
+    are in natural units); ``column_spread`` is the weighted interquartile range / 1.349 (see its
+    docstring for the choice and the fallbacks that keep it ``> 0``), measured once on the nominal
+    MC. ``tau_relative = 0`` gives ``tau = 0``, the boolean cut in :func:`log_soft_cut`.
+
+    Returns:
+        a 0-d tensor in the dtype of ``x`` (float64 for an integer column), on its device, which
+        carries gradient only through ``tau_relative``.
+    """
+    if not isinstance(tau_relative, torch.Tensor) and not tau_relative >= 0:
+        raise ValueError(f"tau_relative must be >= 0, got {tau_relative!r}")
+    return tau_relative * column_spread(x, weights)

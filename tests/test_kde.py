@@ -1,0 +1,216 @@
+"""KDE histograms: windowed op against the dense op, scipy and hist; gradients; float32."""
+
+from __future__ import annotations
+
+import hist
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from analysis.histograms import (
+    KDE_TAIL_CUTOFF,
+    hard_histogram,
+    kde_histogram,
+    kde_histogram_dense,
+    kde_reach,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+UNIFORM = np.linspace(-2.0, 3.0, 11)
+NON_UNIFORM = np.array([-2.0, -1.2, -0.9, -0.3, 0.0, 0.05, 0.5, 1.4, 3.0])
+
+
+def sample(n: int, seed: int, spread: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    """Values around 0, some outside the edges; positive weights."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(0.3, spread, n), rng.uniform(0.2, 2.0, n)
+
+
+def tensors(device, dtype, *arrays):
+    return [torch.tensor(a, dtype=dtype, device=device) for a in arrays]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("edges", [UNIFORM, NON_UNIFORM], ids=["uniform", "non-uniform"])
+@pytest.mark.parametrize("h", [0.01, 0.18, 0.5, 2.0])
+def test_windowed_equals_dense(device, edges, h):
+    values, weights = sample(20000, 1)  # about 15% of the events are outside the edges
+    y, w, e = tensors(device, torch.float64, values, weights, edges)
+    got, ref = kde_histogram(y, w, e, h), kde_histogram_dense(y, w, e, h)
+    assert got.yields.dtype == torch.float64 and got.edges is e
+    np.testing.assert_allclose(got.yields.cpu(), ref.yields.cpu(), rtol=1e-12)
+    np.testing.assert_allclose(got.sumw2.cpu(), ref.sumw2.cpu(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("edges", [UNIFORM, NON_UNIFORM], ids=["uniform", "non-uniform"])
+def test_windowed_gradients_equal_dense_autograd(edges):
+    values, weights = sample(3000, 2)
+    upstream_n = torch.linspace(0.5, 2.0, edges.size - 1, dtype=torch.float64)
+    upstream_s = torch.linspace(-1.0, 1.0, edges.size - 1, dtype=torch.float64)
+    grads = []
+    for op in (kde_histogram, kde_histogram_dense):
+        inputs = tensors("cpu", torch.float64, values, weights, edges, 0.3)
+        for t in inputs:
+            t.requires_grad_()
+        out = op(*inputs)
+        loss = (out.yields * upstream_n).sum() + (out.sumw2 * upstream_s).sum()
+        grads.append(torch.autograd.grad(loss, inputs))
+    for got, ref in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12 * ref.abs().max().item())
+
+
+def test_against_scipy():
+    values, weights = sample(5000, 3)
+    values[:3] = [-5.0, 0.0, 7.0]  # far outside, on an edge, far outside
+    weights[:500] *= -1  # negative weights
+    h = 0.27
+    cdf = norm.cdf(NON_UNIFORM[None, :], loc=values[:, None], scale=h)
+    mass = np.diff(cdf, axis=1)
+    got = kde_histogram(*tensors("cpu", torch.float64, values, weights, NON_UNIFORM), h)
+    np.testing.assert_allclose(got.yields.numpy(), weights @ mass, rtol=1e-11)
+    np.testing.assert_allclose(got.sumw2.numpy(), weights**2 @ mass, rtol=1e-11)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_bandwidth_is_hist(device, dtype):
+    values, weights = sample(5000, 4, spread=2.0)
+    # events on every edge (half-open bins: they go to the bin above), outside, NaN
+    values = np.concatenate([values, NON_UNIFORM, [np.nan, -9.0, 9.0]])
+    weights = np.concatenate([weights, np.full(NON_UNIFORM.size + 3, 1.5)])
+    reference = hist.Hist(hist.axis.Variable(NON_UNIFORM), storage=hist.storage.Weight())
+    reference.fill(values, weight=weights)
+    y, w, e = tensors(device, dtype, values, weights, NON_UNIFORM)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    for h in (0.0, torch.tensor(0.0, dtype=dtype, device=device)):
+        for op in (kde_histogram, kde_histogram_dense):
+            got = op(y, w, e, h)
+            assert got.yields.dtype == dtype
+            np.testing.assert_allclose(got.yields.cpu(), reference.values(), rtol=rtol)
+            np.testing.assert_allclose(got.sumw2.cpu(), reference.variances(), rtol=rtol)
+    hard = hard_histogram(y, w, e)
+    torch.testing.assert_close(kde_histogram(y, w, e, 0.0).yields, hard.yields, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiny_bandwidth_is_hist_away_from_edges(device):
+    values, weights = sample(5000, 5, spread=2.0)
+    values = values[np.min(np.abs(values[:, None] - UNIFORM[None, :]), axis=1) > 1e-6]
+    weights = weights[: values.size]
+    reference = hist.Hist(hist.axis.Variable(UNIFORM), storage=hist.storage.Weight())
+    reference.fill(values, weight=weights)
+    got = kde_histogram(*tensors(device, torch.float64, values, weights, UNIFORM), 1e-9)
+    np.testing.assert_allclose(got.yields.cpu(), reference.values(), rtol=1e-12)
+    np.testing.assert_allclose(got.sumw2.cpu(), reference.variances(), rtol=1e-12)
+
+
+def test_event_on_an_edge_splits_in_half():
+    e = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    got = kde_histogram(torch.tensor([1.0], dtype=torch.float64), torch.ones(1).double(), e, 1e-3)
+    torch.testing.assert_close(got.yields, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("op", [kde_histogram, kde_histogram_dense])
+@pytest.mark.parametrize("h", [0.08, 0.4, 3.0])
+def test_gradcheck(op, h):
+    rng = np.random.default_rng(6)
+    values = np.concatenate([rng.uniform(-2.5, 3.5, 25), [0.0, -0.3]])  # two events on edges
+    weights = rng.normal(1.0, 0.6, values.size)
+    inputs = tensors("cpu", torch.float64, values, weights, NON_UNIFORM[:6], h)
+    for t in inputs:
+        t.requires_grad_()
+
+    def f(y, w, e, bw):
+        out = op(y, w, e, bw)
+        return out.yields, out.sumw2
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_zero_bandwidth_gradients():
+    values, weights = sample(500, 7)
+    inputs = tensors("cpu", torch.float64, values, weights, UNIFORM, 0.0)
+    for t in inputs:
+        t.requires_grad_()
+    out = kde_histogram(*inputs)
+    gy, gw, ge, gh = torch.autograd.grad(out.yields.sum() + out.sumw2.sum(), inputs)
+    inside = (values >= UNIFORM[0]) & (values < UNIFORM[-1])
+    np.testing.assert_allclose(gw, inside * (1.0 + 2.0 * weights))  # d(w + w^2)/dw
+    assert torch.all(gy == 0) and torch.all(ge == 0) and gh.item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("edges", [UNIFORM, NON_UNIFORM], ids=["uniform", "non-uniform"])
+def test_float32_close_to_float64(device, edges):
+    values, weights = sample(20000, 8)
+    upstream = torch.linspace(0.5, 2.0, edges.size - 1, dtype=torch.float64, device=device)
+    out, grads = {}, {}
+    for dtype in (torch.float32, torch.float64):
+        inputs = tensors(device, dtype, values, weights, edges, 0.2)
+        for t in inputs:
+            t.requires_grad_()
+        out[dtype] = kde_histogram(*inputs)
+        assert out[dtype].yields.dtype == dtype
+        loss = (out[dtype].yields.double() * upstream).sum() + out[dtype].sumw2.double().sum()
+        grads[dtype] = torch.autograd.grad(loss, inputs)
+    for field in ("yields", "sumw2"):
+        np.testing.assert_allclose(
+            getattr(out[torch.float32], field).detach().cpu().double(),
+            getattr(out[torch.float64], field).detach().cpu(),
+            rtol=1e-5,
+        )
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64], strict=True):
+        scale = g64.abs().max().item()
+        np.testing.assert_allclose(g32.cpu().double(), g64.cpu(), rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_total_is_conserved_far_inside(device):
+    rng = np.random.default_rng(9)
+    values, weights = rng.uniform(-1.0, 1.0, 10000), rng.normal(1.0, 0.5, 10000)
+    edges = np.array([-10.0, -3.0, -0.5, 0.0, 0.1, 0.7, 2.0, 10.0])
+    got = kde_histogram(*tensors(device, torch.float64, values, weights, edges), 0.5)
+    np.testing.assert_allclose(got.yields.sum().item(), weights.sum(), rtol=1e-12)
+    np.testing.assert_allclose(got.sumw2.sum().item(), (weights**2).sum(), rtol=1e-12)
+
+
+def test_window_does_not_grow_with_the_number_of_bins():
+    for dtype, expected in ((torch.float64, 4), (torch.float32, 3)):
+        for n_bins in (5, 20, 1000):
+            edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=dtype)
+            assert kde_reach(edges, 0.36 / n_bins, dtype) == expected
+    # the smallest bin sets the window of non-uniform edges
+    edges = torch.tensor([0.0, 1.0, 1.125, 3.0], dtype=torch.float64)
+    assert kde_reach(edges, 0.125, torch.float64) == int(KDE_TAIL_CUTOFF[torch.float64]) + 2
+
+
+def test_explicit_reach_and_mixed_dtypes():
+    values, weights = sample(2000, 10)
+    y, w = tensors("cpu", torch.float64, values, weights)
+    e = torch.tensor(UNIFORM, dtype=torch.float32)  # converted to the dtype of the values
+    default = kde_histogram(y, w, e, 0.2)
+    for reach in (kde_reach(e, 0.2, torch.float64), 50):
+        again = kde_histogram(y, w, e, 0.2, reach=reach)
+        torch.testing.assert_close(again.yields, default.yields, rtol=1e-14, atol=0)
+    assert default.edges is e and default.yields.dtype == torch.float64
+    assert kde_histogram(y, w.float(), e, 0.2).yields.dtype == torch.float32
+
+
+def test_bad_arguments_are_rejected():
+    y, w = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    e = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        kde_histogram(y, w, torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64), 0.1)
+    with pytest.raises(ValueError, match="bandwidth"):
+        kde_histogram(y, w, e, -0.1)
+    with pytest.raises(ValueError, match="bandwidth"):
+        kde_histogram(y, w, e, torch.tensor(float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="same length"):
+        kde_histogram(y, w[:3], e, 0.1)
+    with pytest.raises(ValueError, match="edges"):
+        kde_histogram(y, w, e[:1], 0.1)
+    with pytest.raises(ValueError, match="reach"):
+        kde_histogram(y, w, e, 0.1, reach=0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        kde_histogram(torch.zeros(4, dtype=torch.int64), w, e, 0.1)
