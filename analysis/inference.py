@@ -205,10 +205,22 @@ def _settings(model, init, bounds, fixed):
     return init, bounds, fixed
 
 
+#: Newton iterations of the first, whole-batch pass (most fits converge in 3-7)
+FIRST_PASS_ITERATIONS = 12
 #: POI values of the batched scan that brackets each limit before root finding
 GRID_POINTS = 21
 #: offsets (in units of the constraint width) of the extra starts for kinked parameters
 KINK_STARTS = (0.5, -0.5)
+
+
+class _Objective:
+    """Twice the NLL of ``model`` for ``data``, as a batched objective of the parameters."""
+
+    def __init__(self, model, data) -> None:
+        self.model, self.data = model, data
+
+    def __call__(self, pars: torch.Tensor) -> torch.Tensor:
+        return self.model.twice_nll(pars, self.data)
 
 
 def minimize(model, data, start, *, bounds, fixed, what: str = "fit"):
@@ -226,7 +238,7 @@ def minimize(model, data, start, *, bounds, fixed, what: str = "fit"):
     from: the parameters by the implicit function theorem
     (:func:`~analysis.fit.with_implicit_gradient`), the minimum value by the envelope theorem.
     """
-    objective = lambda p: model.twice_nll(p, data)  # noqa: E731
+    objective = _Objective(model, data)
     x, fun = _best_minimum(model, objective, start, bounds, fixed, what)
     if not torch.is_grad_enabled():
         return x, fun
@@ -235,27 +247,56 @@ def minimize(model, data, start, *, bounds, fixed, what: str = "fit"):
 
 
 def _best_minimum(model, objective, start, bounds, fixed, what):
+    data = objective.data
     kinked = model.kinked_parameters() & ~fixed
     if not bool(kinked.any()):
-        result = newton_minimize(objective, start, bounds=bounds, fixed=fixed)
-        _warn_unconverged(result, what)
-        return result.x, result.fun
+        x, fun, converged = _newton(model, data, start, bounds, fixed)
+        _report_unconverged(converged, what)
+        return x, fun
     offsets = [torch.zeros_like(start)] + [
         torch.where(kinked, d, 0.0).expand_as(start) for d in KINK_STARTS
     ]
     starts = torch.stack([start + o for o in offsets])
     starts = torch.minimum(torch.maximum(starts, bounds[:, 0]), bounds[:, 1])
     starts = torch.where(fixed, start, starts)
-    result = newton_minimize(objective, starts, bounds=bounds, fixed=fixed)
-    fun = torch.where(result.converged, result.fun, torch.inf)
-    best = fun.argmin(0)
-    x = torch.take_along_dim(result.x, best[None, ..., None], dim=0)[0]
-    converged = result.converged.any(0)
-    if not bool(converged.all()):
-        log.warning(
-            "%d of %d %s(s) did not converge", int((~converged).sum()), converged.numel(), what
-        )
-    return x, torch.take_along_dim(result.fun, best[None], dim=0)[0]
+    x, fun, converged = _newton(model, data, starts, bounds, fixed)
+    best = torch.where(converged, fun, torch.inf).argmin(0)
+    x = torch.take_along_dim(x, best[None, ..., None], dim=0)[0]
+    _report_unconverged(converged.any(0), what)
+    return x, torch.take_along_dim(fun, best[None], dim=0)[0]
+
+
+def _newton(model, data, start, bounds, fixed):
+    """Batched Newton fits in two passes: all elements with a short iteration cap, then only
+    the ones that have not converged, on their own slice of the data (a few stragglers would
+    otherwise keep the whole batch iterating)."""
+    result = newton_minimize(
+        lambda p: model.twice_nll(p, data),
+        start,
+        bounds=bounds,
+        fixed=fixed,
+        max_iter=FIRST_PASS_ITERATIONS,
+    )
+    x, fun, converged = result.x, result.fun, result.converged
+    if bool(converged.all()) or start.dim() == 1:
+        if not bool(converged.all()):  # a single fit: just keep going
+            more = newton_minimize(
+                lambda p: model.twice_nll(p, data), x, bounds=bounds, fixed=fixed
+            )
+            return more.x, more.fun, more.converged
+        return x, fun, converged
+    todo = ~converged
+    rest = data.expand(*start.shape[:-1], data.shape[-1])[todo]
+    more = newton_minimize(lambda p: model.twice_nll(p, rest), x[todo], bounds=bounds, fixed=fixed)
+    x, fun, converged = x.clone(), fun.clone(), converged.clone()
+    x[todo], fun[todo], converged[todo] = more.x, more.fun, more.converged
+    return x, fun, converged
+
+
+def _report_unconverged(converged: torch.Tensor, what: str) -> None:
+    failed = int((~converged).sum())
+    if failed:
+        log.warning("%d of %d %s(s) did not converge", failed, converged.numel(), what)
 
 
 def free_fit(model, data, *, init=None, bounds=None, fixed=None):
@@ -393,6 +434,55 @@ def hypotest(
     """Asymptotic hypothesis test(s) at ``poi_value`` (a number or a 1-D tensor of values)."""
     calculator = AsymptoticCalculator(model, data, test_stat, init=init, bounds=bounds, fixed=fixed)
     return calculator.hypotest(poi_value)
+
+
+def toy_hypotest(
+    model,
+    data,
+    poi_value: float,
+    test_stat: TestStat = "qtilde",
+    *,
+    n_toys: int = 2000,
+    seed: int = 0,
+    init=None,
+    bounds=None,
+    fixed=None,
+) -> HypotestResult:
+    """Hypothesis test at ``poi_value`` with pseudo-experiments instead of asymptotics.
+
+    pyhf's ToyCalculator semantics: toys are drawn (:meth:`Model.sample`) at the fits to the
+    data with the POI fixed at ``poi_value`` (signal + background) and at 0 (background only;
+    for q0 the roles are mu = 0 and mu = 1), every toy's test statistic at ``poi_value`` comes
+    from one batched free fit and one batched fixed-POI fit of all toys, and
+    ``CLs+b = P(q >= q_obs | s+b)``, ``CLb = P(q >= q_obs | b)``, ``CLs = CLs+b / CLb``. The
+    expected band is the 2.3, 15.9, 50, 84.1 and 97.7 percentiles of CLs (CLs+b for q0)
+    evaluated at each background-only toy (linear interpolation, as pyhf).
+    """
+    kwargs = {"init": init, "bounds": bounds, "fixed": fixed}
+    data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        q_obs = test_statistic(model, data, poi_value, test_stat, **kwargs)
+        other = 1.0 if test_stat == "q0" else 0.0
+        pars_sb, _ = fixed_poi_fit(model, data, poi_value, **kwargs)
+        pars_b, _ = fixed_poi_fit(model, data, other, **kwargs)
+        toys = model.sample(torch.stack([pars_sb, pars_b]), n_toys, generator=generator)
+        q_toys = test_statistic(model, toys, poi_value, test_stat, **kwargs)  # (n_toys, 2)
+        q_sb, q_b = q_toys[:, 0], q_toys[:, 1]
+
+        def pvalues(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            clsb = (q_sb.unsqueeze(-1) >= q.reshape(1, -1)).to(q.dtype).mean(0)
+            clb = (q_b.unsqueeze(-1) >= q.reshape(1, -1)).to(q.dtype).mean(0)
+            return clsb.reshape(q.shape), clb.reshape(q.shape)
+
+        clsb, clb = pvalues(q_obs)
+        clsb_toys, clb_toys = pvalues(q_b)  # p-values at every background-only toy
+        levels = normal_cdf(-torch.tensor(BAND_NSIGMA, dtype=q_obs.dtype, device=q_obs.device))
+        band = clsb_toys if test_stat == "q0" else clsb_toys / clb_toys
+        cls_exp = torch.quantile(band, levels)
+    cls = clsb if test_stat == "q0" else clsb / clb
+    poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
+    return HypotestResult(poi_value, test_stat, q_obs, cls, cls_exp, clsb, clb)
 
 
 def significance(model, data, *, init=None, bounds=None, fixed=None) -> SignificanceResult:
