@@ -101,7 +101,7 @@ def test_gradient_against_central_differences(function):
     torch.testing.assert_close(analytic, numeric, rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize("function", [q0, cls, fitted_poi, sigma_mu], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("function", FUNCTIONS, ids=[f.__name__ for f in FUNCTIONS])
 def test_gradcheck(function):
     y = YIELDS.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(function, (y,), eps=1e-5, atol=1e-7, rtol=1e-4)
