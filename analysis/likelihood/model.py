@@ -30,6 +30,7 @@ tensor computed once, back-propagate through one model's constants once per buil
 
 from __future__ import annotations
 
+import copy
 import math
 import types
 from collections.abc import Mapping
@@ -387,6 +388,60 @@ class Model:
             counts = torch.poisson(aux.clamp(min=0).expand_as(toys_aux), generator=generator)
             toys_aux = torch.where(self._pois_mask, counts, toys_aux)
         return torch.cat([toys_main, toys_aux], dim=-1)
+
+    def with_sample_yields(self, sample: str, yields: Any) -> Model:
+        r"""A shallow copy whose nominal yields of ``sample`` are a batch: one model per row.
+
+        ``yields`` has shape ``(B, n)``, ``n`` the number of bins of ``sample`` over all the
+        channels it appears in, in the model's channel order (:attr:`channels`, pyhf's sorted
+        names; the sample's bins of the first channel come first). Batch element ``b`` of the
+        copy is the model built from a spec whose ``sample`` data is ``yields[b]``, with these
+        conventions for the modifiers that pyhf derives from the nominal at build time:
+
+        * multiplicative modifiers (normfactor, lumi, normsys, staterror, shapesys,
+          shapefactor) multiply the new yields as they did the old ones;
+        * histosys acts through its deltas :math:`\Delta^\pm`, which are kept: element ``b``
+          is the spec with ``hi_data = yields[b] + (hi_data - nominal)`` and
+          ``lo_data = yields[b] - (nominal - lo_data)``; the templates are *not* rescaled;
+        * the constraint widths that pyhf computes from the nominals (staterror's relative
+          :math:`\sqrt{\sum\sigma^2}/\sum\nu` per bin, shapesys'
+          :math:`\tau = (\nu/\sigma)^2`) are kept from this model, so a sample that carries
+          (or shares) a staterror or shapesys gives a model that differs from the rebuilt spec
+          in those constraint terms.
+
+        Evaluation: ``pars`` must have shape ``(B, P)`` (the batch flattened to exactly
+        ``B``: element ``b`` is evaluated with row ``b`` of ``yields``) and ``data`` ``(N + A,)``
+        or ``(B, N + A)``; :meth:`logpdf`, :meth:`twice_nll` and :meth:`expected_data` return
+        ``(B, ...)``. Inference functions take the batch from the data, so pass the observed
+        data as ``data.expand(B, -1)`` (a view). Fits with several starts per element (kinked
+        interpolation codes, :meth:`kinked_parameters`) add a leading dimension and are not
+        supported: use the smooth codes (code4/code4p, the defaults).
+
+        Gradients flow from every output to ``yields`` (and to whatever this model was built
+        from). Nothing is copied but the nominal column, ``(n_cells, B)``. Calling this again on
+        the copy with the same ``B`` batches a second sample.
+        """
+        if sample not in self.samples:
+            raise ConfigError(
+                f"{self.source}: sample '{sample}' is not in the model (samples: "
+                f"{', '.join(self.samples)})"
+            )
+        cells = torch.nonzero(self._cell_sample == self.samples.index(sample)).squeeze(-1)
+        yields = as_tensor(yields, dtype=self.dtype, device=self.device)
+        if yields.ndim != 2 or yields.shape[1] != cells.numel():
+            raise ValueError(
+                f"yields has shape {tuple(yields.shape)} but (B, {cells.numel()}) was expected "
+                f"(the {cells.numel()} bins of sample '{sample}' over its channels)"
+            )
+        if self._nominal_column.shape[1] not in (1, yields.shape[0]):
+            raise ValueError(
+                f"yields has {yields.shape[0]} rows but this model is already batched over "
+                f"{self._nominal_column.shape[1]} yields"
+            )
+        batched = copy.copy(self)
+        nominal = self._nominal_column.expand(-1, yields.shape[0])
+        batched._nominal_column = nominal.index_put((cells,), yields.T)
+        return batched
 
     # ------------------------------------------------------------------ evaluation
     def _pars(self, pars: Any) -> torch.Tensor:
