@@ -392,9 +392,11 @@ def asymptotic_cls(sqrt_q: torch.Tensor, sqrt_q_asimov: torch.Tensor, test_stat:
 class AsymptoticCalculator:
     """Asymptotic hypothesis tests of one model and dataset at any POI values (pyhf's name).
 
-    The fits that do not depend on the tested POI value are done once here: the free fit to
-    the data, the Asimov dataset (POI fixed at 0, or at 1 for q0) and the free fit to it.
-    Each :meth:`hypotest` then needs only the two fixed-POI fits, batched over the POI values.
+    The fits that do not depend on the tested POI value are done once here, in two batched
+    calls: the free fit to the data together with the fit that defines the Asimov dataset
+    (POI fixed at 0, or at 1 for q0), then the free fit to the Asimov data. Each
+    :meth:`hypotest` needs one more batched call: the fixed-POI fits to the data and to the
+    Asimov data, at every tested value at once.
     """
 
     def __init__(
@@ -403,29 +405,56 @@ class AsymptoticCalculator:
         if test_stat not in ("q", "qtilde", "q0"):
             raise ConfigError(f"unknown test statistic '{test_stat}'; expected q, qtilde or q0")
         self.model, self.test_stat = model, test_stat
+        self.poi = _poi_index(model)
         self.init, self.bounds, self.fixed = _settings(model, init, bounds, fixed)
-        kwargs = {"init": self.init, "bounds": self.bounds, "fixed": self.fixed}
         self.data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
-        self.free = free_fit(model, self.data, **kwargs)
-        asimov_poi = 1.0 if test_stat == "q0" else 0.0
-        self.asimov = asimov_data(model, self.data, asimov_poi, **kwargs)
-        self.free_asimov = free_fit(model, self.asimov, **kwargs)
+        batch = self.data.shape[:-1]
+        # row 0: free fit to the data; row 1: POI fixed at the Asimov value
+        start = self.init.expand(2, *batch, model.npars).clone()
+        start[1, ..., self.poi] = 1.0 if test_stat == "q0" else 0.0
+        fixed_rows = self.fixed.expand(2, *([1] * len(batch)), model.npars).clone()
+        fixed_rows[1, ..., self.poi] = True
+        x, fun = minimize(
+            model, self.data, start, bounds=self.bounds, fixed=fixed_rows, what="fit to data"
+        )
+        self.free = (x[0], fun[0])
+        self.asimov = model.expected_data(x[1])
+        self.free_asimov = free_fit(
+            model, self.asimov, init=self.init, bounds=self.bounds, fixed=self.fixed
+        )
 
     def hypotest(self, poi_value) -> HypotestResult:
         """CLs (or the q0 p-value) at ``poi_value``: a number or a 1-D tensor of values."""
-        model, test_stat = self.model, self.test_stat
+        model, poi = self.model, self.poi
         poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
-        kwargs = {"bounds": self.bounds, "fixed": self.fixed}
-        q = test_statistic(model, self.data, poi_value, test_stat, free=self.free, **kwargs)
-        q_asimov = test_statistic(
-            model, self.asimov, poi_value, test_stat, free=self.free_asimov, **kwargs
-        )
+        batch = torch.broadcast_shapes(self.data.shape[:-1], poi_value.shape)
+        data = torch.stack([d.expand(*batch, d.shape[-1]) for d in (self.data, self.asimov)])
+        fits = (self.free, self.free_asimov)
+        free_x = torch.stack([f[0].detach().expand(*batch, model.npars) for f in fits])
+        free_nll = torch.stack([f[1].expand(batch) for f in fits])
+        mu = poi_value.expand(batch)
+        start = free_x.clone()
+        start[..., poi] = mu.detach()
+        fixed = self.fixed.clone()
+        fixed[poi] = True
+        x, nll = minimize(model, data, start, bounds=self.bounds, fixed=fixed, what="fixed-POI fit")
+        if poi_value.requires_grad:  # the POI column carries the tested value's gradient
+            is_poi = torch.arange(model.npars, device=x.device) == poi
+            x = torch.where(is_poi, mu.unsqueeze(-1), x)
+            nll = model.twice_nll(x, data)
+        t = torch.clamp(nll - free_nll, min=0.0)
+        mu_hat = free_x[..., poi]
+        if self.test_stat == "q0":
+            q_pair = torch.where(mu_hat < 0, torch.zeros_like(t), t)
+        else:
+            q_pair = torch.where(mu_hat > mu, torch.zeros_like(t), t)
+        q, q_asimov = q_pair[0], q_pair[1]
         clsb, clb, cls, clsb_exp, cls_exp = asymptotic_cls(
-            torch.sqrt(q), torch.sqrt(q_asimov), test_stat
+            torch.sqrt(q), torch.sqrt(q_asimov), self.test_stat
         )
-        if test_stat == "q0":
+        if self.test_stat == "q0":
             cls, cls_exp = clsb, clsb_exp
-        return HypotestResult(poi_value, test_stat, q, cls, cls_exp, clsb, clb)
+        return HypotestResult(poi_value, self.test_stat, q, cls, cls_exp, clsb, clb)
 
 
 def hypotest(
