@@ -227,47 +227,81 @@ def workspace(
 
 
 # ----------------------------------------------------------------------------- statistics
-def input_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``INPUT`` (pyhf JSON workspace, HistFactory XML or analysis YAML) and its options."""
+# The statistics commands share INPUT handling (input_options) and check what a user can get
+# wrong before any fit runs: parameter names in --fix, --minos and --parameter, a POI where the
+# command needs one, a POI value within its bounds, a finite likelihood at the start point, a
+# Hessian that is not singular at the best fit. They run under torch.no_grad(): the CLI wants
+# numbers, not graphs (the fits switch autograd on where they need derivatives).
 
-    @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=pathlib.Path))
-    @click.option(
-        "--patch",
-        "patches",
-        multiple=True,
-        help="JSON Patch file, or PATCHSET.json:NAME (pyhf patchset); repeatable.",
-    )
-    @click.option("--measurement", default=None, help="Measurement name (default: the first).")
-    @click.option(
-        "--cuts",
-        type=click.Path(path_type=pathlib.Path),
-        default=None,
-        help="cuts.json for an analysis YAML INPUT.",
-    )
-    @click.option(
-        "--cache-dir",
-        type=click.Path(file_okay=False, path_type=pathlib.Path),
-        default=None,
-        help="Column cache for an analysis YAML INPUT.",
-    )
-    @functools.wraps(func)
-    def wrapper(
-        *args: Any,
-        input_path: pathlib.Path,
-        patches: tuple[str, ...],
-        measurement: str | None,
-        cuts: pathlib.Path | None,
-        cache_dir: pathlib.Path | None,
-        device: torch.device,
-        **kwargs: Any,
-    ) -> Any:
-        workspace = load_workspace(
-            input_path, patches, cuts=cuts, cache_dir=cache_dir, device=device
+
+def input_options(*, needs_poi: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``INPUT`` (pyhf JSON workspace, HistFactory XML or analysis YAML) and its options.
+
+    Passes ``workspace`` and ``model`` on, and runs the command without autograd graphs. Goes
+    below :func:`common_options` (which resolves ``--device`` and sets up logging first).
+    ``needs_poi``: the command needs the measurement's POI; the others (fit, scan) also run on
+    a measurement without one. Errors from the command that do not name the input get its name
+    in front.
+    """
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=pathlib.Path))
+        @click.option(
+            "--patch",
+            "patches",
+            multiple=True,
+            help="JSON Patch file, or PATCHSET.json:NAME (pyhf patchset); repeatable.",
         )
-        model = workspace.model(measurement, device=device)
-        return func(*args, workspace=workspace, model=model, device=device, **kwargs)
+        @click.option("--measurement", default=None, help="Measurement name (default: the first).")
+        @click.option(
+            "--cuts",
+            type=click.Path(path_type=pathlib.Path),
+            default=None,
+            help="cuts.json for an analysis YAML INPUT.",
+        )
+        @click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False, path_type=pathlib.Path),
+            default=None,
+            help="Column cache for an analysis YAML INPUT (default: $DIFFANA_CACHE_DIR or "
+            "~/.cache/diffana).",
+        )
+        @click.option("--no-cache", is_flag=True, help="Read the ROOT files even if cached.")
+        @functools.wraps(func)
+        def wrapper(
+            *args: Any,
+            input_path: pathlib.Path,
+            patches: tuple[str, ...],
+            measurement: str | None,
+            cuts: pathlib.Path | None,
+            cache_dir: pathlib.Path | None,
+            no_cache: bool,
+            device: torch.device,
+            **kwargs: Any,
+        ) -> Any:
+            from analysis.io import default_cache_dir
 
-    return wrapper
+            cache = None if no_cache else (cache_dir or default_cache_dir())
+            workspace = load_workspace(
+                input_path, patches, cuts=cuts, cache_dir=cache, device=device
+            )
+            model = _model(workspace, measurement, device, needs_poi)
+            try:
+                with torch.no_grad():
+                    return func(*args, workspace=workspace, model=model, device=device, **kwargs)
+            except AnalysisError as err:
+                if workspace.source in str(err):
+                    raise
+                message = f"{workspace.source}: {err}"
+                try:
+                    named = type(err)(message)
+                except TypeError:  # a subclass with another signature: keep the message
+                    named = AnalysisError(message)
+                raise named from None
+
+        return wrapper
+
+    return decorate
 
 
 def load_workspace(
@@ -280,22 +314,41 @@ def load_workspace(
 ) -> Any:
     """A :class:`~analysis.likelihood.Workspace` from a JSON workspace, XML or analysis YAML.
 
-    An analysis YAML is turned into its workspace with hard cuts (as ``diffana workspace``).
+    An analysis YAML is turned into its workspace with hard cuts (as ``diffana workspace``),
+    reading its ROOT files through the column cache in ``cache_dir`` (``None``: no cache).
     """
     from analysis.likelihood import Workspace
 
     if input_path.suffix.lower() in (".yaml", ".yml"):
+        import dataclasses
+
         from analysis import config as configuration
         from analysis import workspace as builder
         from analysis.histograms import hard_histograms
-        from analysis.io import default_cache_dir
 
         cfg = configuration.load(input_path)
         if cuts is not None:
             cfg = configuration.load_cuts(cuts, cfg)
-        histograms = hard_histograms(cfg, device=device, cache_dir=cache_dir or default_cache_dir())
-        return Workspace.load(builder.build(cfg, histograms), patches)
+        histograms = hard_histograms(cfg, device=device, cache_dir=cache_dir)
+        workspace = Workspace.load(builder.build(cfg, histograms), patches)
+        return dataclasses.replace(workspace, source=str(input_path))
     return Workspace.load(input_path, patches)
+
+
+def _model(workspace: Any, measurement: str | None, device: torch.device, needs_poi: bool) -> Any:
+    """The measurement's model; one without POI when it has none and the command needs none."""
+    from analysis.errors import ConfigError
+
+    meas = workspace.measurement(measurement)
+    if meas["config"].get("poi"):
+        return workspace.model(meas["name"], device=device)
+    if needs_poi:
+        command = click.get_current_context().info_name
+        raise ConfigError(
+            f"{workspace.source}: measurement '{meas['name']}' has no POI (its config.poi is "
+            f"empty); diffana {command} needs a parameter of interest"
+        )
+    return workspace.model(meas["name"], poi_name="", device=device)
 
 
 def _data(workspace: Any, model: Any, asimov: bool) -> torch.Tensor:
@@ -305,39 +358,198 @@ def _data(workspace: Any, model: Any, asimov: bool) -> torch.Tensor:
     return workspace.data(model)
 
 
-def _fixed_settings(model: Any, fix: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Initial values and fixed mask with ``--fix NAME=VALUE`` applied (a name or a set name)."""
+def _parameter_list(model: Any, limit: int = 30) -> str:
+    names = list(model.par_names)
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _unknown_parameter(model: Any, option: str, name: str) -> Exception:
+    import difflib
+
+    from analysis.errors import ConfigError
+
+    close = difflib.get_close_matches(name, [*model.par_names, *model.par_slices], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(
+        f"{option}: unknown parameter '{name}'{hint}; parameters: {_parameter_list(model)}"
+    )
+
+
+def _parameter_index(model: Any, option: str, name: str) -> int:
+    """Index of parameter ``name`` (as in ``model.par_names``), or a ConfigError."""
+    if name not in model.par_names:
+        raise _unknown_parameter(model, option, name)
+    return model.par_names.index(name)
+
+
+def _fixed_settings(
+    model: Any, fix: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Initial values and fixed mask with ``--fix NAME=VALUE`` applied (a name or a set name),
+    and the fixed values by name."""
+    import math
+
     from analysis.errors import ConfigError
 
     init, fixed = model.suggested_init().clone(), model.suggested_fixed().clone()
+    values: dict[str, float] = {}
     for item in fix:
         name, sep, value = item.partition("=")
+        name = name.strip()
         try:
             number = float(value)
         except ValueError:
             number = None
-        if not sep or number is None:
+        if not sep or not name or number is None:
             raise ConfigError(f"--fix {item!r}: expected NAME=VALUE, e.g. --fix mu=1")
+        if not math.isfinite(number):
+            raise ConfigError(f"--fix {item!r}: the value must be a finite number")
         if name in model.par_names:
             index: Any = model.par_names.index(name)
         elif name in model.par_slices:
             index = model.par_slices[name]
         else:
-            raise ConfigError(
-                f"--fix {item!r}: unknown parameter '{name}'; parameters: "
-                f"{', '.join(model.par_names)}"
-            )
+            raise _unknown_parameter(model, f"--fix {item!r}", name)
         init[index] = number
         fixed[index] = True
-    return init, fixed
+        values[name] = number
+    return init, fixed, values
+
+
+def _check_start(
+    workspace: Any,
+    model: Any,
+    data: torch.Tensor,
+    init: torch.Tensor,
+    *,
+    asimov: bool = False,
+    fixed_values: dict[str, float] | None = None,
+    fixed_by: str = "--fix",
+) -> None:
+    """FitError (DataError for bad data) saying why twice_nll is not finite at ``init``.
+
+    Names the first bin with a non-finite or negative count, or with an expected yield that is
+    not finite, negative, or 0 where events are observed (with each sample's share), and what
+    causes it: the ``fixed_values`` (set by the option ``fixed_by``) that make it finite when
+    put back to their suggested values, a normsys with a factor <= 0, a negative nominal
+    yield, or else the modifiers of the offending samples.
+    """
+    import math
+
+    from analysis.errors import DataError
+    from analysis.fit import FitError
+
+    value = float(model.twice_nll(init, data))
+    if math.isfinite(value):
+        return
+    source, fixed_values = workspace.source, fixed_values or {}
+    where = [(c, b) for c in model.channels for b in range(model.channel_nbins[c])]
+    main = data[: model.nmain]
+    bad_data = ~torch.isfinite(main) | (main < 0)
+    if not asimov and bool(bad_data.any()):  # Asimov data are the model's: see below
+        k = int(torch.nonzero(bad_data)[0])
+        channel, b = where[k]
+        raise DataError(
+            f"{source}: observed data of channel '{channel}' bin {b} is {float(main[k]):g}; "
+            "counts must be finite and >= 0"
+        )
+    lam = model.expected_actualdata(init)
+    bad = ~torch.isfinite(lam) | (lam < 0) | ((lam == 0) & (main > 0))
+    if not bool(bad.any()):
+        detail, samples = "the constraint terms are not finite", []
+        channel, b = "", 0
+    else:
+        k = int(torch.nonzero(bad)[0])
+        channel, b = where[k]
+        shares = model.expected_by_sample(init)[..., k]
+        samples = [
+            s
+            for s, y in zip(model.samples, shares.tolist(), strict=True)
+            if not math.isfinite(y) or y < 0
+        ]
+        parts = ", ".join(
+            f"{s} {y:.6g}" for s, y in zip(model.samples, shares.tolist(), strict=True) if y != 0
+        )
+        detail = f"channel '{channel}' bin {b} expects {float(lam[k]):.6g} events ({parts})"
+    causes = []
+    for name, number in fixed_values.items():
+        trial = init.clone()
+        index = model.par_slices[name] if name in model.par_slices else model.par_names.index(name)
+        trial[index] = model.suggested_init()[index]
+        if math.isfinite(float(model.twice_nll(trial, data))):
+            causes.append(f"{name}={number:g} (from {fixed_by})")
+    if not causes:
+        causes = _suspect_modifiers(workspace.spec, channel, b, samples)
+    blame = f"; caused by {', '.join(causes)}" if causes else ""
+    raise FitError(f"{source}: twice_nll is {value} at the start point: {detail}{blame}")
+
+
+def _suspect_modifiers(spec: dict, channel: str, bin_index: int, samples: list[str]) -> list[str]:
+    """What in the spec makes ``samples`` non-finite or negative in ``channel`` bin
+    ``bin_index``: a normsys factor <= 0 (anywhere), a negative nominal yield, or else the
+    samples' modifiers."""
+    nonpositive, negative, listed = [], [], []
+    for ch in spec["channels"]:
+        for sample in ch["samples"]:
+            mine = ch["name"] == channel and sample["name"] in samples
+            if mine and float(sample["data"][bin_index]) < 0:
+                negative.append(
+                    f"the nominal yield {float(sample['data'][bin_index]):g} of sample "
+                    f"'{sample['name']}'"
+                )
+            for mod in sample["modifiers"]:
+                if mod["type"] == "normsys":
+                    lo, hi = float(mod["data"]["lo"]), float(mod["data"]["hi"])
+                    if min(lo, hi) <= 0:
+                        nonpositive.append(
+                            f"normsys '{mod['name']}' of sample '{sample['name']}' in channel "
+                            f"'{ch['name']}' (hi {hi:g}, lo {lo:g}; factors must be > 0)"
+                        )
+                if mine:
+                    listed.append(f"{mod['name']} ({mod['type']})")
+    if nonpositive or negative:
+        return nonpositive + negative
+    return [f"one of the modifiers {', '.join(listed)}"] if listed else []
+
+
+def _check_identifiable(model: Any, data: torch.Tensor) -> None:
+    """FitError naming the degenerate parameters if the Hessian at the best fit is singular.
+
+    The hypothesis tests, limits and scans use Newton fits that would only report their
+    non-convergence there; one unconditional fit with the exact Hessian says which parameters
+    are to blame. Its own convergence warning is held back: the fits that follow report theirs.
+    """
+    from analysis import fit as fitting
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return False
+
+    fit_log = logging.getLogger(fitting.__name__)
+    fit_log.addFilter(quiet)
+    try:
+        fitting.fit(
+            lambda p: model.twice_nll(p, data),
+            model.suggested_init(),
+            bounds=model.suggested_bounds(),
+            fixed=model.suggested_fixed(),
+            labels=model.par_names,
+            method="newton",
+        )
+    finally:
+        fit_log.removeFilter(quiet)
 
 
 @main.command()
-@input_options
+@common_options
+@input_options(needs_poi=False)
 @click.option("--asimov", is_flag=True, help="Fit the Asimov dataset (pre-fit expectation).")
 @click.option("--minos", multiple=True, help="Run MINOS for this parameter; repeatable.")
-@click.option("--fix", multiple=True, help="Fix a parameter: NAME=VALUE; repeatable.")
-@common_options
+@click.option(
+    "--fix",
+    multiple=True,
+    help="Fix a parameter (or every parameter of a set, e.g. a staterror): NAME=VALUE; repeatable.",
+)
 def fit(
     workspace: Any,
     model: Any,
@@ -349,9 +561,16 @@ def fit(
 ) -> None:
     """Maximum-likelihood fit (MIGRAD + HESSE, optional MINOS)."""
     from analysis import fit as fitting
+    from analysis.errors import ConfigError
 
     data = _data(workspace, model, asimov)
-    init, fixed = _fixed_settings(model, fix)
+    init, fixed, fixed_values = _fixed_settings(model, fix)
+    for name in minos:
+        if bool(fixed[_parameter_index(model, "--minos", name)]):
+            raise ConfigError(
+                f"--minos {name}: the parameter is fixed (by --fix or the measurement)"
+            )
+    _check_start(workspace, model, data, init, asimov=asimov, fixed_values=fixed_values)
     result = fitting.fit(
         lambda p: model.twice_nll(p, data),
         init,
@@ -365,17 +584,17 @@ def fit(
 
 
 @main.command()
-@input_options
+@common_options
+@input_options(needs_poi=True)
 @click.option("--poi-value", type=float, required=True, help="POI value to test.")
 @click.option(
     "--test-stat",
     type=click.Choice(["q", "qtilde", "q0"]),
     default="qtilde",
     show_default=True,
-    help="Test statistic.",
+    help="Test statistic (q0: discovery, at --poi-value 0).",
 )
 @click.option("--asimov", is_flag=True, help="Test on the Asimov dataset instead of the data.")
-@common_options
 def hypotest(
     workspace: Any,
     model: Any,
@@ -385,36 +604,73 @@ def hypotest(
     output: pathlib.Path | None,
     device: torch.device,
 ) -> None:
-    """Asymptotic CLs hypothesis test at one POI value."""
-    from analysis import inference
+    """Asymptotic CLs hypothesis test at one POI value.
 
-    result = inference.hypotest(model, _data(workspace, model, asimov), poi_value, test_stat)
+    Output: ``test_stat`` is the statistic's name, ``teststat`` its observed value; for q0,
+    ``cls_obs`` and ``cls_exp`` are discovery p-values (CLs+b).
+    """
+    from analysis import inference
+    from analysis.errors import ConfigError
+
+    low, high = (float(b) for b in model.suggested_bounds()[model.poi_index])
+    if not low <= poi_value <= high:
+        raise ConfigError(
+            f"--poi-value {poi_value:g} is outside the bounds [{low:g}, {high:g}] of the POI "
+            f"'{model.poi_name}'"
+        )
+    if test_stat == "q0" and poi_value != 0:
+        raise ConfigError(
+            f"--test-stat q0 tests the background-only hypothesis: --poi-value must be 0, got "
+            f"{poi_value:g} (or use diffana significance)"
+        )
+    data = _data(workspace, model, asimov)
+    _check_start(workspace, model, data, model.suggested_init(), asimov=asimov)
+    _check_identifiable(model, data)
+    result = inference.hypotest(model, data, poi_value, test_stat)
     emit(
         {
             "poi_value": poi_value,
-            "test_stat": float(result.teststat),
+            "test_stat": test_stat,
+            "teststat": float(result.teststat),
             "cls_obs": float(result.cls_obs),
-            "cls_exp": result.cls_exp.tolist(),
+            "cls_exp": [float(x) for x in result.cls_exp],
         },
         output,
     )
 
 
 @main.command()
-@input_options
-@click.option("--asimov", is_flag=True, help="Use the Asimov dataset instead of the data.")
 @common_options
+@input_options(needs_poi=True)
+@click.option("--asimov", is_flag=True, help="Use the Asimov dataset instead of the data.")
 def significance(
     workspace: Any, model: Any, asimov: bool, output: pathlib.Path | None, device: torch.device
 ) -> None:
     """Discovery p-value and significance (observed and expected)."""
     from analysis import inference
 
-    emit(inference.significance(model, _data(workspace, model, asimov)).to_dict(), output)
+    data = _data(workspace, model, asimov)
+    _check_start(workspace, model, data, model.suggested_init(), asimov=asimov)
+    _check_identifiable(model, data)
+    result = inference.significance(model, data)
+    emit(
+        {
+            "observed": {
+                "p_value": float(result.observed_p_value),
+                "significance": float(result.observed_significance),
+            },
+            "expected": {
+                "p_value": float(result.expected_p_value),
+                "significance": float(result.expected_significance),
+            },
+        },
+        output,
+    )
 
 
 @main.command()
-@input_options
+@common_options
+@input_options(needs_poi=True)
 @click.option(
     "--cl",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -423,7 +679,6 @@ def significance(
     help="Confidence level.",
 )
 @click.option("--asimov", is_flag=True, help="Use the Asimov dataset instead of the data.")
-@common_options
 def limit(
     workspace: Any,
     model: Any,
@@ -432,19 +687,30 @@ def limit(
     output: pathlib.Path | None,
     device: torch.device,
 ) -> None:
-    """Observed and expected CLs upper limits on the POI."""
+    """Observed and expected CLs upper limits on the POI (expected: -2 sigma .. +2 sigma)."""
     from analysis import inference
 
-    emit(inference.upper_limit(model, _data(workspace, model, asimov), cl=cl).to_dict(), output)
+    data = _data(workspace, model, asimov)
+    _check_start(workspace, model, data, model.suggested_init(), asimov=asimov)
+    _check_identifiable(model, data)
+    result = inference.upper_limit(model, data, cl=cl)
+    emit(
+        {
+            "cl": cl,
+            "observed": float(result.observed),
+            "expected": [float(x) for x in result.expected],
+        },
+        output,
+    )
 
 
 @main.command()
-@input_options
+@common_options
+@input_options(needs_poi=False)
 @click.option("--parameter", required=True, help="Parameter to scan (default range: +-2 sigma).")
 @click.option("--range", "scan_range", type=(float, float), default=None, help="LOW HIGH.")
 @click.option("--steps", type=click.IntRange(min=2), default=11, show_default=True)
 @click.option("--asimov", is_flag=True, help="Use the Asimov dataset instead of the data.")
-@common_options
 def scan(
     workspace: Any,
     model: Any,
@@ -455,28 +721,61 @@ def scan(
     output: pathlib.Path | None,
     device: torch.device,
 ) -> None:
-    """Profile-likelihood scan of one parameter."""
+    """Profile-likelihood scan of one parameter: twice NLL minus its minimum at each value."""
     from analysis import inference
 
-    values = None if scan_range is None else torch.linspace(*scan_range, steps, dtype=model.dtype)
-    result = inference.scan(
-        model, _data(workspace, model, asimov), parameter, values, n_steps=steps
+    index = _parameter_index(model, "--parameter", parameter)
+    data = _data(workspace, model, asimov)
+    init = model.suggested_init()
+    _check_start(workspace, model, data, init, asimov=asimov)
+    _check_identifiable(model, data)
+    values = None
+    if scan_range is not None:
+        values = torch.linspace(*scan_range, steps, dtype=model.dtype, device=model.device)
+        starts = init.expand(steps, -1).clone()
+        starts[:, index] = values
+        bad = ~torch.isfinite(model.twice_nll(starts, data))
+        if bool(bad.any()):
+            _check_start(
+                workspace,
+                model,
+                data,
+                starts[bad][0],
+                asimov=asimov,
+                fixed_values={parameter: float(values[bad][0])},
+                fixed_by="--range",
+            )
+    result = inference.scan(model, data, parameter, values, n_steps=steps)
+    emit(
+        {
+            "parameter": parameter,
+            "values": [float(x) for x in result.values],
+            "delta_twice_nll": [float(x) for x in result.delta_twice_nll],
+        },
+        output,
     )
-    emit(result.to_dict(), output)
 
 
 @main.command()
-@input_options
-@click.option("--asimov", is_flag=True, help="Use the Asimov dataset instead of the data.")
 @common_options
+@input_options(needs_poi=True)
+@click.option("--asimov", is_flag=True, help="Use the Asimov dataset instead of the data.")
 def ranking(
     workspace: Any, model: Any, asimov: bool, output: pathlib.Path | None, device: torch.device
 ) -> None:
-    """Pre- and post-fit impact of each nuisance parameter on the POI."""
+    """Pre- and post-fit impact of each nuisance parameter on the POI.
+
+    Output: ``poi`` and ``ranking``, one entry per nuisance parameter (in parameter order) with
+    its ``name``, ``bestfit``, ``uncertainty`` (post-fit) and the POI shifts ``prefit_up``,
+    ``prefit_down``, ``postfit_up``, ``postfit_down`` when it is fixed at its best fit +- its
+    pre-fit (constraint) or post-fit uncertainty and the rest refitted; 0 for unconstrained
+    parameters' pre-fit impacts and for fixed parameters.
+    """
     from analysis import fit as fitting
     from analysis import inference
 
     data = _data(workspace, model, asimov)
+    _check_start(workspace, model, data, model.suggested_init(), asimov=asimov)
     best = fitting.fit(
         lambda p: model.twice_nll(p, data),
         model.suggested_init(),
@@ -485,7 +784,20 @@ def ranking(
         labels=model.par_names,
         method="minuit",
     )
-    emit(inference.ranking(model, data, best).to_dict(), output)
+    result = inference.ranking(model, data, best)
+    entries = [
+        {
+            "name": name,
+            "bestfit": float(result.bestfit[i]),
+            "uncertainty": float(result.uncertainty[i]),
+            "prefit_up": float(result.prefit_up[i]),
+            "prefit_down": float(result.prefit_down[i]),
+            "postfit_up": float(result.postfit_up[i]),
+            "postfit_down": float(result.postfit_down[i]),
+        }
+        for i, name in enumerate(result.labels)
+    ]
+    emit({"poi": model.poi_name, "ranking": entries}, output)
 
 
 if __name__ == "__main__":  # pragma: no cover
