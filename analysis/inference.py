@@ -66,11 +66,11 @@ class HypotestResult:
 
     def to_dict(self) -> dict:
         return {
-            "poi_value": self.poi_value.tolist(),
+            "poi_value": self.poi_value.detach().tolist(),
             "test_stat": self.test_stat,
-            "teststat": self.teststat.tolist(),
-            "cls_obs": self.cls_obs.tolist(),
-            "cls_exp": self.cls_exp.tolist(),
+            "teststat": self.teststat.detach().tolist(),
+            "cls_obs": self.cls_obs.detach().tolist(),
+            "cls_exp": self.cls_exp.detach().tolist(),
         }
 
 
@@ -123,8 +123,8 @@ class ScanResult:
             "parameter": self.parameter,
             "bestfit": self.bestfit,
             "uncertainty": self.uncertainty,
-            "values": self.values.tolist(),
-            "delta_twice_nll": self.delta_twice_nll.tolist(),
+            "values": self.values.detach().tolist(),
+            "delta_twice_nll": self.delta_twice_nll.detach().tolist(),
         }
 
 
@@ -145,12 +145,12 @@ class RankingResult:
             "ranking": [
                 {
                     "name": name,
-                    "bestfit": float(self.bestfit[i]),
-                    "uncertainty": float(self.uncertainty[i]),
-                    "prefit_up": float(self.prefit_up[i]),
-                    "prefit_down": float(self.prefit_down[i]),
-                    "postfit_up": float(self.postfit_up[i]),
-                    "postfit_down": float(self.postfit_down[i]),
+                    "bestfit": float(self.bestfit[i].detach()),
+                    "uncertainty": float(self.uncertainty[i].detach()),
+                    "prefit_up": float(self.prefit_up[i].detach()),
+                    "prefit_down": float(self.prefit_down[i].detach()),
+                    "postfit_up": float(self.postfit_up[i].detach()),
+                    "postfit_down": float(self.postfit_down[i].detach()),
                 }
                 for i, name in enumerate(self.labels)
             ]
@@ -664,7 +664,8 @@ def scan(
     """Profile likelihood of ``parameter``: twice NLL at each value minus the global minimum.
 
     Default ``values``: ``n_steps`` points within best fit +- 2 post-fit uncertainties
-    (cabinetry's default), the uncertainty from the inverse Hessian at the best fit.
+    (cabinetry's default), clipped to the parameter's bounds; the uncertainty from the inverse
+    Hessian at the best fit.
     """
     from analysis.fit import fit as single_fit
 
@@ -684,17 +685,21 @@ def scan(
         method="newton",
     )
     center, width = float(best.bestfit[index]), float(best.uncertainty[index])
-    if values is None:
-        values = torch.linspace(
-            center - 2 * width, center + 2 * width, n_steps, dtype=model.dtype, device=model.device
-        )
+    if values is None:  # best fit +- 2 sigma, within the parameter's bounds
+        low = max(center - 2 * width, float(bounds[index, 0]))
+        high = min(center + 2 * width, float(bounds[index, 1]))
+        values = torch.linspace(low, high, n_steps, dtype=model.dtype, device=model.device)
     values = torch.as_tensor(values, dtype=model.dtype, device=model.device)
     start = init.expand(values.shape[0], init.shape[0]).clone()
     start[:, index] = values
     fixed_scan = fixed.clone()
     fixed_scan[index] = True
     result = newton_minimize(
-        lambda p: model.twice_nll(p, data), start, bounds=bounds, fixed=fixed_scan
+        lambda p: model.twice_nll(p, data),
+        start,
+        bounds=bounds,
+        fixed=fixed_scan,
+        labels=model.par_names,
     )
     _warn_unconverged(result, "scan fit")
     return ScanResult(parameter, center, width, values, result.fun - best.twice_nll)
