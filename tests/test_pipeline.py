@@ -1,0 +1,294 @@
+"""AnalysisPipeline: bounded cut parameters, the hard limit against hard_histograms and the
+workspace builder, gradients (gradcheck, central finite differences), temperature scales,
+moving buffers between devices and dtypes."""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from analysis import config as config_module
+from analysis import generate, workspace
+from analysis.errors import ConfigError
+from analysis.histograms import hard_histograms
+from analysis.io import Events, read_events
+from analysis.pipeline import FLOOR_FRACTION, AnalysisPipeline, smooth_floor
+
+MODELS = pathlib.Path(__file__).resolve().parents[1] / "models"
+RTOL = 1e-9
+
+
+def devices() -> list[str]:
+    wanted = os.environ.get("DIFFANA_DEVICE")
+    if wanted:
+        return ["cpu", wanted] if wanted != "cpu" else ["cpu"]
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture
+def toy_setup(toy, tmp_path):
+    config = config_module.from_dict(toy.config, source="toy.yaml")
+    events = read_events(config, cache_dir=tmp_path / "cache")
+    return config, events
+
+
+@pytest.fixture(scope="module")
+def demo_setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    generate.generate(folder / "data" / "generated", events=20000)
+    raw = yaml.safe_load((MODELS / "dimuon.yaml").read_text())
+    raw["General"]["InputPath"] = str(folder / "data" / "generated" / "{SamplePath}")
+    config = config_module.from_dict(raw, source="dimuon.yaml")
+    return config, read_events(config, cache_dir=folder / "cache")
+
+
+def assert_close_histograms(got, expected, rtol=RTOL):
+    assert got.keys() == expected.keys()
+    for key, hist in expected.items():
+        for field in ("yields", "sumw2"):
+            a, b = getattr(got[key], field).detach(), getattr(hist, field)
+            scale = b.abs().max().clamp(min=1e-300)
+            assert float((a - b).abs().max() / scale) <= rtol, (key, field, a, b)
+
+
+def compare_leaves(got, expected, rtol, where="spec"):
+    """Numbers in two nested JSON structures agree to ``rtol`` relative (per leaf vector)."""
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            compare_leaves(got[key], expected[key], rtol, f"{where}.{key}")
+    elif isinstance(expected, list) and expected and isinstance(expected[0], (int, float)):
+        a, b = np.asarray(got, dtype=float), np.asarray(expected, dtype=float)
+        scale = max(np.abs(b).max(), 1e-300)
+        assert np.abs(a - b).max() <= rtol * scale, (where, a, b)
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            name = e.get("name", i) if isinstance(e, dict) else i
+            compare_leaves(g, e, rtol, f"{where}[{name}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=rtol, abs=0), where
+    else:
+        assert got == expected, where
+
+
+def other_cut_values(config):
+    """Cut values a third of the way into each cut's Bounds (different from the configured)."""
+    return {c.name: c.bounds[0] + (c.bounds[1] - c.bounds[0]) / 3 for c in config.cuts}
+
+
+def subset(events, n):
+    return {
+        key: Events(ev.variable, {k: v[:n] for k, v in ev.columns.items()}, ev.weight[:n].clone())
+        for key, ev in events.items()
+    }
+
+
+# ----------------------------------------------------------------------------- parametrisation
+def test_thresholds_stay_within_bounds(toy_setup):
+    config, events = toy_setup
+    pipeline = AnalysisPipeline.from_config(config, events)
+    assert pipeline.cut_values() == pytest.approx(config.cut_values(), rel=1e-13)
+    low, high = pipeline.cut_low, pipeline.cut_high
+    generator = torch.Generator().manual_seed(0)
+    for scale in (1.0, 10.0, 1e3, 1e10):
+        with torch.no_grad():
+            u = torch.randn(pipeline.cut_parameters.shape, generator=generator, dtype=torch.float64)
+            pipeline.cut_parameters.copy_(scale * u)
+        c = pipeline.thresholds()
+        assert bool(((c >= low) & (c <= high)).all()), (scale, c)
+    with torch.no_grad():
+        pipeline.cut_parameters.fill_(math.inf)
+    assert bool((pipeline.thresholds() <= high).all())
+    # a value on a bound is nudged inside by 1e-6 of the range
+    names = pipeline.cut_names
+    pipeline.set_cut_values(
+        {names[0]: config.cuts[0].bounds[0], names[1]: config.cuts[1].bounds[1]}
+    )
+    values = pipeline.cut_values()
+    span0 = config.cuts[0].bounds[1] - config.cuts[0].bounds[0]
+    span1 = config.cuts[1].bounds[1] - config.cuts[1].bounds[0]
+    assert values[names[0]] == pytest.approx(config.cuts[0].bounds[0] + 1e-6 * span0, rel=1e-9)
+    assert values[names[1]] == pytest.approx(config.cuts[1].bounds[1] - 1e-6 * span1, rel=1e-9)
+    with pytest.raises(ConfigError, match="outside its Bounds"):
+        pipeline.set_cut_values({names[0]: config.cuts[0].bounds[1] + 1})
+    with pytest.raises(ConfigError, match="unknown cut 'nope'.*valid cut names"):
+        pipeline.set_cut_values({"nope": 1.0})
+
+
+def test_non_trainable_cut_is_a_buffer(toy, tmp_path):
+    toy.config["Regions"][0]["Cuts"][1]["Trainable"] = False
+    config = config_module.from_dict(toy.config)
+    pipeline = AnalysisPipeline.from_config(config, cache_dir=tmp_path / "cache")
+    assert pipeline.trainable_cut_names == (config.cuts[0].name,)
+    assert pipeline.cut_parameters.shape == (1,)
+    pipeline.set_cut_values({config.cuts[1].name: 100.0})
+    assert pipeline.cut_values()[config.cuts[1].name] == 100.0
+    values = other_cut_values(config)
+    pipeline.set_cut_values(values)
+    expected = hard_histograms(config.with_cut_values(pipeline.cut_values()), _events(pipeline))
+    assert_close_histograms(pipeline.histograms(0.0, 0.0), expected)
+
+
+def _events(pipeline):
+    """The events a pipeline holds, as read_events returns them (for hard_histograms)."""
+    out = {}
+    for slot in pipeline._slots:
+        region = pipeline.config.regions[slot.region]
+        columns = {region.variable: getattr(pipeline, slot.prefix + "observable")}
+        for k, cut in enumerate(region.cuts):
+            columns[cut.variable] = getattr(pipeline, f"{slot.prefix}x{k}")
+        out[slot.key] = Events(region.variable, columns, getattr(pipeline, slot.prefix + "weight"))
+    return out
+
+
+def test_smooth_floor():
+    x = torch.linspace(-5.0, 5.0, 101, dtype=torch.float64, requires_grad=True)
+    y = smooth_floor(x, 1.0)
+    assert torch.equal(y[x >= 1.0], x[x >= 1.0])
+    assert bool((y > 0.5).all()) and bool((y[x < 1.0] <= 1.0).all())
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert bool((grad > 0).all()) and bool((grad <= 1).all())
+    assert torch.autograd.gradcheck(
+        lambda t: smooth_floor(t, 0.7),
+        (torch.tensor([-3.0, 0.1, 0.69, 0.71, 2.0]).double().requires_grad_(),),
+    )
+
+
+# ----------------------------------------------------------------------------- hard limit
+@pytest.mark.parametrize("which", ["toy", "demo"])
+def test_hard_limit_equals_hard_histograms(which, request):
+    config, events = request.getfixturevalue(f"{which}_setup")
+    pipeline = AnalysisPipeline.from_config(config, events)
+    with torch.no_grad():
+        assert_close_histograms(pipeline.histograms(0.0, 0.0), hard_histograms(config, events))
+        pipeline.set_cut_values(other_cut_values(config))
+        moved = config.with_cut_values(pipeline.cut_values())
+        got = pipeline.histograms(0.0, 0.0)
+        assert_close_histograms(got, hard_histograms(moved, events))
+    # the data and the variations are included, and the moved cuts changed something
+    assert any(k[2] != "nominal" for k in got) and (config.regions[0].name, "Data", "nominal")
+    before = hard_histograms(config, events)
+    assert any(not torch.equal(got[k].yields, before[k].yields) for k in got)
+
+
+def test_hard_spec_equals_workspace_build_toy(toy_setup):
+    config, events = toy_setup
+    pipeline = AnalysisPipeline.from_config(config, events)
+    hard = hard_histograms(config, events)
+    floor = min(FLOOR_FRACTION * float(h.yields.abs().sum()) for h in hard.values())
+    assert min(float(h.yields.min()) for h in hard.values()) > floor  # no floor effect here
+    with torch.no_grad():
+        spec = workspace.to_json(pipeline.workspace_spec(0.0, 0.0))
+    compare_leaves(spec, workspace.build(config, hard), RTOL)
+
+
+def test_hard_spec_demo(demo_setup):
+    """On the 20k-event demo some bins are empty (the narrow signal far from its peak): those
+    samples differ from the unfloored workspace by the floor only (yields by 1e-6 of the total,
+    staterror by sqrt(1e-6 sum w^2), up to 2e-3 of the largest bin); the others to 1e-9."""
+    config, events = demo_setup
+    pipeline = AnalysisPipeline.from_config(config, events)
+    hard = hard_histograms(config, events)
+    with torch.no_grad():
+        spec = workspace.to_json(pipeline.workspace_spec(0.0, 0.0))
+    expected = workspace.build(config, hard)
+    floored = {
+        k[1]
+        for k, h in hard.items()
+        if float(h.yields.min()) <= FLOOR_FRACTION * float(h.yields.abs().sum())
+    }
+    assert "Data" not in floored
+    for channel, ref in zip(spec["channels"], expected["channels"], strict=True):
+        for sample, ref_sample in zip(channel["samples"], ref["samples"], strict=True):
+            rtol = 1e-2 if sample["name"] in floored else RTOL
+            compare_leaves(sample, ref_sample, rtol, sample["name"])
+    compare_leaves(spec["observations"], expected["observations"], RTOL)
+    compare_leaves(spec["measurements"], expected["measurements"], RTOL)
+
+
+# ----------------------------------------------------------------------------- gradients
+def test_gradcheck_soft_yield(toy_setup):
+    config, events = toy_setup
+    pipeline = AnalysisPipeline.from_config(config, subset(events, 150))
+    key = ("SR", "Background", "WeightSys_Up")
+
+    def bin_yields(u):
+        assert u is pipeline.cut_parameters
+        hist = pipeline.histograms(0.3, 0.5)[key]
+        return torch.cat([hist.yields, hist.sumw2])
+
+    assert torch.autograd.gradcheck(bin_yields, (pipeline.cut_parameters,), eps=1e-6, atol=1e-7)
+
+
+def test_gradient_against_finite_differences(toy_setup):
+    """d(2 NLL at the suggested init, soft data and soft model)/du against central FD."""
+    config, events = toy_setup
+    pipeline = AnalysisPipeline.from_config(config, events)
+
+    def relaxed():
+        model, data = pipeline(0.2, 0.4)
+        return model.twice_nll(model.suggested_init(), data)
+
+    value = relaxed()
+    (grad,) = torch.autograd.grad(value, pipeline.cut_parameters)
+    assert bool(torch.isfinite(grad).all()) and bool((grad != 0).all())
+    step = 1e-5
+    fd = torch.zeros_like(grad)
+    with torch.no_grad():
+        for i in range(grad.numel()):
+            pipeline.cut_parameters[i] += step
+            up = relaxed()
+            pipeline.cut_parameters[i] -= 2 * step
+            down = relaxed()
+            pipeline.cut_parameters[i] += step
+            fd[i] = (up - down) / (2 * step)
+    torch.testing.assert_close(grad, fd, rtol=1e-4, atol=0.0)
+
+
+# ----------------------------------------------------------------------------- scales, devices
+def test_temperature_scales_are_column_spreads(toy_setup):
+    config, events = toy_setup
+    pipeline = AnalysisPipeline.from_config(config, events)
+    region = config.regions[0]
+    nominal = [events[(region.name, s.name, "nominal")] for s in config.samples_in(region)]
+    for k, cut in enumerate(region.cuts):
+        x = np.concatenate([ev.columns[cut.variable].numpy() for ev in nominal])
+        w = np.abs(np.concatenate([ev.weight.numpy() for ev in nominal]))
+        q1, q3 = np.quantile(x, [0.25, 0.75], weights=w, method="inverted_cdf")
+        expected = (q3 - q1) / 1.3489795003921634
+        assert float(pipeline.cut_spread[k]) == pytest.approx(expected, rel=1e-12)
+    taus = pipeline.temperatures(0.1)
+    torch.testing.assert_close(taus, 0.1 * pipeline.cut_spread)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_to_moves_buffers(toy_setup, device):
+    config, events = toy_setup
+    pipeline = AnalysisPipeline.from_config(config, events)
+    reference = pipeline.histograms(0.2, 0.4)
+    moved = pipeline.to(device=device, dtype=torch.float32)
+    assert moved is pipeline
+    for name, tensor in list(pipeline.named_buffers()) + list(pipeline.named_parameters()):
+        assert tensor.device.type == torch.device(device).type, name
+        if tensor.is_floating_point():
+            assert tensor.dtype == torch.float32, name
+    got = pipeline.histograms(0.2, 0.4)
+    for key, hist in reference.items():
+        torch.testing.assert_close(
+            got[key].yields.double().cpu(), hist.yields.detach(), rtol=1e-4, atol=1e-4
+        )
+    model, data = pipeline(0.2, 0.4)
+    assert model.dtype == torch.float64 and data.device.type == torch.device(device).type
+    value = model.twice_nll(model.suggested_init(), data)
+    (grad,) = torch.autograd.grad(value, pipeline.cut_parameters)
+    assert bool(torch.isfinite(grad).all())
+    # state_dict holds the small state only (events are non-persistent buffers)
+    assert not any(k.startswith("t0_") for k in pipeline.state_dict())
