@@ -180,7 +180,8 @@ def significance_from_p_value(p: torch.Tensor) -> torch.Tensor:
     return -torch.special.ndtri(p)
 
 
-def _poi_index(model) -> int:
+def require_poi(model) -> int:
+    """The POI's index in the parameters; ConfigError when the model has none."""
     if model.poi_index is None:
         raise ConfigError("the model has no parameter of interest (measurement POI missing)")
     return int(model.poi_index)
@@ -309,7 +310,7 @@ def free_fit(model, data, *, init=None, bounds=None, fixed=None):
 def fixed_poi_fit(model, data, poi_value, *, init=None, bounds=None, fixed=None):
     """Batched fits with the POI fixed at ``poi_value`` (broadcast against the data's batch)."""
     init, bounds, fixed = _settings(model, init, bounds, fixed)
-    poi = _poi_index(model)
+    poi = require_poi(model)
     poi_value = torch.as_tensor(poi_value, dtype=init.dtype, device=init.device)
     batch = torch.broadcast_shapes(data.shape[:-1], poi_value.shape)
     start = init.expand(*batch, init.shape[-1]).clone()
@@ -346,7 +347,7 @@ def test_statistic(
     ``free`` is the free fit ``(parameters, twice_nll)`` of ``data`` when it is known already;
     the fixed-POI fits start from it.
     """
-    poi = _poi_index(model)
+    poi = require_poi(model)
     if free is None:
         free = free_fit(model, data, init=init, bounds=bounds, fixed=fixed)
     x_free, nll_free = free
@@ -405,7 +406,7 @@ class AsymptoticCalculator:
         if test_stat not in ("q", "qtilde", "q0"):
             raise ConfigError(f"unknown test statistic '{test_stat}'; expected q, qtilde or q0")
         self.model, self.test_stat = model, test_stat
-        self.poi = _poi_index(model)
+        self.poi = require_poi(model)
         self.init, self.bounds, self.fixed = _settings(model, init, bounds, fixed)
         self.data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
         batch = self.data.shape[:-1]
@@ -549,7 +550,7 @@ def upper_limits(
     ``d mu*/d phi = -(d CLs/d phi) / (d CLs/d mu)`` at ``mu*`` (one more batched hypotest).
     """
     alpha = 1.0 - cl
-    poi = _poi_index(model)
+    poi = require_poi(model)
     poi_bounds = model.suggested_bounds()[poi] if bounds is None else torch.as_tensor(bounds)[poi]
     if bracket is None:
         low, high = float(poi_bounds[0]), float(poi_bounds[1])
@@ -631,7 +632,7 @@ def poi_uncertainty(model, data, *, init=None, bounds=None, fixed=None) -> torch
     Differentiable in grad mode (the best fit by the implicit function theorem, the Hessian with
     ``create_graph``). Parameters fixed or on a bound are left out of the inversion.
     """
-    poi = _poi_index(model)
+    poi = require_poi(model)
     init, bounds, fixed = _settings(model, init, bounds, fixed)
     x, _ = free_fit(model, data, init=init, bounds=bounds, fixed=fixed)
     _, _, hessian = value_grad_hessian(
@@ -707,7 +708,7 @@ def scan(
 
 def ranking(model, data, fit_result, *, init=None, bounds=None, fixed=None) -> RankingResult:
     """Pre- and post-fit impacts of every nuisance parameter on the POI (cabinetry's ranking)."""
-    poi = _poi_index(model)
+    poi = require_poi(model)
     init, bounds, fixed = _settings(model, init, bounds, fixed)
     data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
     prefit = model.prefit_uncertainties()

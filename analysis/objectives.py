@@ -61,7 +61,7 @@ class Objective:
 # ----------------------------------------------------------------------------- Asimov data
 def _asimov(model, poi_value: float) -> torch.Tensor:
     pars = model.suggested_init()
-    pars[inference._poi_index(model)] = poi_value
+    pars[inference.require_poi(model)] = poi_value
     return model.expected_data(pars)
 
 
@@ -104,7 +104,7 @@ def discovery_significance(model, data=None) -> torch.Tensor:
     """
     asimov = asimov_signal(model)
     x_free = model.suggested_init()
-    x_free[inference._poi_index(model)] = 1.0
+    x_free[inference.require_poi(model)] = 1.0
     free = (x_free, model.twice_nll(x_free, asimov))
     q0 = inference.test_statistic(model, asimov, 0.0, "q0", free=free)
     return torch.sqrt(torch.clamp(q0, min=1e-300))
@@ -141,7 +141,7 @@ def asimov_significance(model, data=None) -> torch.Tensor:
     """Stat-only ``Z_A`` (:func:`asimov_z`) of the model's expected yields at the suggested
     init: ``b = lambda(mu=0)``, ``s = lambda(mu=1) - lambda(mu=0)``; no fit."""
     pars = model.suggested_init()
-    poi = inference._poi_index(model)
+    poi = inference.require_poi(model)
     both = pars.expand(2, -1).clone()
     both[0, poi], both[1, poi] = 1.0, 0.0
     expected = model.expected_actualdata(both)
