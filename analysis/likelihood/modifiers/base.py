@@ -122,6 +122,24 @@ def with_ones(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([*rows, first.new_ones((1, first.shape[1]))])
 
 
+def alpha_requirements(names: Mapping[str, Any]) -> dict[str, Requirement]:
+    """The interpolation parameters of histosys and normsys: one per name, constrained by a
+    standard normal (auxdata 0, sigma 1), init 0, bounds [-5, 5], as in pyhf."""
+    return {
+        name: Requirement(
+            n=1,
+            is_scalar=True,
+            constraint="normal",
+            inits=(0.0,),
+            bounds=((-5.0, 5.0),),
+            fixed=False,
+            auxdata=(0.0,),
+            unused=frozenset({"sigmas", "factors"}),
+        )
+        for name in names
+    }
+
+
 class Modifier:
     """Base class of a modifier type (one per file in this package)."""
 

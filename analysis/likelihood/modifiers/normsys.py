@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from analysis.likelihood import interpolation
-from analysis.likelihood.modifiers.base import Block, Factor
+from analysis.likelihood.modifiers.base import Block, Factor, alpha_requirements
 from analysis.likelihood.parameters import Requirement
 
 
@@ -43,19 +43,7 @@ class NormSys(Factor):
         self._uses.append((name, block, self._tensor(data["lo"]), self._tensor(data["hi"])))
 
     def requirements(self) -> dict[str, Requirement]:
-        return {
-            name: Requirement(
-                n=1,
-                is_scalar=True,
-                constraint="normal",
-                inits=(0.0,),
-                bounds=((-5.0, 5.0),),
-                fixed=False,
-                auxdata=(0.0,),
-                unused=frozenset({"sigmas", "factors"}),
-            )
-            for name in self._names
-        }
+        return alpha_requirements(self._names)
 
     def finalize(self, par_slices: Mapping[str, slice], npars: int) -> None:
         # one unit per (name, block): its factor is the same for all the block's bins
