@@ -461,9 +461,68 @@ class AsymptoticCalculator:
 def hypotest(
     model, data, poi_value, test_stat: TestStat = "qtilde", *, init=None, bounds=None, fixed=None
 ) -> HypotestResult:
-    """Asymptotic hypothesis test(s) at ``poi_value`` (a number or a 1-D tensor of values)."""
-    calculator = AsymptoticCalculator(model, data, test_stat, init=init, bounds=bounds, fixed=fixed)
-    return calculator.hypotest(poi_value)
+    """Asymptotic hypothesis test(s) at ``poi_value`` (a number or a 1-D tensor of values).
+
+    For one dataset (no batch dimensions) the seven kinds of fit run as two batched calls:
+    on the data the free fit, the fit that defines the Asimov dataset and the fixed-POI fits;
+    on the Asimov data its free fit and fixed-POI fits. Otherwise see
+    :class:`AsymptoticCalculator`, which also serves many calls on one dataset.
+    """
+    data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
+    poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
+    if test_stat not in ("q", "qtilde", "q0"):
+        raise ConfigError(f"unknown test statistic '{test_stat}'; expected q, qtilde or q0")
+    if data.dim() != 1 or poi_value.dim() > 1 or poi_value.requires_grad:
+        calculator = AsymptoticCalculator(
+            model, data, test_stat, init=init, bounds=bounds, fixed=fixed
+        )
+        return calculator.hypotest(poi_value)
+    poi = require_poi(model)
+    init, bounds, fixed = _settings(model, init, bounds, fixed)
+    mus = poi_value.reshape(-1)
+    n_mu = mus.shape[0]
+    # call 1, on the data: free fit, POI at the Asimov value, POI at each tested value
+    asimov_poi = torch.full(
+        (1,), 1.0 if test_stat == "q0" else 0.0, dtype=mus.dtype, device=mus.device
+    )
+    start = init.expand(2 + n_mu, model.npars).clone()
+    start[1:, poi] = torch.cat([asimov_poi, mus])
+    fixed_rows = fixed.expand(2 + n_mu, model.npars).clone()
+    fixed_rows[1:, poi] = True
+    x, nll = minimize(model, data, start, bounds=bounds, fixed=fixed_rows, what="fit to data")
+    asimov = model.expected_data(x[1])
+    # call 2, on the Asimov data: free fit and POI at each tested value
+    start_a = init.expand(1 + n_mu, model.npars).clone()
+    start_a[1:, poi] = mus
+    fixed_a = fixed.expand(1 + n_mu, model.npars).clone()
+    fixed_a[1:, poi] = True
+    x_a, nll_a = minimize(
+        model, asimov, start_a, bounds=bounds, fixed=fixed_a, what="fit to Asimov data"
+    )
+
+    def statistic(nll_fixed, nll_free, mu_hat):
+        t = torch.clamp(nll_fixed - nll_free, min=0.0)
+        if test_stat == "q0":
+            return torch.where(mu_hat < 0, torch.zeros_like(t), t)
+        return torch.where(mu_hat > mus, torch.zeros_like(t), t)
+
+    q = statistic(nll[2:], nll[0], x[0, poi].detach())
+    q_asimov = statistic(nll_a[1:], nll_a[0], x_a[0, poi].detach())
+    clsb, clb, cls, clsb_exp, cls_exp = asymptotic_cls(
+        torch.sqrt(q), torch.sqrt(q_asimov), test_stat
+    )
+    if test_stat == "q0":
+        cls, cls_exp = clsb, clsb_exp
+    shape = poi_value.shape
+    return HypotestResult(
+        poi_value,
+        test_stat,
+        q.reshape(shape),
+        cls.reshape(shape),
+        cls_exp.reshape(*shape, 5),
+        clsb.reshape(shape),
+        clb.reshape(shape),
+    )
 
 
 def toy_hypotest(
