@@ -820,5 +820,86 @@ def ranking(
     emit({"poi": model.poi_name, "ranking": entries}, output)
 
 
+# ----------------------------------------------------------------------------- optimization
+def _out_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--out",
+        "out_dir",
+        type=click.Path(file_okay=False, path_type=pathlib.Path),
+        required=True,
+        help="Folder for result.json and cuts.json (and checkpoint.pt).",
+    )(func)
+
+
+@main.command()
+@config_options
+@common_options
+@_out_option
+@click.option("--objective", default=None, help="Objective name (default: the config's).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Number of Adam steps.")
+@click.option("--seed", type=int, default=None, help="Random seed (default: the config's).")
+@click.option("--resume", is_flag=True, help="Continue from DIR/checkpoint.pt.")
+def optimize(
+    config: Any,
+    cache_dir: pathlib.Path | None,
+    out_dir: pathlib.Path,
+    objective: str | None,
+    steps: int | None,
+    seed: int | None,
+    resume: bool,
+    output: pathlib.Path | None,
+    device: torch.device,
+) -> None:
+    """Optimize the trainable cuts by gradient descent (writes DIR/result.json, DIR/cuts.json)."""
+    from analysis import optimize as optimization
+
+    result = optimization.optimize(
+        config,
+        out_dir=out_dir,
+        objective=objective,
+        steps=steps,
+        seed=seed,
+        resume=resume,
+        device=device,
+        cache_dir=cache_dir,
+    )
+    emit(result.to_dict(), output)
+
+
+@main.command("scan-cuts")
+@config_options
+@common_options
+@_out_option
+@click.option("--method", type=click.Choice(["grid", "random"]), required=True)
+@click.option("--budget", type=click.IntRange(min=1), required=True, help="Hard evaluations.")
+@click.option("--objective", default=None, help="Objective name (default: the config's).")
+@click.option("--seed", type=int, default=None, help="Random seed (default: the config's).")
+def scan_cuts(
+    config: Any,
+    cache_dir: pathlib.Path | None,
+    out_dir: pathlib.Path,
+    method: str,
+    budget: int,
+    objective: str | None,
+    seed: int | None,
+    output: pathlib.Path | None,
+    device: torch.device,
+) -> None:
+    """Grid or random search of the trainable cuts, hard evaluations only (the baseline)."""
+    from analysis import optimize as optimization
+
+    result = optimization.scan_cuts(
+        config,
+        method=method,
+        budget=budget,
+        out_dir=out_dir,
+        objective=objective,
+        seed=seed,
+        device=device,
+        cache_dir=cache_dir,
+    )
+    emit(result.to_dict(), output)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
