@@ -408,18 +408,23 @@ class AsymptoticCalculator:
         self.model, self.test_stat = model, test_stat
         self.poi = require_poi(model)
         self.init, self.bounds, self.fixed = _settings(model, init, bounds, fixed)
+        kwargs = {"init": self.init, "bounds": self.bounds, "fixed": self.fixed}
         self.data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
         batch = self.data.shape[:-1]
-        # row 0: free fit to the data; row 1: POI fixed at the Asimov value
-        start = self.init.expand(2, *batch, model.npars).clone()
-        start[1, ..., self.poi] = 1.0 if test_stat == "q0" else 0.0
-        fixed_rows = self.fixed.expand(2, *([1] * len(batch)), model.npars).clone()
-        fixed_rows[1, ..., self.poi] = True
-        x, fun = minimize(
-            model, self.data, start, bounds=self.bounds, fixed=fixed_rows, what="fit to data"
-        )
-        self.free = (x[0], fun[0])
-        self.asimov = model.expected_data(x[1])
+        asimov_poi = 1.0 if test_stat == "q0" else 0.0
+        if model.nominal_batch > 1:  # a batched model takes exactly its own batch of fits
+            self.free = free_fit(model, self.data, **kwargs)
+            self.asimov = asimov_data(model, self.data, asimov_poi, **kwargs)
+        else:  # row 0: free fit to the data; row 1: POI fixed at the Asimov value
+            start = self.init.expand(2, *batch, model.npars).clone()
+            start[1, ..., self.poi] = asimov_poi
+            fixed_rows = self.fixed.expand(2, *([1] * len(batch)), model.npars).clone()
+            fixed_rows[1, ..., self.poi] = True
+            x, fun = minimize(
+                model, self.data, start, bounds=self.bounds, fixed=fixed_rows, what="fit to data"
+            )
+            self.free = (x[0], fun[0])
+            self.asimov = model.expected_data(x[1])
         self.free_asimov = free_fit(
             model, self.asimov, init=self.init, bounds=self.bounds, fixed=self.fixed
         )
@@ -428,6 +433,13 @@ class AsymptoticCalculator:
         """CLs (or the q0 p-value) at ``poi_value``: a number or a 1-D tensor of values."""
         model, poi = self.model, self.poi
         poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
+        if model.nominal_batch > 1:  # one call per dataset: the batch must stay the model's
+            kwargs = {"bounds": self.bounds, "fixed": self.fixed}
+            q, q_asimov = (
+                test_statistic(model, d, poi_value, self.test_stat, free=f, **kwargs)
+                for d, f in ((self.data, self.free), (self.asimov, self.free_asimov))
+            )
+            return self._result(poi_value, q, q_asimov)
         batch = torch.broadcast_shapes(self.data.shape[:-1], poi_value.shape)
         data = torch.stack([d.expand(*batch, d.shape[-1]) for d in (self.data, self.asimov)])
         fits = (self.free, self.free_asimov)
@@ -449,7 +461,9 @@ class AsymptoticCalculator:
             q_pair = torch.where(mu_hat < 0, torch.zeros_like(t), t)
         else:
             q_pair = torch.where(mu_hat > mu, torch.zeros_like(t), t)
-        q, q_asimov = q_pair[0], q_pair[1]
+        return self._result(poi_value, q_pair[0], q_pair[1])
+
+    def _result(self, poi_value, q, q_asimov) -> HypotestResult:
         clsb, clb, cls, clsb_exp, cls_exp = asymptotic_cls(
             torch.sqrt(q), torch.sqrt(q_asimov), self.test_stat
         )

@@ -266,3 +266,23 @@ def test_best_fits_equal_pyhf(path):
     at_ours = -2 * ref_model.logpdf(ours.numpy(), ref_data)[0]
     at_theirs = -2 * ref_model.logpdf(theirs, ref_data)[0]
     assert at_ours <= at_theirs + 1e-10
+
+
+def test_hypotests_of_batched_signals_equal_one_model_per_signal():
+    """A model batched over signal yields (Model.with_sample_yields) gives, in one call, the
+    CLs of the models built one signal at a time."""
+    spec = json.loads(reference_path("pyhf_validation", "2-bin_1-channel.json").read_text())
+    signals = torch.tensor([[12.0, 11.0], [5.0, 20.0], [30.0, 2.0]], dtype=torch.float64)
+    ws = Workspace.load(spec)
+    model = ws.model()
+    batched = model.with_sample_yields("signal", signals)
+    data = ws.data(model).expand(3, -1)
+    with torch.no_grad():
+        result = inference.hypotest(batched, data, 1.0)
+        for i, signal in enumerate(signals):
+            one = json.loads(json.dumps(spec))
+            one["channels"][0]["samples"][0]["data"] = signal.tolist()
+            single_ws = Workspace.load(one)
+            single = inference.hypotest(single_ws.model(), single_ws.data(single_ws.model()), 1.0)
+            assert float(result.cls_obs[i]) == pytest.approx(float(single.cls_obs), rel=1e-8)
+            np.testing.assert_allclose(result.cls_exp[i].numpy(), single.cls_exp.numpy(), rtol=1e-8)

@@ -353,6 +353,12 @@ class Model:
         """Number of unconstrained parameters that are not fixed (for goodness of fit)."""
         return sum(sum(not f for f in ps.fixed) for ps in self._param_sets if ps.constraint is None)
 
+    @property
+    def nominal_batch(self) -> int:
+        """1, or B for a model batched over nominal yields (:meth:`with_sample_yields`), whose
+        parameters must then have shape exactly ``(B, P)``."""
+        return int(self._nominal_column.shape[1])
+
     def kinked_parameters(self) -> torch.Tensor:
         """``(P,)`` bool: parameters of piecewise interpolations (histosys code0, normsys code1).
 
