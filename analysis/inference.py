@@ -325,12 +325,6 @@ def fixed_poi_fit(model, data, poi_value, *, init=None, bounds=None, fixed=None)
     return x, fun
 
 
-def _warn_unconverged(result, what: str) -> None:
-    failed = int((~result.converged).sum())
-    if failed:
-        log.warning("%d of %d %s(s) did not converge", failed, result.converged.numel(), what)
-
-
 def test_statistic(
     model,
     data,
@@ -775,7 +769,7 @@ def scan(
         fixed=fixed_scan,
         labels=model.par_names,
     )
-    _warn_unconverged(result, "scan fit")
+    _report_unconverged(result.converged, "scan fit")
     return ScanResult(parameter, center, width, values, result.fun - best.twice_nll)
 
 
@@ -805,7 +799,7 @@ def ranking(model, data, fit_result, *, init=None, bounds=None, fixed=None) -> R
         result = newton_minimize(
             lambda p: model.twice_nll(p, data), start, bounds=bounds, fixed=fixed_i
         )
-        _warn_unconverged(result, "ranking fit")
+        _report_unconverged(result.converged, "ranking fit")
         impacts[row] = torch.where(needed, result.x[:, poi] - nominal_poi, torch.zeros_like(shifts))
     labels = tuple(model.par_names[i] for i in rows)
     return RankingResult(labels, bestfit[rows], uncertainty[rows], *impacts.unbind(-1))
