@@ -325,6 +325,17 @@ def fixed_poi_fit(model, data, poi_value, *, init=None, bounds=None, fixed=None)
     return x, fun
 
 
+def statistic_from_fits(nll_fixed, nll_free, mu_hat, poi_value, test_stat: TestStat):
+    """q from the two fits: ``t = max(0, 2NLL_fixed - 2NLL_free)``, zeroed where ``mu_hat``
+    lies above the tested value (q, q~) or below 0 (q0); see the module docstring."""
+    t = torch.clamp(nll_fixed - nll_free, min=0.0)
+    if test_stat == "q0":
+        return torch.where(mu_hat < 0, torch.zeros_like(t), t)
+    if test_stat in ("q", "qtilde"):
+        return torch.where(mu_hat > poi_value, torch.zeros_like(t), t)
+    raise ConfigError(f"unknown test statistic '{test_stat}'; expected q, qtilde or q0")
+
+
 def test_statistic(
     model,
     data,
@@ -349,13 +360,7 @@ def test_statistic(
     _, nll_fixed = fixed_poi_fit(
         model, data, poi_value, init=x_free.detach(), bounds=bounds, fixed=fixed
     )
-    t = torch.clamp(nll_fixed - nll_free, min=0.0)
-    mu_hat = x_free[..., poi]
-    if test_stat == "q0":
-        return torch.where(mu_hat < 0, torch.zeros_like(t), t)
-    if test_stat in ("q", "qtilde"):
-        return torch.where(mu_hat > poi_value, torch.zeros_like(t), t)
-    raise ConfigError(f"unknown test statistic '{test_stat}'; expected q, qtilde or q0")
+    return statistic_from_fits(nll_fixed, nll_free, x_free[..., poi], poi_value, test_stat)
 
 
 def asimov_data(
@@ -449,12 +454,7 @@ class AsymptoticCalculator:
             is_poi = torch.arange(model.npars, device=x.device) == poi
             x = torch.where(is_poi, mu.unsqueeze(-1), x)
             nll = model.twice_nll(x, data)
-        t = torch.clamp(nll - free_nll, min=0.0)
-        mu_hat = free_x[..., poi]
-        if self.test_stat == "q0":
-            q_pair = torch.where(mu_hat < 0, torch.zeros_like(t), t)
-        else:
-            q_pair = torch.where(mu_hat > mu, torch.zeros_like(t), t)
+        q_pair = statistic_from_fits(nll, free_nll, free_x[..., poi], mu, self.test_stat)
         return self._result(poi_value, q_pair[0], q_pair[1])
 
     def _result(self, poi_value, q, q_asimov) -> HypotestResult:
@@ -508,14 +508,8 @@ def hypotest(
         model, asimov, start_a, bounds=bounds, fixed=fixed_a, what="fit to Asimov data"
     )
 
-    def statistic(nll_fixed, nll_free, mu_hat):
-        t = torch.clamp(nll_fixed - nll_free, min=0.0)
-        if test_stat == "q0":
-            return torch.where(mu_hat < 0, torch.zeros_like(t), t)
-        return torch.where(mu_hat > mus, torch.zeros_like(t), t)
-
-    q = statistic(nll[2:], nll[0], x[0, poi].detach())
-    q_asimov = statistic(nll_a[1:], nll_a[0], x_a[0, poi].detach())
+    q = statistic_from_fits(nll[2:], nll[0], x[0, poi].detach(), mus, test_stat)
+    q_asimov = statistic_from_fits(nll_a[1:], nll_a[0], x_a[0, poi].detach(), mus, test_stat)
     clsb, clb, cls, clsb_exp, cls_exp = asymptotic_cls(
         torch.sqrt(q), torch.sqrt(q_asimov), test_stat
     )
@@ -762,15 +756,8 @@ def scan(
     start[:, index] = values
     fixed_scan = fixed.clone()
     fixed_scan[index] = True
-    result = newton_minimize(
-        lambda p: model.twice_nll(p, data),
-        start,
-        bounds=bounds,
-        fixed=fixed_scan,
-        labels=model.par_names,
-    )
-    _report_unconverged(result.converged, "scan fit")
-    return ScanResult(parameter, center, width, values, result.fun - best.twice_nll)
+    _, nll = minimize(model, data, start, bounds=bounds, fixed=fixed_scan, what="scan fit")
+    return ScanResult(parameter, center, width, values, nll - best.twice_nll)
 
 
 def ranking(model, data, fit_result, *, init=None, bounds=None, fixed=None) -> RankingResult:
@@ -796,11 +783,8 @@ def ranking(model, data, fit_result, *, init=None, bounds=None, fixed=None) -> R
         start[:, i] = torch.minimum(torch.maximum(start[:, i], bounds[i, 0]), bounds[i, 1])
         fixed_i = fixed.clone()
         fixed_i[i] = True
-        result = newton_minimize(
-            lambda p: model.twice_nll(p, data), start, bounds=bounds, fixed=fixed_i
-        )
-        _report_unconverged(result.converged, "ranking fit")
-        impacts[row] = torch.where(needed, result.x[:, poi] - nominal_poi, torch.zeros_like(shifts))
+        x, _ = minimize(model, data, start, bounds=bounds, fixed=fixed_i, what="ranking fit")
+        impacts[row] = torch.where(needed, x[:, poi] - nominal_poi, torch.zeros_like(shifts))
     labels = tuple(model.par_names[i] for i in rows)
     return RankingResult(labels, bestfit[rows], uncertainty[rows], *impacts.unbind(-1))
 

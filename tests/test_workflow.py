@@ -25,28 +25,12 @@ def test_snakemake_workflow_end_to_end(tmp_path):
     )
     if snakemake is None:
         pytest.fail("snakemake is not installed in this environment")
-    env = dict(
-        os.environ,
-        PATH=f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    proc = subprocess.run(
-        [
-            snakemake,
-            "-c2",
-            "-s",
-            str(ROOT / "Snakefile"),
-            "-d",
-            str(tmp_path),
-            "--config",
-            "events=20000",
-            "device=cpu",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=600,
-    )
+    bin_dir = pathlib.Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    command = [snakemake, "-c2", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
+               "--config", "events=20000", "device=cpu"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = tmp_path / "results" / "dimuon"
     for name in ("signal", "drell_yan", "ttbar", "multijet", "data"):
@@ -67,23 +51,6 @@ def test_snakemake_workflow_end_to_end(tmp_path):
         bestfit[model.config.poi_index], abs=1e-3
     )
     # a second run has nothing to do
-    again = subprocess.run(
-        [
-            snakemake,
-            "-c2",
-            "-s",
-            str(ROOT / "Snakefile"),
-            "-d",
-            str(tmp_path),
-            "--config",
-            "events=20000",
-            "device=cpu",
-            "--dry-run",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=300,
-    )
+    again = subprocess.run(command + ["--dry-run"], capture_output=True, text=True, env=env,
+                           check=False, timeout=300)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
