@@ -158,6 +158,7 @@ class General:
     poi: str | None
     input_path: str
     fixed: Mapping[str, float]
+    yield_floor: float = 1e-6
 
 
 @dataclass(frozen=True)
@@ -606,6 +607,7 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
             poi=general.get("POI") or None,
             input_path=general["InputPath"],
             fixed={f["Name"]: float(f["Value"]) for f in general.get("Fixed", [])},
+            yield_floor=float(general.get("YieldFloor", 1e-6)),
         ),
         definitions=tuple(
             Definition(d["Name"], d["Expression"]) for d in raw.get("Definitions", [])

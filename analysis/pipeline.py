@@ -15,7 +15,12 @@
   usable slope (``1e-6``). Non-trainable cuts keep their value as a buffer.
 - **Events** of every template (nominal, tree- and weight-based variations, data): the
   observable, each cut variable's column and the weight, as (non-persistent) buffers, so
-  ``.to(device)`` moves them and ``state_dict()`` holds only the small state.
+  ``.to(device)`` moves them and ``state_dict()`` holds only the small state. Templates of a
+  region with equal observable columns (``torch.equal``: the nominal events and the
+  weight-based variations of a sample) form a *group*; its events are stored sorted by the
+  observable (one stable permutation for all its columns; sums do not depend on the order
+  beyond rounding), and a cut column equal to that of an earlier template of the group is
+  stored, and its soft cut computed, once.
 - **Temperature scales.** Per cut, ``spread_k = column_spread(x_k, |w|)`` over all nominal
   prediction samples of the cut's region, measured once at construction (a buffer);
   ``tau_k = tau * spread_k`` for a relative temperature ``tau`` (DESIGN.md: knobs in natural
@@ -25,12 +30,19 @@
 cuts (``w_i exp(sum_k log_soft_cut(x_ik, c_k, tau_k, dir_k))``) and fills a KDE histogram of the
 observable with bandwidth ``h = bandwidth * (smallest bin width of the region)`` (the smallest
 width, so no bin of non-uniform binning is smoothed by more than ``bandwidth`` of its own width).
+Speed (results equal up to rounding): the templates of a group share one
+:func:`~analysis.histograms.kde_histogram` call (one row of weights each), so the kernel is
+evaluated once for them; only the events with an observable within ``K w`` of the bins
+(``K`` = :func:`~analysis.histograms.kde_reach`, ``w`` the smallest bin width; ``K w``
+exceeds the kernel's truncation ``k h``) are cut and histogrammed, one slice of the sorted
+events, because the others put exactly 0 into every bin and have zero gradient; and sorted
+values let the KDE sum each bin's events with a matrix product instead of a scatter.
 ``tau = 0`` and ``bandwidth = 0`` give exactly the boolean cuts and ordinary histograms of
 :func:`analysis.histograms.hard_histograms`.
 
-:meth:`AnalysisPipeline.workspace_spec` floors small yields (:func:`smooth_floor`, see
-:data:`FLOOR_FRACTION`) and builds the pyhf-structured workspace with tensor leaves
-(:func:`analysis.workspace.build_spec`, cabinetry semantics); :meth:`AnalysisPipeline.model`
+:meth:`AnalysisPipeline.workspace_spec` builds the pyhf-structured workspace with tensor leaves
+(:func:`analysis.workspace.build_spec`: cabinetry semantics, small yields floored by
+:func:`analysis.workspace.smooth_floor`); :meth:`AnalysisPipeline.model`
 (and ``forward``) returns the differentiable HistFactory model and its observed data. Gradients
 flow from any scalar of the model back to :attr:`cut_parameters`.
 """
@@ -47,51 +59,30 @@ import torch
 from analysis import workspace as workspace_builder
 from analysis.config import Config, Cut
 from analysis.errors import ConfigError
-from analysis.histograms import Histogram, kde_histogram
+from analysis.histograms import Histogram, kde_histogram, kde_reach
 from analysis.io import Events, TemplateKey, read_events
 from analysis.likelihood import Model, Workspace
 from analysis.selection import column_spread, log_soft_cut
 
-__all__ = ["BOUND_NUDGE", "FLOOR_FRACTION", "AnalysisPipeline", "smooth_floor"]
+__all__ = ["BOUND_NUDGE", "AnalysisPipeline"]
 
 BOUND_NUDGE = 1e-6
 """Fraction of a cut's range by which a configured value on a bound is moved inside."""
 
-FLOOR_FRACTION = 1e-6
-"""Yield floor per bin, as a fraction of the template's total ``sum_b |n_b|`` (and of
-``sum_b s_b`` for the sum of squared weights); see :func:`smooth_floor`."""
-
-
-def smooth_floor(x: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
-    r"""``x`` above ``floor``, smoothly bounded below by ``floor / 2`` under it.
-
-    Math: ``g(x) = x`` for ``x >= f``, ``g(x) = (f / 2) (1 + exp(2 (x - f) / f))`` for ``x < f``
-    (``f > 0``). ``g`` and ``g'`` are continuous at ``f`` (``g = f``, ``g' = 1``), ``g`` is
-    increasing with ``f/2 < g(x) <= f`` below the floor and ``g(x) -> f/2`` for ``x -> -inf``.
-
-    Why: HistFactory needs positive expected yields per bin (``log lambda``) and a positive
-    ``sqrt(sum w^2)`` for staterror; soft cuts, KDE smearing and negative weights can empty a bin
-    or make it negative. A hard ``clamp`` would do too but its gradient is exactly 0 below the
-    floor, so a bin that went empty could never be refilled by the optimizer; here the gradient
-    ``exp(2 (x - f) / f)`` decays smoothly (to ``e^-2 = 0.14`` at ``x = 0``) and stays > 0.
-    Above the floor the value and gradient are untouched, so the hard limit is exact there.
-
-    Numerics: the exponential is evaluated at ``min(x, f)`` (argument ``<= 0``), so the unused
-    branch can neither overflow nor leak NaN into the gradient.
-    """
-    floor = torch.as_tensor(floor, dtype=x.dtype, device=x.device)
-    below = torch.minimum(x, floor)
-    soft = 0.5 * floor * (1.0 + torch.exp(2.0 * (below - floor) / floor))
-    return torch.where(x >= floor, x, soft)
-
 
 @dataclass(frozen=True)
 class _TemplateSlot:
-    """Where one template's buffers live: ``t<j>_observable``, ``t<j>_weight``, ``t<j>_x<k>``."""
+    """Where one template's buffers live: ``t<j>_observable``, ``t<j>_weight``, ``t<j>_x<k>``.
+
+    ``observable`` and ``cut_columns`` name the buffers the computation reads: the first
+    template's buffer holding an equal column (possibly this template's own).
+    """
 
     key: TemplateKey
     region: int
     prefix: str
+    observable: str
+    cut_columns: tuple[str, ...]
 
 
 class AnalysisPipeline(torch.nn.Module):
@@ -140,23 +131,68 @@ class AnalysisPipeline(torch.nn.Module):
             edges = torch.tensor(region.binning, dtype=dtype)
             self.register_buffer(f"edges{i}", edges)
             self.register_buffer(f"bin_width{i}", torch.diff(edges).min())
-        self._slots: list[_TemplateSlot] = []
-        for j, template in enumerate(config.templates()):
-            key = (template.region.name, template.sample.name, template.variation)
+        # Templates of a region whose observable columns are equal (the nominal events and the
+        # weight-based variations of a sample) form a group: one KDE call with one row of
+        # weights per template. Each group's events are sorted by the observable (one stable
+        # permutation for all its columns), so the events within reach of the bins are one
+        # slice and the events of one bin are contiguous (see histograms()).
+        templates = list(config.templates())
+        groups: list[tuple[int, torch.Tensor, list[int]]] = []  # (region, observable, members)
+        for j, template in enumerate(templates):
+            key = _key(template)
             if key not in events:
                 raise ConfigError(
                     f"{config.source}: no events given for {template.label}; expected one "
                     "entry per template of the configuration (analysis.io.read_events)"
                 )
-            ev = events[key]
             r = region_index[key[0]]
-            prefix = f"t{j}_"
-            self.register_buffer(prefix + "observable", ev.observable.to(dtype), persistent=False)
-            self.register_buffer(prefix + "weight", ev.weight.to(dtype), persistent=False)
-            for k, cut in enumerate(template.region.cuts):
-                column = ev.columns[cut.variable].to(dtype)
-                self.register_buffer(f"{prefix}x{k}", column, persistent=False)
-            self._slots.append(_TemplateSlot(key=key, region=r, prefix=prefix))
+            observable = events[key].observable.to(dtype)
+            for region, other, members in groups:
+                if (
+                    region == r
+                    and other.shape == observable.shape
+                    and torch.equal(other, observable)
+                ):
+                    members.append(j)
+                    break
+            else:
+                groups.append((r, observable, [j]))
+        slots: dict[int, _TemplateSlot] = {}
+        self._kde_groups: tuple[tuple[str, tuple[int, ...]], ...] = ()
+        for r, observable, members in groups:
+            order = torch.argsort(observable, stable=True)
+            observable_name = f"t{members[0]}_observable"
+            observable = observable[order]
+            seen: list[list[tuple[torch.Tensor, str]]] = [[] for _ in config.regions[r].cuts]
+            for j in members:
+                template, prefix = templates[j], f"t{j}_"
+                ev = events[_key(template)]
+                self.register_buffer(prefix + "observable", observable, persistent=False)
+                self.register_buffer(
+                    prefix + "weight", ev.weight.to(dtype)[order], persistent=False
+                )
+                names = []
+                for k, cut in enumerate(template.region.cuts):
+                    column = ev.columns[cut.variable].to(dtype)
+                    # an equal column of an earlier template of the group is stored once
+                    name = next((n for c, n in seen[k] if torch.equal(c, column)), None)
+                    if name is None:
+                        name = f"{prefix}x{k}"
+                        seen[k].append((column, name))
+                        self.register_buffer(name, column[order], persistent=False)
+                    else:
+                        self.register_buffer(f"{prefix}x{k}", getattr(self, name), persistent=False)
+                    names.append(name)
+                slots[j] = _TemplateSlot(
+                    key=_key(template),
+                    region=r,
+                    prefix=prefix,
+                    observable=observable_name,
+                    cut_columns=tuple(names),
+                )
+            self._kde_groups += ((observable_name, tuple(members)),)
+        self._slots: list[_TemplateSlot] = [slots[j] for j in range(len(templates))]
+        self._validated_structure: object = None  # see model()
 
         # temperature scale per cut: spread on the nominal prediction samples of its region
         spreads = []
@@ -261,52 +297,97 @@ class AnalysisPipeline(torch.nn.Module):
         _check_knob("bandwidth", bandwidth)
         thresholds = self.thresholds()
         taus = self.temperatures(tau)
+        soft = isinstance(tau, torch.Tensor) or tau > 0
+        terms: dict[str, torch.Tensor] = {}  # cut column buffer -> its log_soft_cut
+        selections: dict[tuple[str, ...], torch.Tensor | None] = {}  # columns -> exp(log w)
+
+        def selection(slot: _TemplateSlot, lo: int, hi: int) -> torch.Tensor | None:
+            """``exp(sum_k log_soft_cut)`` of the slot's events ``lo .. hi`` (shared by the
+            slots of a group with the same cut columns)."""
+            if slot.cut_columns not in selections:
+                cuts = self.config.regions[slot.region].cuts
+                log_w = None
+                for k, (name, global_k) in enumerate(
+                    zip(slot.cut_columns, self._region_cuts[slot.region], strict=True)
+                ):
+                    if name not in terms:
+                        terms[name] = log_soft_cut(
+                            getattr(self, name)[lo:hi],
+                            thresholds[global_k],
+                            taus[global_k] if soft else 0.0,
+                            cuts[k].direction,
+                        )
+                    log_w = terms[name] if log_w is None else log_w + terms[name]
+                selections[slot.cut_columns] = None if log_w is None else torch.exp(log_w)
+            return selections[slot.cut_columns]
+
+        # per region: KDE width h, window K (kde_reach) and the range of observable values whose
+        # kernel reaches a bin, [e_0 - K w, e_B + K w] with w the smallest bin width (K w > k h:
+        # events outside put exactly 0 into every bin, and have zero gradient)
+        regions = {self._slots[members[0]].region for _, members in self._kde_groups}
+        widths, reach, limits = {}, {}, {}
+        for r in regions:
+            edges = getattr(self, f"edges{r}")
+            widths[r] = bandwidth * getattr(self, f"bin_width{r}")
+            reach[r] = kde_reach(edges, widths[r], edges.dtype)
+            margin = reach[r] * getattr(self, f"bin_width{r}")
+            limits[r] = torch.stack([edges[0] - margin, edges[-1] + margin])
+        # events sorted by the observable: the events in range are one slice per group
+        bounds = torch.stack(
+            [
+                torch.searchsorted(getattr(self, name), limits[self._slots[members[0]].region])
+                for name, members in self._kde_groups
+            ]
+        ).tolist()
+
         out = {}
-        for slot in self._slots:
-            region = self.config.regions[slot.region]
-            weight = getattr(self, slot.prefix + "weight")
-            log_w = None
-            for k, global_k in enumerate(self._region_cuts[slot.region]):
-                term = log_soft_cut(
-                    getattr(self, f"{slot.prefix}x{k}"),
-                    thresholds[global_k],
-                    taus[global_k] if isinstance(tau, torch.Tensor) or tau > 0 else 0.0,
-                    region.cuts[k].direction,
-                )
-                log_w = term if log_w is None else log_w + term
-            weights = weight if log_w is None else weight * torch.exp(log_w)
-            edges = getattr(self, f"edges{slot.region}")
-            h = bandwidth * getattr(self, f"bin_width{slot.region}")
-            out[slot.key] = kde_histogram(
-                getattr(self, slot.prefix + "observable"), weights, edges, h
-            )
-        return out
+        for (observable, members), (lo, hi) in zip(self._kde_groups, bounds, strict=True):
+            slots = [self._slots[j] for j in members]
+            rows = []
+            for slot in slots:
+                weight = getattr(self, slot.prefix + "weight")[lo:hi]
+                selected = selection(slot, lo, hi)
+                rows.append(weight if selected is None else weight * selected)
+            r = slots[0].region
+            edges = getattr(self, f"edges{r}")
+            weights = rows[0][None] if len(rows) == 1 else torch.stack(rows)
+            values = getattr(self, observable)[lo:hi]
+            hist = kde_histogram(values, weights, edges, widths[r], reach=reach[r])
+            for i, slot in enumerate(slots):
+                out[slot.key] = Histogram(edges, hist.yields[i], hist.sumw2[i])
+        return {slot.key: out[slot.key] for slot in self._slots}
 
     # ------------------------------------------------------------------ likelihood
     def workspace_spec(self, tau: float | torch.Tensor, bandwidth: float | torch.Tensor) -> dict:
-        """The pyhf workspace structure (tensor leaves) of the soft histograms, with floors.
+        """The pyhf workspace structure (tensor leaves) of the soft histograms.
 
-        Every prediction template (nominal and variations) has its yields floored per bin by
-        :func:`smooth_floor` at ``FLOOR_FRACTION * sum_b |n_b|`` of that template (the floor is
-        detached: it moves with the sample's size but carries no gradient) and its ``sum w^2``
-        at ``FLOOR_FRACTION * sum_b s_b``; bins above the floor are unchanged. Data are not
-        floored (their weights are positive; a Poisson term with 0 observed is fine). The spec
-        is in float64 whatever the event dtype (DESIGN.md: likelihoods run in float64).
+        The histograms are converted to float64 (DESIGN.md: likelihoods run in float64) and
+        passed to :func:`analysis.workspace.build_spec`, which floors every prediction template
+        per bin (:func:`analysis.workspace.smooth_floor` at ``General.YieldFloor`` of its total;
+        the floor is detached: it moves with the sample's size but carries no gradient), exactly
+        as for the hard workspace, so ``tau = 0``, ``bandwidth = 0`` gives that workspace.
         """
-        histograms = self.histograms(tau, bandwidth)
-        data_name = self.config.data_sample.name
-        floored = {
-            key: _as_float64(hist) if key[1] == data_name else _floored(hist)
-            for key, hist in histograms.items()
-        }
-        return workspace_builder.build_spec(self.config, floored)
+        histograms = {key: _as_float64(h) for key, h in self.histograms(tau, bandwidth).items()}
+        return workspace_builder.build_spec(self.config, histograms)
 
     def model(
         self, tau: float | torch.Tensor, bandwidth: float | torch.Tensor
     ) -> tuple[Model, torch.Tensor]:
-        """The differentiable HistFactory model and its observed data (main + auxiliary)."""
+        """The differentiable HistFactory model and its observed data (main + auxiliary).
+
+        The spec is validated (:meth:`Workspace.from_spec`: pyhf schema, names, lengths) when its
+        structure (keys, names, types and tensor shapes; not the numbers) differs from the last
+        validated one, i.e. on the first call: the validation only reads the structure, which
+        the configuration fixes, and costs more than building the model.
+        """
         spec = self.workspace_spec(tau, bandwidth)
-        workspace = Workspace.from_spec(spec, source=f"{self.config.source} (pipeline)")
+        source = f"{self.config.source} (pipeline)"
+        structure = _structure(spec)
+        if structure != self._validated_structure:
+            workspace = Workspace.from_spec(spec, source=source)
+            self._validated_structure = structure
+        else:
+            workspace = Workspace(spec=spec, source=source)  # spec is new, no copy needed
         model = workspace.model(dtype=torch.float64, device=self.cut_low.device)
         return model, workspace.data(model)
 
@@ -327,6 +408,24 @@ class AnalysisPipeline(torch.nn.Module):
         return {s.key: int(getattr(self, s.prefix + "weight").shape[0]) for s in self._slots}
 
 
+def _structure(value: object) -> object:
+    """The structure of a spec (hashable, comparable): containers, keys, strings and the shapes
+    of tensors; numbers count as their type only."""
+    if isinstance(value, Mapping):
+        return tuple((key, _structure(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return ("list", *(_structure(item) for item in value))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape))
+    if isinstance(value, str) or value is None or isinstance(value, bool):
+        return value
+    return type(value).__name__
+
+
+def _key(template) -> TemplateKey:
+    return (template.region.name, template.sample.name, template.variation)
+
+
 def _check_knob(name: str, value: float | torch.Tensor) -> None:
     if not isinstance(value, torch.Tensor) and not (0 <= value < math.inf):
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
@@ -334,16 +433,3 @@ def _check_knob(name: str, value: float | torch.Tensor) -> None:
 
 def _as_float64(hist: Histogram) -> Histogram:
     return Histogram(hist.edges, hist.yields.to(torch.float64), hist.sumw2.to(torch.float64))
-
-
-def _floored(hist: Histogram) -> Histogram:
-    """``hist`` with :func:`smooth_floor` applied to yields and sum of w^2 (detached floors)."""
-    hist = _as_float64(hist)
-    tiny = torch.finfo(torch.float64).tiny
-    floor_n = torch.clamp(FLOOR_FRACTION * hist.yields.detach().abs().sum(), min=tiny)
-    floor_s = torch.clamp(FLOOR_FRACTION * hist.sumw2.detach().abs().sum(), min=tiny)
-    return Histogram(
-        edges=hist.edges,
-        yields=smooth_floor(hist.yields, floor_n),
-        sumw2=smooth_floor(hist.sumw2, floor_s),
-    )

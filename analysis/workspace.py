@@ -16,6 +16,18 @@ NormFactors acting on the sample, then the Systematics in config order:
   which has the nominal's total yield. A ``Symmetrize`` side is the mirror of the other side
   after normalising: template ``2 n - v/k`` and factor ``2 - k`` (cabinetry's "method 1": first
   normalise, then symmetrise). Single-bin regions get no ``histosys`` (a shape needs two bins).
+
+**Yield floor.** HistFactory needs a positive expected yield in every bin (``log lambda``) and a
+positive staterror width; cuts, negative weights (and, in the relaxed pipeline, KDE smearing)
+can leave a bin empty or negative. Every prediction template (nominal and variations) is
+therefore passed through :func:`smooth_floor` per bin at ``f = YieldFloor * sum_b |n_b|`` of
+that template (``General.YieldFloor``, default :data:`FLOOR_FRACTION` = 1e-6), its sum of
+squared weights likewise; bins above the floor are unchanged, so a valid analysis gets exactly
+its histograms (like TRExFitter's correction of empty and negative bins, but continuous). Data
+are never floored. ``YieldFloor: 0`` switches this off, as cabinetry has no floor: cabinetry's
+example then gives cabinetry's workspace number for number (its empty signal bin stays 0).
+The same function builds the relaxed pipeline's model, so at ``tau = 0``, ``bandwidth = 0`` it
+is this workspace exactly.
 """
 
 from __future__ import annotations
@@ -31,9 +43,59 @@ from analysis.errors import DataError
 from analysis.histograms import Histogram
 from analysis.io import TemplateKey
 
+FLOOR_FRACTION = 1e-6
+"""Default ``General.YieldFloor``: the yield floor per bin as a fraction of the template's total
+``sum_b |n_b|`` (and of ``sum_b s_b`` for the sum of squared weights); see :func:`smooth_floor`."""
+
+
+def smooth_floor(x: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
+    r"""``x`` above ``floor``, smoothly bounded below by ``floor / 2`` under it.
+
+    Math: ``g(x) = x`` for ``x >= f``, ``g(x) = (f / 2) (1 + exp(2 (x - f) / f))`` for ``x < f``
+    (``f > 0``). ``g`` and ``g'`` are continuous at ``f`` (``g = f``, ``g' = 1``), ``g`` is
+    increasing with ``f/2 < g(x) <= f`` below the floor and ``g(x) -> f/2`` for ``x -> -inf``.
+
+    Why smooth: a hard ``clamp`` would do for a fixed workspace, but its gradient is exactly 0
+    below the floor, so in the relaxed pipeline a bin that went empty could never be refilled
+    by the optimizer; here the gradient ``exp(2 (x - f) / f)`` decays smoothly (to
+    ``e^-2 = 0.14`` at ``x = 0``) and stays > 0. Above the floor value and gradient are
+    untouched, so the hard limit is exact there.
+
+    Numerics: the exponential is evaluated at ``min(x, f)`` (argument ``<= 0``), so the unused
+    branch can neither overflow nor leak NaN into the gradient.
+    """
+    floor = torch.as_tensor(floor, dtype=x.dtype, device=x.device)
+    below = torch.minimum(x, floor)
+    soft = 0.5 * floor * (1.0 + torch.exp(2.0 * (below - floor) / floor))
+    return torch.where(x >= floor, x, soft)
+
+
+def floored(hist: Histogram, fraction: float = FLOOR_FRACTION) -> Histogram:
+    """``hist`` with :func:`smooth_floor` applied to its yields and sum of w^2 at ``fraction``
+    of their totals (floors detached from the graph; unchanged for ``fraction = 0``)."""
+    if fraction == 0:
+        return hist
+    tiny = torch.finfo(hist.yields.dtype).tiny
+    floor_n = torch.clamp(fraction * hist.yields.detach().abs().sum(), min=tiny)
+    floor_s = torch.clamp(fraction * hist.sumw2.detach().abs().sum(), min=tiny)
+    return Histogram(
+        edges=hist.edges,
+        yields=smooth_floor(hist.yields, floor_n),
+        sumw2=smooth_floor(hist.sumw2, floor_s),
+    )
+
 
 def build_spec(config: Config, histograms: Mapping[TemplateKey, Histogram]) -> dict[str, Any]:
-    """The pyhf workspace structure with torch tensors as numeric leaves (see module docstring)."""
+    """The pyhf workspace structure with torch tensors as numeric leaves (see module docstring).
+
+    Prediction templates are floored (module docstring, "Yield floor"); data are not.
+    """
+    data_name = config.data_sample.name
+    fraction = config.general.yield_floor
+    histograms = {
+        key: hist if key[1] == data_name else floored(hist, fraction)
+        for key, hist in histograms.items()
+    }
     channels = []
     observations = []
     for region in config.regions:

@@ -12,6 +12,26 @@ import uproot
 import yaml
 
 REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
+MODELS = pathlib.Path(__file__).resolve().parents[1] / "models"
+DEMO_EVENTS = 20000
+
+
+@pytest.fixture(scope="session")
+def demo_setup(tmp_path_factory):
+    """The demo analysis (models/dimuon.yaml) on DEMO_EVENTS generated events: (config, events).
+
+    Shared by the whole session: do not modify the events.
+    """
+    from analysis import config as config_module
+    from analysis import generate
+    from analysis.io import read_events
+
+    folder = tmp_path_factory.mktemp("demo")
+    generate.generate(folder / "data" / "generated", events=DEMO_EVENTS)
+    raw = yaml.safe_load((MODELS / "dimuon.yaml").read_text())
+    raw["General"]["InputPath"] = str(folder / "data" / "generated" / "{SamplePath}")
+    config = config_module.from_dict(raw, source="dimuon.yaml")
+    return config, read_events(config, cache_dir=folder / "cache")
 
 
 def reference_path(*parts: str) -> pathlib.Path:

@@ -221,15 +221,26 @@ def test_fit_of_histfactory_xml_matches_pyhf():
 
 
 def test_fit_of_analysis_yaml_equals_fit_of_its_workspace(cabinetry_fit, tmp_path):
+    """cabinetry's config with ``YieldFloor: 0`` (cabinetry has no floor) fits exactly like
+    cabinetry's workspace; with the default floor (its one empty signal bin raised to ~1e-6
+    of the sample) the fit moves by a few 1e-6 relative only."""
     config = yaml.safe_load(reference_path("cabinetry", "config_example.yml").read_text())
     config["General"]["InputPath"] = str(reference_path("cabinetry", "ntuples") / "{SamplePath}")
-    path = tmp_path / "cabinetry.yml"
-    path.write_text(yaml.safe_dump(config))
-    out = ok("fit", path, "--cache-dir", tmp_path / "cache", "--device", "cpu")
-    assert out["labels"] == cabinetry_fit["labels"]
-    for key in ("bestfit", "uncertainty"):
-        np.testing.assert_allclose(out[key], cabinetry_fit[key], rtol=1e-6, atol=1e-9)
-    assert out["twice_nll"] == pytest.approx(cabinetry_fit["twice_nll"], rel=1e-6)
+    fits = {}
+    for floor in (0.0, None):
+        if floor is not None:
+            config["General"]["YieldFloor"] = floor
+        else:
+            config["General"].pop("YieldFloor")
+        path = tmp_path / "cabinetry.yml"
+        path.write_text(yaml.safe_dump(config))
+        fits[floor] = ok("fit", path, "--cache-dir", tmp_path / "cache", "--device", "cpu")
+    for out, rtol in ((fits[0.0], 1e-6), (fits[None], 1e-5)):
+        assert out["labels"] == cabinetry_fit["labels"]
+        for key in ("bestfit", "uncertainty"):
+            np.testing.assert_allclose(out[key], cabinetry_fit[key], rtol=rtol, atol=1e-9)
+        assert out["twice_nll"] == pytest.approx(cabinetry_fit["twice_nll"], rel=rtol)
+    assert fits[0.0]["bestfit"] != fits[None]["bestfit"]  # the floor did act
 
 
 def test_fit_without_poi_matches_pyhf(tmp_path):
@@ -285,11 +296,27 @@ def test_limit_reproduces_cabinetry(cabinetry, tmp_path):
     result = run("limit", workspace, "--cl", 0.95, "--device", "cpu", "--output", target)
     assert result.exit_code == 0, result.stderr
     out = json.loads(target.read_text())
-    assert set(out) == {"cl", "observed", "expected"}
+    assert set(out) == {"cl", "observed", "expected", "scan"}
     assert out["cl"] == 0.95 and len(out["expected"]) == 5
     limits = ref["limit_CLs_95"]
     assert out["observed"] == pytest.approx(limits["observed"], rel=limits["rtol"])
     np.testing.assert_allclose(out["expected"], limits["expected"], rtol=limits["rtol"])
+    # CLs on a POI grid from 0 to 1.5 x the largest limit (Brazil plot), checked against pyhf
+    scan = out["scan"]
+    top = 1.5 * max(out["observed"], *out["expected"])
+    np.testing.assert_allclose(scan["poi_values"], np.linspace(0, top, 31), rtol=1e-12)
+    assert np.shape(scan["cls_exp"]) == (31, 5)
+    spec = json.loads(pathlib.Path(workspace).read_text())
+    pyhf_workspace = pyhf.Workspace(spec)
+    model = pyhf_workspace.model()
+    data = pyhf_workspace.data(model)
+    for i in (5, 20):
+        with tight_minuit():
+            cls_obs, cls_exp = pyhf.infer.hypotest(
+                scan["poi_values"][i], data, model, test_stat="qtilde", return_expected_set=True
+            )
+        assert scan["cls_obs"][i] == pytest.approx(float(cls_obs), rel=1e-4)
+        np.testing.assert_allclose(scan["cls_exp"][i], [float(x) for x in cls_exp], rtol=1e-4)
 
 
 def test_scan_reproduces_cabinetry(cabinetry):
@@ -297,8 +324,16 @@ def test_scan_reproduces_cabinetry(cabinetry):
     scan = ref["scan_Signal_norm"]
     low, high = scan["par_range"]
     out = ok("scan", workspace, "--parameter", "Signal_norm", "--range", low, high, "--steps", 3)
-    assert set(out) == {"parameter", "values", "delta_twice_nll"}
+    assert set(out) == {"parameter", "bestfit", "uncertainty", "values", "delta_twice_nll"}
     assert out["parameter"] == "Signal_norm"
+    fit = ok("fit", workspace, "--device", "cpu")
+    # MIGRAD (tolerance 0.01, as cabinetry) against the scan's Newton minimum
+    assert out["bestfit"] == pytest.approx(_by_label(fit)["Signal_norm"], abs=5e-4)
+    # the scan's width is from the exact Hessian (0.9492, = finite differences); Minuit's HESSE,
+    # computed in its internal coordinates of the bounded parameters, gives 0.9388 (cabinetry)
+    assert out["uncertainty"] == pytest.approx(
+        _by_label(fit, "uncertainty")["Signal_norm"], rel=2e-2
+    )
     np.testing.assert_allclose(out["values"], np.linspace(low, high, 3), rtol=1e-12)
     np.testing.assert_allclose(out["delta_twice_nll"], scan["delta_nlls"], atol=5e-4)
 
@@ -570,8 +605,9 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path):
 def test_fit_finds_the_global_minimum_of_a_kinked_model():
     """multichan_coupledhistosys (code0/code1): MIGRAD from the init, ours and pyhf's, stops at
     twice NLL 28.033; the multi-start Newton minimum it starts from is 26.564."""
-    xml = reference_path("pyhf_validation", "xml", "multichan_coupledhistosys_histfactory",
-                         "config", "example.xml")
+    xml = reference_path(
+        "pyhf_validation", "xml", "multichan_coupledhistosys_histfactory", "config", "example.xml"
+    )
     result = CliRunner().invoke(main, ["fit", str(xml), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     fit = json.loads(result.stdout)

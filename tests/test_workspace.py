@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 
 import numpy as np
 import pyhf
 import pytest
+import torch
 import yaml
 
 from analysis import config as configuration
 from analysis import workspace
-from analysis.histograms import hard_histograms
+from analysis.histograms import Histogram, hard_histograms
 from tests.conftest import reference_path
 
 
@@ -39,9 +42,56 @@ def cabinetry_config(tmp_path):
 
 
 def test_cabinetry_example_workspace_is_reproduced(cabinetry_config):
-    ours = workspace.build(cabinetry_config, hard_histograms(cabinetry_config))
+    """Without the yield floor (cabinetry has none) number for number; with the default floor
+    only the one empty bin (Signal, bin 0) differs: raised to between f/2 and f,
+    f = 1e-6 * the sample's total (workspace module docstring)."""
     ref = json.loads(reference_path("cabinetry", "example_workspace.json").read_text())
+    histograms = hard_histograms(cabinetry_config)
+    general = dataclasses.replace(cabinetry_config.general, yield_floor=0.0)
+    unfloored = dataclasses.replace(cabinetry_config, general=general)
+    assert_same_structure(workspace.build(unfloored, histograms), ref)
+
+    ours = workspace.build(cabinetry_config, histograms)
+    signal = ours["channels"][0]["samples"][0]
+    ref_signal = ref["channels"][0]["samples"][0]
+    assert signal["name"] == ref_signal["name"] == "Signal" and ref_signal["data"][0] == 0.0
+    f = 1e-6 * sum(ref_signal["data"])
+    assert f / 2 < signal["data"][0] <= f
+    assert ref_signal["modifiers"][0]["type"] == "staterror"
+    f_s = 1e-6 * sum(x**2 for x in ref_signal["modifiers"][0]["data"])
+    assert f_s / 2 < signal["modifiers"][0]["data"][0] ** 2 <= f_s
+    signal["data"][0] = 0.0
+    signal["modifiers"][0]["data"][0] = 0.0
     assert_same_structure(ours, ref)
+
+
+def test_yield_floor_gives_a_finite_likelihood(toy):
+    """A cut that empties the last bins of every prediction sample (data left there) gives a
+    finite pyhf likelihood with the floor; without it pyhf's is not finite."""
+    raw = copy.deepcopy(toy.config)
+    cfg = configuration.from_dict(raw)
+    hists = hard_histograms(cfg)
+    data_name = cfg.data_sample.name
+    emptied = {
+        key: hist
+        if key[1] == data_name
+        else Histogram(
+            hist.edges,
+            torch.cat([hist.yields[:-1], hist.yields[-1:] * 0]),
+            torch.cat([hist.sumw2[:-1], hist.sumw2[-1:] * 0]),
+        )
+        for key, hist in hists.items()
+    }
+    for floor, finite in ((0.0, False), (1e-6, True)):
+        general = dataclasses.replace(cfg.general, yield_floor=floor)
+        spec = workspace.build(dataclasses.replace(cfg, general=general), emptied)
+        ws = pyhf.Workspace(spec)
+        model = ws.model()
+        observed = ws.data(model)
+        assert observed[model.config.channel_nbins[model.config.channels[0]] - 1] > 0
+        with np.errstate(all="ignore"):
+            value = model.logpdf(model.config.suggested_init(), observed)[0]
+        assert bool(np.isfinite(value)) == finite, (floor, value)
 
 
 def test_cabinetry_example_fits_like_cabinetry(cabinetry_config):
@@ -108,3 +158,16 @@ def test_pyhf_fits_asimov_workspace_to_nominal(toy):
     bestfit = pyhf.infer.mle.fit(expected.tolist() + model.config.auxdata, model)
     assert bestfit[model.config.poi_index] == pytest.approx(1.0, abs=1e-3)
     assert model.config.poi_name == "mu"
+
+
+def test_smooth_floor():
+    x = torch.linspace(-5.0, 5.0, 101, dtype=torch.float64, requires_grad=True)
+    y = workspace.smooth_floor(x, 1.0)
+    assert torch.equal(y[x >= 1.0], x[x >= 1.0])
+    assert bool((y > 0.5).all()) and bool((y[x < 1.0] <= 1.0).all())
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert bool((grad > 0).all()) and bool((grad <= 1).all())
+    assert torch.autograd.gradcheck(
+        lambda t: workspace.smooth_floor(t, 0.7),
+        (torch.tensor([-3.0, 0.1, 0.69, 0.71, 2.0]).double().requires_grad_(),),
+    )
