@@ -1,9 +1,14 @@
-# diffana workflow: generate -> workspace -> fit. Rules call the `diffana` CLI (and pyhf's);
-# no analysis logic lives here. Run from the repository root: `snakemake -c2`.
-# Another working directory works too (`snakemake -c2 -s /path/to/Snakefile -d DIR`): the
-# analysis YAMLs are taken from this repository, inputs and results go under DIR.
+# diffana workflow: generate -> optimize -> histograms/workspaces (starting and optimized cuts)
+# -> fits, significance, limits, ranking, POI scan -> cut flow -> plots -> report.html.
+# Rules only call the `diffana` CLI (and pyhf's, as the independent cross-check); no analysis
+# logic lives here. Run from the repository root: `snakemake -c2` (settings in
+# workflows/config.yaml; e.g. `--config events=20000 steps=20`). Another working directory works
+# too (`snakemake -c2 -s /path/to/Snakefile -d DIR`): the analysis YAMLs are taken from this
+# repository, inputs and results go under DIR.
+import json
 import os
 
+import yaml
 from snakemake.utils import validate
 
 configfile: os.path.join(workflow.basedir, "workflows", "config.yaml")
@@ -13,13 +18,24 @@ ANALYSIS = config["analysis"]
 MODEL = os.path.join(workflow.basedir, "models", f"{ANALYSIS}.yaml")
 RESULTS = f"results/{ANALYSIS}"
 DIFFANA = config["diffana"]
+# options every diffana command that reads events gets
+READ = f"--device {config['device']} --cache-dir {config['cache_dir']}"
+with open(MODEL) as handle:
+    REGIONS = [region["Name"] for region in yaml.safe_load(handle)["Regions"]]
+# "start": the analysis YAML's cut values; "optimized": the cuts `diffana optimize` found
+CUTS = ["start", "optimized"]
+
+wildcard_constraints:
+    cuts="start|optimized",
 
 include: "workflows/rules/generate.smk"
+include: "workflows/rules/optimize.smk"
 include: "workflows/rules/workspace.smk"
 include: "workflows/rules/fit.smk"
+include: "workflows/rules/plots.smk"
+include: "workflows/rules/report.smk"
 
 
 rule all:
     input:
-        f"{RESULTS}/workspace.json",
-        f"{RESULTS}/fit.json",
+        f"{RESULTS}/report.html",

@@ -8,6 +8,7 @@ field or branch; no traceback), 1 internal error. Outputs are written atomically
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -53,6 +54,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+LIMIT_SCAN_POINTS = 31
+"""POI values from 0 to 1.5 times the largest limit at which ``diffana limit`` reports CLs."""
+
+
 def write_atomically(path: pathlib.Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (no partial files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +65,9 @@ def write_atomically(path: pathlib.Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a result file is for everyone
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
@@ -73,7 +81,7 @@ def emit(result: Any, output: pathlib.Path | None) -> None:
         click.echo(text, nl=False)
     else:
         write_atomically(output, text)
-        log.info("wrote %s", output)
+        click.echo(f"wrote {output}", err=True)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -135,10 +143,11 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
         from analysis import config as configuration
         from analysis.io import default_cache_dir
 
-        cfg = configuration.load(config_path)
-        if cuts is not None:
-            cfg = configuration.load_cuts(cuts, cfg)
+        start = configuration.load(config_path)
+        cfg = start if cuts is None else configuration.load_cuts(cuts, start)
         cache = None if no_cache else (cache_dir or default_cache_dir())
+        if "start_config" in inspect.signature(func).parameters:  # the config before --cuts
+            kwargs["start_config"] = start
         return func(*args, config=cfg, cache_dir=cache, **kwargs)
 
     return wrapper
@@ -722,11 +731,22 @@ def limit(
     _check_start(workspace, model, data, model.suggested_init(), asimov=asimov)
     _check_identifiable(model, data)
     result = inference.upper_limit(model, data, cl=cl)
+    # CLs on a POI grid through every limit (pyhf's upper_limit return_results): the Brazil plot
+    poi_high = float(model.suggested_bounds()[model.poi_index, 1])
+    top = min(1.5 * max(result.observed, *result.expected), poi_high)
+    grid = torch.linspace(0.0, top, LIMIT_SCAN_POINTS, dtype=model.dtype, device=model.device)
+    with torch.no_grad():
+        curve = inference.hypotest(model, data, grid)
     emit(
         {
             "cl": cl,
             "observed": float(result.observed),
             "expected": [float(x) for x in result.expected],
+            "scan": {
+                "poi_values": curve.poi_value.tolist(),
+                "cls_obs": curve.cls_obs.tolist(),
+                "cls_exp": curve.cls_exp.tolist(),
+            },
         },
         output,
     )
@@ -774,14 +794,7 @@ def scan(
                 fixed_by="--range",
             )
     result = inference.scan(model, data, parameter, values, n_steps=steps)
-    emit(
-        {
-            "parameter": parameter,
-            "values": [float(x) for x in result.values],
-            "delta_twice_nll": [float(x) for x in result.delta_twice_nll],
-        },
-        output,
-    )
+    emit(result.to_dict(), output)
 
 
 @main.command()
@@ -805,19 +818,7 @@ def ranking(
     _check_start(workspace, model, data, model.suggested_init(), asimov=asimov)
     best = _global_fit(model, data, model.suggested_init(), model.suggested_fixed(), ())
     result = inference.ranking(model, data, best)
-    entries = [
-        {
-            "name": name,
-            "bestfit": float(result.bestfit[i]),
-            "uncertainty": float(result.uncertainty[i]),
-            "prefit_up": float(result.prefit_up[i]),
-            "prefit_down": float(result.prefit_down[i]),
-            "postfit_up": float(result.postfit_up[i]),
-            "postfit_down": float(result.postfit_down[i]),
-        }
-        for i, name in enumerate(result.labels)
-    ]
-    emit({"poi": model.poi_name, "ranking": entries}, output)
+    emit({"poi": model.poi_name, **result.to_dict()}, output)
 
 
 # ----------------------------------------------------------------------------- optimization
@@ -829,6 +830,41 @@ def _out_option(func: Callable[..., Any]) -> Callable[..., Any]:
         required=True,
         help="Folder for result.json and cuts.json (and checkpoint.pt).",
     )(func)
+
+
+@main.command()
+@config_options
+@common_options
+def cutflow(
+    config: Any,
+    start_config: Any,
+    cache_dir: pathlib.Path | None,
+    output: pathlib.Path | None,
+    device: torch.device,
+) -> None:
+    """Hard cut flow per region and sample: events, yields and their uncertainty after each cut.
+
+    Output: ``start`` (region -> cut flow at the configured cuts) and, with ``--cuts``,
+    ``optimized`` (the same at those cuts) and ``cuts`` (starting against optimized values).
+    """
+    from analysis import cutflow as flows
+    from analysis.io import read_events
+
+    templates = [t for t in start_config.templates() if t.variation == "nominal"]
+    events = read_events(start_config, templates, device=device, cache_dir=cache_dir)
+    result: dict[str, Any] = {
+        "start": {r: f.to_dict() for r, f in flows.cut_flow(start_config, events).items()}
+    }
+    if config is not start_config:
+        result["optimized"] = {r: f.to_dict() for r, f in flows.cut_flow(config, events).items()}
+        result["cuts"] = flows.cut_comparison(start_config, config.cut_values())
+    emit(result, output)
+
+
+def _report_outputs(out_dir: pathlib.Path) -> None:
+    from analysis.optimize import CUTS, RESULT
+
+    click.echo(f"wrote {out_dir / RESULT} and {out_dir / CUTS}", err=True)
 
 
 @main.command()
@@ -863,6 +899,7 @@ def optimize(
         device=device,
         cache_dir=cache_dir,
     )
+    _report_outputs(out_dir)
     emit(result.to_dict(), output)
 
 
@@ -898,7 +935,302 @@ def scan_cuts(
         device=device,
         cache_dir=cache_dir,
     )
+    _report_outputs(out_dir)
     emit(result.to_dict(), output)
+
+
+# ----------------------------------------------------------------------------- plots
+@main.group()
+def plot() -> None:
+    """Figures from result files: each subcommand writes OUT.png and OUT.pdf."""
+
+
+def _plot_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--out STEM`` (writes STEM.png and STEM.pdf) and ``-v``."""
+
+    @click.option(
+        "--out",
+        "stem",
+        type=click.Path(dir_okay=False, path_type=pathlib.Path),
+        required=True,
+        help="Output path without suffix: STEM.png and STEM.pdf are written.",
+    )
+    @click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logging.")
+    @functools.wraps(func)
+    def wrapper(*args: Any, verbose: int, **kwargs: Any) -> Any:
+        _setup_logging(verbose)
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _read_json(path: pathlib.Path, what: str, keys: tuple[str, ...] = ()) -> Any:
+    """A result file written by a diffana command, with its ``keys`` checked."""
+    from analysis.errors import ConfigError, InputFileError
+
+    if not path.is_file():
+        raise InputFileError(f"{path}: {what} file not found")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    missing = [key for key in keys if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise ConfigError(f"{path}: not a {what} file (no {', '.join(map(repr, missing))})")
+    return payload
+
+
+def _save(figure: Any, stem: pathlib.Path) -> None:
+    from analysis.plotting import save_figure
+
+    paths = save_figure(figure, stem)
+    click.echo("wrote " + " and ".join(str(p) for p in paths), err=True)
+
+
+_json_file = click.Path(dir_okay=False, path_type=pathlib.Path)
+
+
+@plot.command("distributions")
+@click.argument("workspace_path", metavar="WORKSPACE", type=_json_file)
+@click.option("--fit", "fit_path", type=_json_file, default=None, help="Post-fit: fit.json.")
+@click.option(
+    "--config",
+    "config_path",
+    type=_json_file,
+    default=None,
+    help="Analysis YAML: bin edges and observable names.",
+)
+@click.option("--log-y", is_flag=True, help="Logarithmic y axis.")
+@_plot_options
+def plot_distributions(
+    workspace_path: pathlib.Path,
+    fit_path: pathlib.Path | None,
+    config_path: pathlib.Path | None,
+    log_y: bool,
+    stem: pathlib.Path,
+) -> None:
+    """Stacked pre-fit (or, with --fit, post-fit) distributions: STEM_<channel>.png/.pdf."""
+    from analysis import plotting
+    from analysis.fit import FitResult
+    from analysis.prediction import prediction
+
+    workspace = load_workspace(workspace_path)
+    model = workspace.model()
+    fit_result = None
+    if fit_path is not None:
+        fit_result = FitResult.from_dict(_read_json(fit_path, "fit", ("labels", "bestfit")))
+    edges = observable = None
+    if config_path is not None:
+        from analysis import config as configuration
+
+        regions = configuration.load(config_path).regions
+        edges = {region.name: list(region.binning) for region in regions}
+        observable = {region.name: region.variable for region in regions}
+    figures = plotting.distributions(
+        prediction(model, fit_result),
+        workspace.data(model, include_auxdata=False),
+        edges=edges,
+        observable=observable,
+        log_y=log_y,
+    )
+    for channel, figure in figures.items():
+        _save(figure, stem.with_name(f"{stem.name}_{channel}"))
+
+
+@plot.command("pulls")
+@click.argument("fit_path", metavar="FIT", type=_json_file)
+@click.option(
+    "--workspace",
+    "workspace_path",
+    type=_json_file,
+    required=True,
+    help="The fitted workspace (pre-fit constraint widths).",
+)
+@_plot_options
+def plot_pulls(fit_path: pathlib.Path, workspace_path: pathlib.Path, stem: pathlib.Path) -> None:
+    """Nuisance-parameter pulls with post-fit uncertainties."""
+    from analysis.fit import FitResult
+    from analysis.plotting import pulls
+
+    fit_result = FitResult.from_dict(_read_json(fit_path, "fit", ("labels", "bestfit")))
+    _save(pulls(fit_result, load_workspace(workspace_path).model()), stem)
+
+
+@plot.command("correlation")
+@click.argument("fit_path", metavar="FIT", type=_json_file)
+@click.option(
+    "--pruning-threshold",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Drop parameters whose correlations are all below this.",
+)
+@_plot_options
+def plot_correlation(fit_path: pathlib.Path, pruning_threshold: float, stem: pathlib.Path) -> None:
+    """Correlation matrix of the fitted parameters."""
+    from analysis.fit import FitResult
+    from analysis.plotting import correlation_matrix
+
+    fit_result = FitResult.from_dict(_read_json(fit_path, "fit", ("labels", "corr_mat")))
+    _save(correlation_matrix(fit_result, pruning_threshold=pruning_threshold), stem)
+
+
+@plot.command("ranking")
+@click.argument("ranking_path", metavar="RANKING", type=_json_file)
+@click.option(
+    "--workspace",
+    "workspace_path",
+    type=_json_file,
+    default=None,
+    help="The workspace: pulls in units of the pre-fit widths.",
+)
+@click.option("--max-pars", type=click.IntRange(min=1), default=None)
+@_plot_options
+def plot_ranking(
+    ranking_path: pathlib.Path,
+    workspace_path: pathlib.Path | None,
+    max_pars: int | None,
+    stem: pathlib.Path,
+) -> None:
+    """Impact of the nuisance parameters on the POI, with their pulls."""
+    from analysis.inference import RankingResult
+    from analysis.plotting import ranking
+
+    result = RankingResult.from_dict(_read_json(ranking_path, "ranking", ("ranking",)))
+    model = None if workspace_path is None else load_workspace(workspace_path).model()
+    _save(ranking(result, model, max_pars=max_pars), stem)
+
+
+@plot.command("scan")
+@click.argument("scan_path", metavar="SCAN", type=_json_file)
+@_plot_options
+def plot_scan(scan_path: pathlib.Path, stem: pathlib.Path) -> None:
+    """Profile-likelihood scan of a parameter."""
+    from analysis.inference import ScanResult
+    from analysis.plotting import likelihood_scan
+
+    keys = ("parameter", "bestfit", "uncertainty", "values", "delta_twice_nll")
+    _save(likelihood_scan(ScanResult.from_dict(_read_json(scan_path, "scan", keys))), stem)
+
+
+@plot.command("cls")
+@click.argument("limit_path", metavar="LIMIT", type=_json_file)
+@click.option("--log-y", is_flag=True, help="Logarithmic CLs axis.")
+@_plot_options
+def plot_cls(limit_path: pathlib.Path, log_y: bool, stem: pathlib.Path) -> None:
+    """CLs against the POI with the expected bands and the limits (the Brazil plot)."""
+    from analysis.inference import HypotestResult, LimitResult
+    from analysis.plotting import cls_brazil
+
+    payload = _read_json(limit_path, "limit", ("cl", "observed", "expected", "scan"))
+    curve = HypotestResult.from_scan(payload["scan"])
+    _save(cls_brazil(curve, LimitResult.from_dict(payload), log_y=log_y), stem)
+
+
+@plot.command("optimization")
+@click.argument("result_path", metavar="RESULT", type=_json_file)
+@_plot_options
+def plot_optimization(result_path: pathlib.Path, stem: pathlib.Path) -> None:
+    """History of an optimization (result.json): metrics, cut values, schedule."""
+    from analysis.plotting import optimization_history
+
+    payload = _read_json(result_path, "optimization result", ("objective", "history"))
+    _save(optimization_history(payload), stem)
+
+
+@plot.command("soft-vs-hard")
+@config_options
+@click.option(
+    "--result",
+    "result_path",
+    type=_json_file,
+    default=None,
+    help="result.json of the optimization: its last temperature and bandwidth.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@_plot_options
+def plot_soft_vs_hard(
+    config: Any,
+    cache_dir: pathlib.Path | None,
+    result_path: pathlib.Path | None,
+    device: str,
+    stem: pathlib.Path,
+) -> None:
+    """Soft-cut KDE histograms against hard ones at the same cuts: STEM_<region>.png/.pdf.
+
+    The temperature and bandwidth are the last step's of --result, else the configured end
+    of the schedule.
+    """
+    from analysis.optimize import schedule
+    from analysis.pipeline import AnalysisPipeline
+    from analysis.plotting import soft_vs_hard
+
+    settings = config.optimization
+    if result_path is not None:
+        last = _read_json(result_path, "optimization result", ("history",))["history"][-1]
+        tau, bandwidth = float(last["tau"]), float(last["bandwidth"])
+    else:
+        tau, bandwidth = schedule(
+            settings.steps - 1, settings.steps, settings.temperature, settings.bandwidth
+        )
+    pipeline = AnalysisPipeline.from_config(
+        config, device=resolve_device(device), cache_dir=cache_dir
+    )
+    with torch.no_grad():
+        soft, hard = pipeline.histograms(tau, bandwidth), pipeline.histograms(0.0, 0.0)
+    for region in config.regions:
+        keys = [(region.name, sample.name, "nominal") for sample in config.samples_in(region)]
+        figure = soft_vs_hard(
+            {key[1]: soft[key] for key in keys},
+            {key[1]: hard[key] for key in keys},
+            observable=region.variable,
+            text=f"{region.name}: tau = {tau:.3g}, bandwidth = {bandwidth:.3g} bins",
+        )
+        _save(figure, stem.with_name(f"{stem.name}_{region.name}"))
+
+
+@plot.command("cutflow")
+@click.argument("cutflow_path", metavar="CUTFLOW", type=_json_file)
+@click.option("--events", "weighted", flag_value=False, help="Unweighted MC event counts.")
+@click.option("--yields", "weighted", flag_value=True, default=True, help="Weighted yields.")
+@_plot_options
+def plot_cutflow(cutflow_path: pathlib.Path, weighted: bool, stem: pathlib.Path) -> None:
+    """Cut flow per region, starting and (if present) optimized cuts: STEM_<region>.png/.pdf."""
+    from analysis.cutflow import CutFlow
+    from analysis.plotting.cutflow import cutflow_chart
+
+    payload = _read_json(cutflow_path, "cut flow", ("start",))
+    for region, flow in payload["start"].items():
+        optimized = payload.get("optimized", {}).get(region)
+        figure = cutflow_chart(
+            CutFlow.from_dict(flow),
+            None if optimized is None else CutFlow.from_dict(optimized),
+            weighted=weighted,
+        )
+        _save(figure, stem.with_name(f"{stem.name}_{region}"))
+
+
+@main.command()
+@click.argument(
+    "results", metavar="RESULTS", type=click.Path(file_okay=False, path_type=pathlib.Path)
+)
+@click.option("--config", "config_path", type=_json_file, required=True, help="Analysis YAML.")
+@click.option("--output", "-o", type=_json_file, required=True, help="The HTML file to write.")
+@click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logging.")
+def report(
+    results: pathlib.Path, config_path: pathlib.Path, output: pathlib.Path, verbose: int
+) -> None:
+    """One self-contained HTML report of a workflow run from its RESULTS folder
+    (results/<analysis>): summary, results before and after optimization, every plot and
+    table, software versions and the configuration."""
+    from analysis.errors import InputFileError
+    from analysis.report import analysis_report
+
+    _setup_logging(verbose)
+    if not results.is_dir():
+        raise InputFileError(f"{results}: results folder not found")
+    write_atomically(output, analysis_report(results, config_path))
+    click.echo(f"wrote {output}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,6 +39,7 @@ backward pass is that of one Newton step, whatever the number of Newton iteratio
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -117,6 +118,20 @@ class FitResult:
             "minos": {name: [float(lo), float(hi)] for name, (lo, hi) in self.minos.items()},
             "converged": bool(self.converged),
         }
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> FitResult:
+        """The inverse of :meth:`to_dict` (a ``diffana fit`` JSON file), float64 tensors."""
+        as_tensor = functools.partial(torch.tensor, dtype=torch.float64)
+        return cls(
+            labels=tuple(payload["labels"]),
+            bestfit=as_tensor(payload["bestfit"]),
+            uncertainty=as_tensor(payload["uncertainty"]),
+            corr_mat=as_tensor(payload["corr_mat"]),
+            twice_nll=as_tensor(payload["twice_nll"]),
+            minos={name: (lo, hi) for name, (lo, hi) in payload.get("minos", {}).items()},
+            converged=bool(payload.get("converged", True)),
+        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -52,6 +53,16 @@ class InferenceError(AnalysisError, ArithmeticError):
 
 
 # ----------------------------------------------------------------------------- records
+def _float64(values: Any) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _number_or_none(value: torch.Tensor) -> float | None:
+    """A float for JSON, ``None`` (null) where it is NaN."""
+    number = float(value.detach())
+    return None if math.isnan(number) else number
+
+
 @dataclass(frozen=True)
 class HypotestResult:
     """CLs of a hypothesis test at each tested POI value (leading shape of ``poi_value``)."""
@@ -72,6 +83,16 @@ class HypotestResult:
             "cls_obs": self.cls_obs.detach().tolist(),
             "cls_exp": self.cls_exp.detach().tolist(),
         }
+
+    @classmethod
+    def from_scan(cls, scan: Mapping[str, Any], test_stat: str = "qtilde") -> HypotestResult:
+        """CLs on a POI grid as ``diffana limit`` writes it (its ``scan``: ``poi_values``,
+        ``cls_obs``, ``cls_exp``); the test statistic and CLs+b, CLb are not stored (NaN)."""
+        poi = _float64(scan["poi_values"])
+        nan = torch.full_like(poi, math.nan)
+        return cls(
+            poi, test_stat, nan, _float64(scan["cls_obs"]), _float64(scan["cls_exp"]), nan, nan
+        )
 
 
 @dataclass(frozen=True)
@@ -107,6 +128,15 @@ class LimitResult:
     def to_dict(self) -> dict:
         return {"cl": self.cl, "observed": self.observed, "expected": list(self.expected)}
 
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> LimitResult:
+        """The inverse of :meth:`to_dict` (a ``diffana limit`` JSON file)."""
+        return cls(
+            float(payload["cl"]),
+            float(payload["observed"]),
+            tuple(float(x) for x in payload["expected"]),
+        )
+
 
 @dataclass(frozen=True)
 class ScanResult:
@@ -126,6 +156,17 @@ class ScanResult:
             "values": self.values.detach().tolist(),
             "delta_twice_nll": self.delta_twice_nll.detach().tolist(),
         }
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> ScanResult:
+        """The inverse of :meth:`to_dict` (a ``diffana scan`` JSON file)."""
+        return cls(
+            payload["parameter"],
+            float(payload["bestfit"]),
+            float(payload["uncertainty"]),
+            _float64(payload["values"]),
+            _float64(payload["delta_twice_nll"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -147,14 +188,37 @@ class RankingResult:
                     "name": name,
                     "bestfit": float(self.bestfit[i].detach()),
                     "uncertainty": float(self.uncertainty[i].detach()),
-                    "prefit_up": float(self.prefit_up[i].detach()),
-                    "prefit_down": float(self.prefit_down[i].detach()),
-                    "postfit_up": float(self.postfit_up[i].detach()),
-                    "postfit_down": float(self.postfit_down[i].detach()),
+                    "prefit_up": _number_or_none(self.prefit_up[i]),
+                    "prefit_down": _number_or_none(self.prefit_down[i]),
+                    "postfit_up": _number_or_none(self.postfit_up[i]),
+                    "postfit_down": _number_or_none(self.postfit_down[i]),
                 }
                 for i, name in enumerate(self.labels)
             ]
         }
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> RankingResult:
+        """The inverse of :meth:`to_dict` (a ``diffana ranking`` JSON file)."""
+        entries = payload["ranking"]
+
+        def column(key: str) -> torch.Tensor:  # null: an impact that could not be computed
+            return _float64([math.nan if entry[key] is None else entry[key] for entry in entries])
+
+        return cls(
+            tuple(entry["name"] for entry in entries),
+            *(
+                column(key)
+                for key in (
+                    "bestfit",
+                    "uncertainty",
+                    "prefit_up",
+                    "prefit_down",
+                    "postfit_up",
+                    "postfit_down",
+                )
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -781,10 +845,27 @@ def ranking(model, data, fit_result, *, init=None, bounds=None, fixed=None) -> R
         start = init.expand(4, init.shape[0]).clone()
         start[:, i] = bestfit[i] + shifts
         start[:, i] = torch.minimum(torch.maximum(start[:, i], bounds[i, 0]), bounds[i, 1])
+        # where the likelihood is not finite at that start (a template interpolated to a
+        # negative bin), start the others from the best fit instead; where it is not finite
+        # there either, that impact cannot be computed: NaN, with a warning
+        bad = ~torch.isfinite(model.twice_nll(start, data))
+        if bool(bad.any()):
+            start[bad] = torch.where(torch.arange(model.npars) == i, start[bad], bestfit)
+            bad = ~torch.isfinite(model.twice_nll(start, data)) & needed
+            for shift in torch.nonzero(bad).flatten().tolist():
+                log.warning(
+                    "ranking: no impact of %s at %s: the likelihood is not finite there",
+                    model.par_names[i],
+                    ("+prefit", "-prefit", "+postfit", "-postfit")[shift],
+                )
+        fit_rows = needed & ~bad
         fixed_i = fixed.clone()
         fixed_i[i] = True
-        x, _ = minimize(model, data, start, bounds=bounds, fixed=fixed_i, what="ranking fit")
-        impacts[row] = torch.where(needed, x[:, poi] - nominal_poi, torch.zeros_like(shifts))
+        x, _ = minimize(
+            model, data, start[fit_rows], bounds=bounds, fixed=fixed_i, what="ranking fit"
+        )
+        impacts[row] = torch.where(needed, torch.nan, 0.0).to(impacts)
+        impacts[row, fit_rows] = x[:, poi] - nominal_poi
     labels = tuple(model.par_names[i] for i in rows)
     return RankingResult(labels, bestfit[rows], uncertainty[rows], *impacts.unbind(-1))
 

@@ -1,7 +1,12 @@
-"""The Snakemake workflow runs end to end (real snakemake, small event count)."""
+"""The Snakemake workflow runs end to end (real snakemake, small event count): every declared
+output is made, the numbers in them agree with independent computations, the report holds
+every section with images that decode and are not blank, and a second run has nothing to do."""
 
 from __future__ import annotations
 
+import base64
+import html.parser
+import io
 import json
 import os
 import pathlib
@@ -9,48 +14,147 @@ import shutil
 import subprocess
 import sys
 
+import matplotlib.image
 import numpy as np
 import pyhf
 import pytest
+import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+EVENTS, STEPS = 20000, 20
+REPORT_SECTIONS = [
+    "Results before and after optimization",
+    "Optimization",
+    "Cuts and cut flow",
+    "Fit at the optimized cuts",
+    "Fit at the start cuts",
+    "Software and configuration",
+]
 
 
-def test_snakemake_workflow_end_to_end(tmp_path):
-    snakemake = shutil.which(
-        "snakemake",
-        path=os.pathsep.join(
-            [str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")]
-        ),
-    )
+class _Report(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.headings: list[str] = []
+        self.images: list[str] = []
+        self._in_h2 = False
+
+    def handle_starttag(self, tag, attrs):
+        self._in_h2 = self._in_h2 or tag == "h2"
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_endtag(self, tag):
+        self._in_h2 = self._in_h2 and tag != "h2"
+
+    def handle_data(self, data):
+        if self._in_h2 and data.strip():
+            self.headings.append(data.strip())
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory):
+    """(working directory, snakemake command, environment) after one full run."""
+    bin_dir = pathlib.Path(sys.executable).parent
+    path = os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])
+    snakemake = shutil.which("snakemake", path=path)
     if snakemake is None:
         pytest.fail("snakemake is not installed in this environment")
-    bin_dir = pathlib.Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-    command = [snakemake, "-c2", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
-               "--config", "events=20000", "device=cpu"]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = tmp_path / "results" / "dimuon"
-    for name in ("signal", "drell_yan", "ttbar", "multijet", "data"):
-        assert (tmp_path / "data" / "generated" / f"{name}.root").is_file()
-    workspace = json.loads((results / "workspace.json").read_text())
-    histograms = json.loads((results / "histograms.json").read_text())
-    fit = json.loads((results / "fit.json").read_text())
-    # the workspace's yields are the histograms' nominal yields
-    for sample in workspace["channels"][0]["samples"]:
-        np.testing.assert_allclose(
-            sample["data"], histograms["SR"][sample["name"]]["nominal"]["yields"], rtol=1e-12
-        )
-    # the fit rule's result is pyhf's fit of that workspace
-    ws = pyhf.Workspace(workspace)
-    model = ws.model()
-    bestfit = pyhf.infer.mle.fit(ws.data(model), model)
-    assert fit["mle_parameters"]["mu"][0] == pytest.approx(
-        bestfit[model.config.poi_index], abs=1e-3
+    env = dict(os.environ, PATH=path, OMP_NUM_THREADS="1")
+    folder = tmp_path_factory.mktemp("workflow")
+    command = [
+        snakemake,
+        "-c2",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(folder),
+        "--config",
+        f"events={EVENTS}",
+        f"steps={STEPS}",
+        "device=cpu",
+    ]
+    proc = subprocess.run(
+        command, capture_output=True, text=True, env=env, check=False, timeout=900
     )
-    # a second run has nothing to do
-    again = subprocess.run(command + ["--dry-run"], capture_output=True, text=True, env=env,
-                           check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder, command, env
+
+
+def test_every_declared_output_exists_and_a_second_run_does_nothing(workflow):
+    folder, command, env = workflow
+    summary = subprocess.run(
+        command + ["--summary"], capture_output=True, text=True, env=env, check=True, timeout=300
+    ).stdout
+    outputs = [line.split("\t")[0] for line in summary.splitlines()[1:] if line.strip()]
+    # 5 ROOT files, optimize/{result,cuts}.json, cutflow.json, report.html; per cut set 8 JSON
+    # results and PNG + PDF of pre-/post-fit per region, pulls, correlation, ranking, scan, CLs;
+    # PNG + PDF of the optimization history, soft-vs-hard and cut flow (per region)
+    regions = len(yaml.safe_load((ROOT / "models" / "dimuon.yaml").read_text())["Regions"])
+    expected = 5 + 2 + 1 + 1 + 2 * (8 + 2 * (2 * regions + 5)) + 2 * (1 + 2 * regions)
+    assert len(outputs) == expected, outputs
+    for name in outputs:
+        assert (folder / name).is_file() and (folder / name).stat().st_size > 0, name
+    again = subprocess.run(
+        command + ["--dry-run"], capture_output=True, text=True, env=env, check=False, timeout=300
+    )
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_results_agree_with_independent_computations(workflow):
+    folder, _, _ = workflow
+    results = folder / "results" / "dimuon"
+    optimized = json.loads((results / "optimize" / "cuts.json").read_text())
+    result = json.loads((results / "optimize" / "result.json").read_text())
+    assert len(result["history"]) == STEPS and result["best"]["cuts"] == optimized
+    cutflow = json.loads((results / "cutflow.json").read_text())
+    assert {row["name"]: row["optimized"] for row in cutflow["cuts"]} == optimized
+    for cuts in ("start", "optimized"):
+        workspace = json.loads((results / cuts / "workspace.json").read_text())
+        histograms = json.loads((results / cuts / "histograms.json").read_text())
+        # the cut flow's last step is what the histograms hold
+        flow = cutflow[cuts]["SR"]
+        for sample in workspace["channels"][0]["samples"]:
+            name = sample["name"]
+            total = sum(histograms["SR"][name]["nominal"]["yields"])
+            assert flow["yields"][name][-1] == pytest.approx(total, rel=1e-9, abs=1e-9)
+        # diffana's fit against pyhf's fit of the same workspace (the workflow's cross-check)
+        fit = json.loads((results / cuts / "fit.json").read_text())
+        pyhf_fit = json.loads((results / cuts / "pyhf_fit.json").read_text())
+        mu = dict(zip(fit["labels"], fit["bestfit"], strict=True))["mu"]
+        assert mu == pytest.approx(pyhf_fit["mle_parameters"]["mu"][0], abs=2e-3)
+        # the expected significance against pyhf's asymptotic discovery test
+        significance = json.loads((results / cuts / "significance.json").read_text())
+        pyhf_workspace = pyhf.Workspace(workspace)
+        model = pyhf_workspace.model()
+        observed_p0, expected_p0 = pyhf.infer.hypotest(
+            0.0, pyhf_workspace.data(model), model, test_stat="q0", return_expected=True
+        )
+        assert significance["observed"]["p_value"] == pytest.approx(float(observed_p0), rel=2e-2)
+        assert significance["expected"]["p_value"] == pytest.approx(float(expected_p0), rel=2e-2)
+    assert result["best"]["hard"] > result["initial"]["hard"]
+
+
+def test_report_has_every_section_and_its_images_are_not_blank(workflow):
+    folder, _, _ = workflow
+    text = (folder / "results" / "dimuon" / "report.html").read_text()
+    report = _Report()
+    report.feed(text)
+    assert report.headings[1:] == REPORT_SECTIONS  # after "Contents"
+    # per cut set: pre-fit, post-fit, pulls, correlation, ranking, scan, CLs; plus the
+    # optimization history, soft against hard and the cut flow
+    assert len(report.images) == 2 * 7 + 3
+    for src in report.images:
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        pixels = matplotlib.image.imread(io.BytesIO(base64.b64decode(src[len(prefix) :])))
+        assert pixels.shape[0] > 200 and float(np.std(pixels[..., :3])) > 0.05
+    for needle in (
+        "expected significance Z0",
+        "Cut flow, SR",
+        "Post-fit yields",
+        "software versions",
+        "dimuon.yaml",
+        "pyhf",
+    ):
+        assert needle in text, needle

@@ -1,0 +1,107 @@
+# Every plot is `diffana plot KIND INPUT... --out STEM`, which writes STEM.png and STEM.pdf.
+PLOTS = f"{RESULTS}/plots"
+
+
+def figure(stem):
+    return multiext(stem, ".png", ".pdf")
+
+
+rule plot_distributions:
+    """Stacked pre-fit and post-fit distributions per region, with data and uncertainty band."""
+    input:
+        workspace=f"{RESULTS}/{{cuts}}/workspace.json",
+        fit=f"{RESULTS}/{{cuts}}/fit.json",
+        model=MODEL,
+    output:
+        [figure(f"{PLOTS}/{{cuts}}/{stage}_{region}") for stage in ("prefit", "postfit")
+         for region in REGIONS],
+    log:
+        f"{RESULTS}/logs/plot_distributions_{{cuts}}.log",
+    shell:
+        "({DIFFANA} plot distributions {input.workspace} --config {input.model}"
+        " --out {PLOTS}/{wildcards.cuts}/prefit"
+        " && {DIFFANA} plot distributions {input.workspace} --config {input.model}"
+        " --fit {input.fit} --out {PLOTS}/{wildcards.cuts}/postfit) 2> {log}"
+
+
+rule plot_fit:
+    """Nuisance-parameter pulls and the correlation matrix of the fit."""
+    input:
+        fit=f"{RESULTS}/{{cuts}}/fit.json",
+        workspace=f"{RESULTS}/{{cuts}}/workspace.json",
+    output:
+        figure(f"{PLOTS}/{{cuts}}/pulls"),
+        figure(f"{PLOTS}/{{cuts}}/correlation"),
+    log:
+        f"{RESULTS}/logs/plot_fit_{{cuts}}.log",
+    shell:
+        "({DIFFANA} plot pulls {input.fit} --workspace {input.workspace}"
+        " --out {PLOTS}/{wildcards.cuts}/pulls"
+        " && {DIFFANA} plot correlation {input.fit} --out {PLOTS}/{wildcards.cuts}/correlation)"
+        " 2> {log}"
+
+
+rule plot_ranking:
+    """Impacts of the nuisance parameters on the POI, with their pulls."""
+    input:
+        ranking=f"{RESULTS}/{{cuts}}/ranking.json",
+        workspace=f"{RESULTS}/{{cuts}}/workspace.json",
+    output:
+        figure(f"{PLOTS}/{{cuts}}/ranking"),
+    log:
+        f"{RESULTS}/logs/plot_ranking_{{cuts}}.log",
+    shell:
+        "{DIFFANA} plot ranking {input.ranking} --workspace {input.workspace}"
+        " --out {PLOTS}/{wildcards.cuts}/ranking 2> {log}"
+
+
+rule plot_scan:
+    input:
+        f"{RESULTS}/{{cuts}}/scan.json",
+    output:
+        figure(f"{PLOTS}/{{cuts}}/scan"),
+    log:
+        f"{RESULTS}/logs/plot_scan_{{cuts}}.log",
+    shell:
+        "{DIFFANA} plot scan {input} --out {PLOTS}/{wildcards.cuts}/scan 2> {log}"
+
+
+rule plot_cls:
+    """CLs against the POI with the expected band (the Brazil plot)."""
+    input:
+        f"{RESULTS}/{{cuts}}/limit.json",
+    output:
+        figure(f"{PLOTS}/{{cuts}}/cls"),
+    log:
+        f"{RESULTS}/logs/plot_cls_{{cuts}}.log",
+    shell:
+        "{DIFFANA} plot cls {input} --out {PLOTS}/{wildcards.cuts}/cls 2> {log}"
+
+
+rule plot_optimization:
+    """Optimization history, and soft (KDE) against hard histograms at the optimized cuts."""
+    input:
+        result=rules.optimize.output.result,
+        cuts=rules.optimize.output.cuts,
+        model=MODEL,
+        data=rules.generate.output if config["generate"] else [],
+    output:
+        figure(f"{PLOTS}/optimization"),
+        [figure(f"{PLOTS}/soft_vs_hard_{region}") for region in REGIONS],
+    log:
+        f"{RESULTS}/logs/plot_optimization.log",
+    shell:
+        "({DIFFANA} plot optimization {input.result} --out {PLOTS}/optimization"
+        " && {DIFFANA} plot soft-vs-hard {input.model} --cuts {input.cuts}"
+        " --result {input.result} {READ} --out {PLOTS}/soft_vs_hard) 2> {log}"
+
+
+rule plot_cutflow:
+    input:
+        rules.cutflow.output,
+    output:
+        [figure(f"{PLOTS}/cutflow_{region}") for region in REGIONS],
+    log:
+        f"{RESULTS}/logs/plot_cutflow.log",
+    shell:
+        "{DIFFANA} plot cutflow {input} --out {PLOTS}/cutflow 2> {log}"
