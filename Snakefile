@@ -34,6 +34,7 @@ include: "workflows/rules/workspace.smk"
 include: "workflows/rules/fit.smk"
 include: "workflows/rules/plots.smk"
 include: "workflows/rules/report.smk"
+include: "workflows/rules/notebook.smk"
 
 
 rule all:

@@ -632,19 +632,38 @@ def fit(
     help="Test statistic (q0: discovery, at --poi-value 0).",
 )
 @click.option("--asimov", is_flag=True, help="Test on the Asimov dataset instead of the data.")
+@click.option(
+    "--calctype",
+    type=click.Choice(["asymptotics", "toybased"]),
+    default="asymptotics",
+    show_default=True,
+    help="Asymptotic formulae or pseudo-experiments (as pyhf's calctype).",
+)
+@click.option(
+    "--n-toys",
+    type=click.IntRange(min=10),
+    default=2000,
+    show_default=True,
+    help="Pseudo-experiments per hypothesis (toybased).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Toy seed (toybased).")
 def hypotest(
     workspace: Any,
     model: Any,
     poi_value: float,
     test_stat: str,
     asimov: bool,
+    calctype: str,
+    n_toys: int,
+    seed: int,
     output: pathlib.Path | None,
     device: torch.device,
 ) -> None:
-    """Asymptotic CLs hypothesis test at one POI value.
+    """CLs hypothesis test at one POI value, asymptotic or with toys.
 
     Output: ``test_stat`` is the statistic's name, ``teststat`` its observed value; for q0,
-    ``cls_obs`` and ``cls_exp`` are discovery p-values (CLs+b).
+    ``cls_obs`` and ``cls_exp`` are discovery p-values (CLs+b). Toys: ``n_toys`` and ``seed``
+    too, and a progress bar on a terminal.
     """
     from analysis import inference
     from analysis.errors import ConfigError
@@ -663,7 +682,13 @@ def hypotest(
     data = _data(workspace, model, asimov)
     _check_start(workspace, model, data, model.suggested_init(), asimov=asimov)
     _check_identifiable(model, data)
-    result = inference.hypotest(model, data, poi_value, test_stat)
+    if calctype == "toybased":
+        result = inference.toy_hypotest(
+            model, data, poi_value, test_stat, n_toys=n_toys, seed=seed, progress=True
+        )
+        toys = {"calctype": calctype, "n_toys": n_toys, "seed": seed}
+    else:
+        result, toys = inference.hypotest(model, data, poi_value, test_stat), {}
     emit(
         {
             "poi_value": poi_value,
@@ -671,6 +696,7 @@ def hypotest(
             "teststat": float(result.teststat),
             "cls_obs": float(result.cls_obs),
             "cls_exp": [float(x) for x in result.cls_exp],
+            **toys,
         },
         output,
     )

@@ -40,6 +40,7 @@ import torch
 
 from analysis.errors import AnalysisError, ConfigError
 from analysis.fit import newton_minimize, value_grad_hessian, with_implicit_gradient
+from analysis.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -602,6 +603,8 @@ def toy_hypotest(
     init=None,
     bounds=None,
     fixed=None,
+    batch_size: int = 1000,
+    progress: bool = False,
 ) -> HypotestResult:
     """Hypothesis test at ``poi_value`` with pseudo-experiments instead of asymptotics.
 
@@ -612,6 +615,10 @@ def toy_hypotest(
     ``CLs+b = P(q >= q_obs | s+b)``, ``CLb = P(q >= q_obs | b)``, ``CLs = CLs+b / CLb``. The
     expected band is the 2.3, 15.9, 50, 84.1 and 97.7 percentiles of CLs (CLs+b for q0)
     evaluated at each background-only toy (linear interpolation, as pyhf).
+
+    The toys are fitted ``batch_size`` at a time (both hypotheses in each batched call; fits
+    are independent per toy, so the batch size changes nothing but memory and the steps of
+    the ``progress`` bar, shown on a terminal).
     """
     kwargs = {"init": init, "bounds": bounds, "fixed": fixed}
     data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
@@ -622,7 +629,15 @@ def toy_hypotest(
         pars_sb, _ = fixed_poi_fit(model, data, poi_value, **kwargs)
         pars_b, _ = fixed_poi_fit(model, data, other, **kwargs)
         toys = model.sample(torch.stack([pars_sb, pars_b]), n_toys, generator=generator)
-        q_toys = test_statistic(model, toys, poi_value, test_stat, **kwargs)  # (n_toys, 2)
+        bar = progress_bar(n_toys, "toys", enabled=progress, unit="toy")
+        try:
+            batches = []
+            for batch in torch.split(toys, max(1, int(batch_size))):
+                batches.append(test_statistic(model, batch, poi_value, test_stat, **kwargs))
+                bar.update(batch.shape[0])
+        finally:
+            bar.close()
+        q_toys = torch.cat(batches)  # (n_toys, 2)
         q_sb, q_b = q_toys[:, 0], q_toys[:, 1]
 
         def pvalues(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

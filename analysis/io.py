@@ -47,6 +47,7 @@ from analysis.errors import (
     InputFileError,
     MissingObjectError,
 )
+from analysis.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,12 @@ def read_events(
     dtype: torch.dtype = torch.float64,
     cache_dir: str | os.PathLike[str] | None = None,
     step_size: int | str = "64 MB",
+    progress: bool = True,
 ) -> dict[TemplateKey, Events]:
     """Read the events of ``templates`` (default: all of ``config.templates()``).
+
+    Each (files, tree) is read once for all the templates that use it; ``progress`` shows a bar
+    over them on a terminal (:func:`analysis.progress.progress_bar`).
 
     Returns ``{(region, sample, variation): Events}``. Raises :class:`InputFileError` for a
     missing or unreadable file, :class:`MissingObjectError` for a missing tree or branch,
@@ -118,26 +123,35 @@ def read_events(
         groups.setdefault((template.paths, template.tree), []).append(template)
 
     result: dict[TemplateKey, Events] = {}
-    for (paths, tree), members in groups.items():
-        requests = list(
-            dict.fromkeys(_Request(t.filter, t.weight, template_expressions(t)) for t in members)
-        )
-        arrays = _read_group(config, paths, tree, requests, members[0], cache_dir, step_size)
-        for template in members:
-            request = _Request(template.filter, template.weight, template_expressions(template))
-            columns, weight = arrays[requests.index(request)]
-            if weight.shape[0] == 0:
-                raise DataError(
-                    f"{_where(paths, tree)}: {template.label} has no events after Filter "
-                    f"{template.filter!r}"
+    bar = progress_bar(len(groups), "reading", enabled=progress, unit="tree")
+    try:
+        for (paths, tree), members in groups.items():
+            bar.set_postfix_str(_where(paths, tree), refresh=False)
+            requests = list(
+                dict.fromkeys(
+                    _Request(t.filter, t.weight, template_expressions(t)) for t in members
                 )
-            result[template_key(template)] = Events(
-                variable=template.variable,
-                columns={
-                    k: torch.as_tensor(v).to(device=device, dtype=dtype) for k, v in columns.items()
-                },
-                weight=torch.as_tensor(weight).to(device=device, dtype=dtype),
             )
+            arrays = _read_group(config, paths, tree, requests, members[0], cache_dir, step_size)
+            for template in members:
+                request = _Request(template.filter, template.weight, template_expressions(template))
+                columns, weight = arrays[requests.index(request)]
+                if weight.shape[0] == 0:
+                    raise DataError(
+                        f"{_where(paths, tree)}: {template.label} has no events after Filter "
+                        f"{template.filter!r}"
+                    )
+                result[template_key(template)] = Events(
+                    variable=template.variable,
+                    columns={
+                        k: torch.as_tensor(v).to(device=device, dtype=dtype)
+                        for k, v in columns.items()
+                    },
+                    weight=torch.as_tensor(weight).to(device=device, dtype=dtype),
+                )
+            bar.update(1)
+    finally:
+        bar.close()
     return result
 
 

@@ -44,7 +44,6 @@ import logging
 import math
 import os
 import pathlib
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +60,7 @@ from analysis.inference import InferenceError
 from analysis.io import Events, TemplateKey
 from analysis.objectives import Objective, get_objective
 from analysis.pipeline import AnalysisPipeline
+from analysis.progress import progress_bar
 
 __all__ = [
     "OptimizationResult",
@@ -229,13 +229,6 @@ def _write_outputs(out_dir: pathlib.Path, result: OptimizationResult) -> None:
     log.info("wrote %s and %s", out_dir / RESULT, out_dir / CUTS)
 
 
-def _progress_bar(total: int, initial: int, enabled: bool, description: str) -> Any:
-    from tqdm.auto import tqdm
-
-    disable = not enabled or not sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, disable=disable, desc=description, leave=False)
-
-
 # ----------------------------------------------------------------------------- optimize
 def optimize(
     config: Config,
@@ -309,7 +302,7 @@ def optimize(
             torch.set_rng_state(state["rng"])
             log.info("resuming %s at step %d of %d", path, first, steps)
 
-        bar = _progress_bar(steps, first, progress, objective_fn.name)
+        bar = progress_bar(steps, objective_fn.name, enabled=progress, initial=first, unit="step")
         try:
             for step in range(first, steps):
                 tau, bandwidth = schedule(step, steps, settings.temperature, settings.bandwidth)
@@ -515,7 +508,7 @@ def scan_cuts(
     initial = evaluate()
     best = dict(initial) if initial["hard"] is not None else None
     history = []
-    bar = _progress_bar(len(points), 0, progress, f"{method} {objective_fn.name}")
+    bar = progress_bar(len(points), f"{method} {objective_fn.name}", enabled=progress, unit="point")
     try:
         for i, point in enumerate(points):
             pipeline.set_cut_values(dict(zip(names, point.tolist(), strict=True)))

@@ -363,9 +363,10 @@ class AnalysisPipeline(torch.nn.Module):
 
         The histograms are converted to float64 (DESIGN.md: likelihoods run in float64) and
         passed to :func:`analysis.workspace.build_spec`, which floors every prediction template
-        per bin (:func:`analysis.workspace.smooth_floor` at ``General.YieldFloor`` of its total;
-        the floor is detached: it moves with the sample's size but carries no gradient), exactly
-        as for the hard workspace, so ``tau = 0``, ``bandwidth = 0`` gives that workspace.
+        per bin (:func:`analysis.workspace.smooth_floor` at ``General.YieldFloor`` of the region's
+        total prediction; the floor is detached: it moves with the region's yield but carries no
+        gradient) exactly as for the hard workspace, so ``tau = 0``, ``bandwidth = 0`` gives
+        that workspace.
         """
         histograms = {key: _as_float64(h) for key, h in self.histograms(tau, bandwidth).items()}
         return workspace_builder.build_spec(self.config, histograms)

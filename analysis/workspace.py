@@ -19,15 +19,19 @@ NormFactors acting on the sample, then the Systematics in config order:
 
 **Yield floor.** HistFactory needs a positive expected yield in every bin (``log lambda``) and a
 positive staterror width; cuts, negative weights (and, in the relaxed pipeline, KDE smearing)
-can leave a bin empty or negative. Every prediction template (nominal and variations) is
-therefore passed through :func:`smooth_floor` per bin at ``f = YieldFloor * sum_b |n_b|`` of
-that template (``General.YieldFloor``, default :data:`FLOOR_FRACTION` = 1e-6), its sum of
-squared weights likewise; bins above the floor are unchanged, so a valid analysis gets exactly
-its histograms (like TRExFitter's correction of empty and negative bins, but continuous). Data
-are never floored. ``YieldFloor: 0`` switches this off, as cabinetry has no floor: cabinetry's
-example then gives cabinetry's workspace number for number (its empty signal bin stays 0).
-The same function builds the relaxed pipeline's model, so at ``tau = 0``, ``bandwidth = 0`` it
-is this workspace exactly.
+can leave a bin, or a whole sample, empty or negative. Every prediction template (nominal and
+variations) of a region is therefore passed through :func:`smooth_floor` per bin at
+``f = YieldFloor * sum_s sum_b |n_sb|``, the region's total nominal prediction
+(``General.YieldFloor``, default :data:`FLOOR_FRACTION` = 1e-6), and its sum of squared weights
+at ``YieldFloor * sum_s sum_b s_sb`` likewise. One floor per region, not per template: a
+template that went entirely empty (a background removed by the cuts, while a variation of it
+kept a few events) then stays on the scale of the region, so its normalisation factors and
+interpolated templates stay finite. Bins above the floor are unchanged, so a valid analysis gets
+exactly its histograms (like TRExFitter's correction of empty and negative bins, but
+continuous). Data are never floored. ``YieldFloor: 0`` switches this off, as cabinetry has no
+floor: cabinetry's example then gives cabinetry's workspace number for number (its empty signal
+bin stays 0). The same function builds the relaxed pipeline's model, so at ``tau = 0``,
+``bandwidth = 0`` it is this workspace exactly.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ from analysis.histograms import Histogram
 from analysis.io import TemplateKey
 
 FLOOR_FRACTION = 1e-6
-"""Default ``General.YieldFloor``: the yield floor per bin as a fraction of the template's total
-``sum_b |n_b|`` (and of ``sum_b s_b`` for the sum of squared weights); see :func:`smooth_floor`."""
+"""Default ``General.YieldFloor``: the yield floor per bin as a fraction of the region's total
+nominal prediction ``sum_s sum_b |n_sb|`` (and of ``sum_s sum_b s_sb`` for the sum of squared
+weights); see :func:`smooth_floor`."""
 
 
 def smooth_floor(x: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
@@ -70,14 +75,9 @@ def smooth_floor(x: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
     return torch.where(x >= floor, x, soft)
 
 
-def floored(hist: Histogram, fraction: float = FLOOR_FRACTION) -> Histogram:
-    """``hist`` with :func:`smooth_floor` applied to its yields and sum of w^2 at ``fraction``
-    of their totals (floors detached from the graph; unchanged for ``fraction = 0``)."""
-    if fraction == 0:
-        return hist
-    tiny = torch.finfo(hist.yields.dtype).tiny
-    floor_n = torch.clamp(fraction * hist.yields.detach().abs().sum(), min=tiny)
-    floor_s = torch.clamp(fraction * hist.sumw2.detach().abs().sum(), min=tiny)
+def floored(hist: Histogram, floor_n: torch.Tensor, floor_s: torch.Tensor) -> Histogram:
+    """``hist`` with :func:`smooth_floor` applied to its yields at ``floor_n`` and to its sum of
+    w^2 at ``floor_s``."""
     return Histogram(
         edges=hist.edges,
         yields=smooth_floor(hist.yields, floor_n),
@@ -85,17 +85,37 @@ def floored(hist: Histogram, fraction: float = FLOOR_FRACTION) -> Histogram:
     )
 
 
+def region_floors(
+    config: Config, region: Region, histograms: Mapping[TemplateKey, Histogram]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The yield floor and the sum-of-w^2 floor of a region (module docstring, "Yield floor"):
+    ``YieldFloor`` times the totals of the region's nominal prediction templates, detached.
+    Raises DataError when the region has no prediction left (nothing to scale a floor by)."""
+    nominals = [histograms[(region.name, s.name, "nominal")] for s in config.samples_in(region)]
+    total_n = sum(h.yields.detach().abs().sum() for h in nominals)
+    total_s = sum(h.sumw2.detach().abs().sum() for h in nominals)
+    if not total_n > 0:
+        raise DataError(
+            f"region '{region.name}': no predicted events left (total yield of the samples "
+            f"{', '.join(s.name for s in config.samples_in(region))} is 0); loosen the cuts"
+        )
+    fraction = config.general.yield_floor
+    tiny = torch.finfo(total_n.dtype).tiny
+    return fraction * total_n, torch.clamp(fraction * total_s, min=tiny)
+
+
 def build_spec(config: Config, histograms: Mapping[TemplateKey, Histogram]) -> dict[str, Any]:
     """The pyhf workspace structure with torch tensors as numeric leaves (see module docstring).
 
     Prediction templates are floored (module docstring, "Yield floor"); data are not.
     """
-    data_name = config.data_sample.name
-    fraction = config.general.yield_floor
-    histograms = {
-        key: hist if key[1] == data_name else floored(hist, fraction)
-        for key, hist in histograms.items()
-    }
+    if config.general.yield_floor > 0:
+        floors = {r.name: region_floors(config, r, histograms) for r in config.regions}
+        data_name = config.data_sample.name
+        histograms = {
+            key: hist if key[1] == data_name else floored(hist, *floors[key[0]])
+            for key, hist in histograms.items()
+        }
     channels = []
     observations = []
     for region in config.regions:

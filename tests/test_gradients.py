@@ -22,16 +22,42 @@ def model_of(yields: torch.Tensor):
     signal, background = yields[:3], yields[3:]
     shape = torch.tensor([1.06, 1.0, 0.95], dtype=yields.dtype)
     spec = {
-        "channels": [{"name": "SR", "samples": [
-            {"name": "signal", "data": signal,
-             "modifiers": [{"name": "mu", "type": "normfactor", "data": None}]},
-            {"name": "background", "data": background, "modifiers": [
-                {"name": "bkg_norm", "type": "normsys", "data": {"hi": 1.08, "lo": 0.93}},
-                {"name": "bkg_shape", "type": "histosys",
-                 "data": {"hi_data": background * shape, "lo_data": background / shape}},
-                {"name": "staterror_SR", "type": "staterror", "data": 0.04 * background},
-            ]},
-        ]}],
+        "channels": [
+            {
+                "name": "SR",
+                "samples": [
+                    {
+                        "name": "signal",
+                        "data": signal,
+                        "modifiers": [{"name": "mu", "type": "normfactor", "data": None}],
+                    },
+                    {
+                        "name": "background",
+                        "data": background,
+                        "modifiers": [
+                            {
+                                "name": "bkg_norm",
+                                "type": "normsys",
+                                "data": {"hi": 1.08, "lo": 0.93},
+                            },
+                            {
+                                "name": "bkg_shape",
+                                "type": "histosys",
+                                "data": {
+                                    "hi_data": background * shape,
+                                    "lo_data": background / shape,
+                                },
+                            },
+                            {
+                                "name": "staterror_SR",
+                                "type": "staterror",
+                                "data": 0.04 * background,
+                            },
+                        ],
+                    },
+                ],
+            }
+        ],
         "observations": [{"name": "SR", "data": OBSERVED}],
         "measurements": [{"name": "m", "config": {"poi": "mu", "parameters": []}}],
         "version": "1.0.0",

@@ -158,3 +158,26 @@ def test_report_has_every_section_and_its_images_are_not_blank(workflow):
         "pyhf",
     ):
         assert needle in text, needle
+
+
+def test_notebook_rule_gives_the_optimize_rule_cuts(workflow):
+    """`snakemake tuning` runs the tuning notebook as a `notebook:` rule on the workflow's data:
+    same steps and seed as the optimize rule, so the same cuts; the executed notebook is its
+    log, with the optimization history plotted."""
+    folder, command, env = workflow
+    proc = subprocess.run(
+        [*command, "--", "tuning"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = folder / "results" / "dimuon"
+    tuned = json.loads((results / "tuning" / "cuts.json").read_text())
+    assert tuned == json.loads((results / "optimize" / "cuts.json").read_text())
+    executed = json.loads((results / "logs" / "tuning.ipynb").read_text())
+    outputs = [o for cell in executed["cells"] for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o["output_type"] == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3

@@ -43,8 +43,8 @@ def cabinetry_config(tmp_path):
 
 def test_cabinetry_example_workspace_is_reproduced(cabinetry_config):
     """Without the yield floor (cabinetry has none) number for number; with the default floor
-    only the one empty bin (Signal, bin 0) differs: raised to between f/2 and f,
-    f = 1e-6 * the sample's total (workspace module docstring)."""
+    only the one empty bin (Signal, bin 0) differs: raised to between f/2 and f, f = 1e-6 times
+    the region's total nominal prediction (workspace module docstring)."""
     ref = json.loads(reference_path("cabinetry", "example_workspace.json").read_text())
     histograms = hard_histograms(cabinetry_config)
     general = dataclasses.replace(cabinetry_config.general, yield_floor=0.0)
@@ -53,12 +53,14 @@ def test_cabinetry_example_workspace_is_reproduced(cabinetry_config):
 
     ours = workspace.build(cabinetry_config, histograms)
     signal = ours["channels"][0]["samples"][0]
-    ref_signal = ref["channels"][0]["samples"][0]
+    ref_samples = ref["channels"][0]["samples"]
+    ref_signal = ref_samples[0]
     assert signal["name"] == ref_signal["name"] == "Signal" and ref_signal["data"][0] == 0.0
-    f = 1e-6 * sum(ref_signal["data"])
+    f = 1e-6 * sum(sum(sample["data"]) for sample in ref_samples)
     assert f / 2 < signal["data"][0] <= f
-    assert ref_signal["modifiers"][0]["type"] == "staterror"
-    f_s = 1e-6 * sum(x**2 for x in ref_signal["modifiers"][0]["data"])
+    staterror = [sample["modifiers"][0] for sample in ref_samples]
+    assert all(modifier["type"] == "staterror" for modifier in staterror)
+    f_s = 1e-6 * sum(x**2 for modifier in staterror for x in modifier["data"])
     assert f_s / 2 < signal["modifiers"][0]["data"][0] ** 2 <= f_s
     signal["data"][0] = 0.0
     signal["modifiers"][0]["data"][0] = 0.0
@@ -92,6 +94,40 @@ def test_yield_floor_gives_a_finite_likelihood(toy):
         with np.errstate(all="ignore"):
             value = model.logpdf(model.config.suggested_init(), observed)[0]
         assert bool(np.isfinite(value)) == finite, (floor, value)
+
+
+def test_an_emptied_sample_keeps_a_finite_likelihood(toy):
+    """A sample that the cuts emptied entirely while a variation of it kept events (the demo's
+    ttbar at a hard muon-pt cut, with its momentum-scale-down tree) gets the region's floor:
+    its NormPlusShape factors, templates and pyhf's likelihood stay finite."""
+    cfg = configuration.from_dict(copy.deepcopy(toy.config))
+    hists = hard_histograms(cfg)
+    region, sample = cfg.regions[0].name, "Signal"
+    syst = next(s for s in cfg.systematics if s.name == "WeightSys")  # both sides given
+    emptied = dict(hists)
+    nominal = hists[(region, sample, "nominal")]
+    emptied[(region, sample, "nominal")] = Histogram(
+        nominal.edges, nominal.yields * 0, nominal.sumw2 * 0
+    )
+    spec = workspace.build(cfg, emptied)
+    channel = next(c for c in spec["channels"] if c["name"] == region)
+    floored = next(s for s in channel["samples"] if s["name"] == sample)
+    f = 1e-6 * sum(
+        float(hists[(region, s.name, "nominal")].yields.sum())
+        for s in cfg.samples_in(cfg.regions[0])
+        if s.name != sample
+    )
+    assert all(f / 2 < x <= f for x in floored["data"])
+    normsys = next(
+        m
+        for m in floored["modifiers"]
+        if m["type"] == "normsys" and m["name"] == syst.modifier_name
+    )
+    up_total = float(hists[(region, sample, f"{syst.name}_Up")].yields.sum())
+    assert normsys["data"]["hi"] == pytest.approx(up_total / sum(floored["data"]), rel=1e-12)
+    ws = pyhf.Workspace(spec)
+    model = ws.model()
+    assert np.isfinite(model.logpdf(model.config.suggested_init(), ws.data(model))[0])
 
 
 def test_cabinetry_example_fits_like_cabinetry(cabinetry_config):
