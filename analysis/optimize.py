@@ -444,10 +444,13 @@ def scan_points(
 ) -> np.ndarray:
     """Points ``(n, n_cuts)`` within ``bounds``.
 
-    ``grid``: ``m`` values per cut, ``m`` the largest with ``m ** n_cuts <= budget``, at the
-    centres of ``m`` equal cells of ``[low, high]`` (``low + (i + 1/2)(high - low)/m``; a bound
-    itself keeps all or no events and would be nudged by the pipeline). ``random``: ``budget``
-    points uniform in the box, from ``numpy.random.default_rng(seed)``.
+    ``grid``: ``m_k`` values for cut ``k`` at the centres of ``m_k`` equal cells of
+    ``[low, high]`` (``low + (i + 1/2)(high - low)/m_k``; a bound itself keeps all or no events
+    and would be nudged by the pipeline), as even as the budget allows: every ``m_k`` starts at
+    the largest ``m`` with ``m ** n_cuts <= budget``, then the cuts in order get one value more
+    while ``prod_k m_k <= budget`` (budget 110 for 5 cuts: 3 x 3 x 3 x 2 x 2 = 108 points, where
+    equal counts would give 2^5 = 32). ``random``: ``budget`` points uniform in the box, from
+    ``numpy.random.default_rng(seed)``.
     """
     if budget < 1:
         raise ConfigError(f"budget must be >= 1, got {budget}")
@@ -460,7 +463,15 @@ def scan_points(
             m += 1
         while m**n > budget:
             m -= 1
-        axes = [lo + (np.arange(m) + 0.5) * (hi - lo) / m for lo, hi in zip(low, high, strict=True)]
+        counts = [m] * n
+        for k in range(n):
+            if math.prod(counts) // counts[k] * (counts[k] + 1) > budget:
+                break
+            counts[k] += 1
+        axes = [
+            lo + (np.arange(c) + 0.5) * (hi - lo) / c
+            for lo, hi, c in zip(low, high, counts, strict=True)
+        ]
         mesh = np.meshgrid(*axes, indexing="ij")
         return np.stack([g.ravel() for g in mesh], axis=-1)
     if method == "random":

@@ -140,6 +140,11 @@ def test_scan_points():
     grid = scan_points([(0.0, 1.0), (10.0, 20.0)], "grid", 10, 0)
     assert grid.shape == (9, 2)
     assert sorted(set(grid[:, 0].round(12))) == pytest.approx([1 / 6, 0.5, 5 / 6])
+    # the budget is used: 20 points for 3 cuts give 3 x 3 x 2 = 18 (2^3 = 8 with equal counts)
+    uneven = scan_points([(0.0, 1.0), (0.0, 2.0), (0.0, 3.0)], "grid", 20, 0)
+    assert uneven.shape == (18, 3)
+    assert [len(set(uneven[:, k].round(12))) for k in range(3)] == [3, 3, 2]
+    assert len({tuple(p) for p in uneven.round(12)}) == 18
     random = scan_points([(0.0, 1.0), (10.0, 20.0)], "random", 7, 3)
     assert random.shape == (7, 2)
     assert ((random[:, 1] > 10) & (random[:, 1] < 20)).all()
@@ -326,6 +331,8 @@ def test_dimuon_optimize_beats_grid_with_ten_times_the_evaluations(demo_setup, t
         out_dir=tmp_path / "grid",
         progress=False,
     )
+    # the grid really spends (almost) ten times the evaluations: 3 x 3 x 3 x 2 x 2 of 110
+    assert 0.9 * 10 * result.hard_evaluations <= grid.hard_evaluations
     assert grid.hard_evaluations <= 10 * result.hard_evaluations + 1
     assert result.best.hard >= 0.99 * grid.best.hard
     assert result.best.hard >= 1.5 * result.initial.hard
