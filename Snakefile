@@ -21,7 +21,14 @@ DIFFANA = config["diffana"]
 # options every diffana command that reads events gets
 READ = f"--device {config['device']} --cache-dir {config['cache_dir']}"
 with open(MODEL) as handle:
-    REGIONS = [region["Name"] for region in yaml.safe_load(handle)["Regions"]]
+    _analysis = yaml.safe_load(handle)
+REGIONS = [region["Name"] for region in _analysis["Regions"]]
+# generate the demo files first when asked, or ("auto") when the analysis reads from data_dir
+if config["generate"] == "auto":
+    _inputs = os.path.normpath(os.path.dirname(_analysis["General"]["InputPath"]))
+    GENERATE = _inputs == os.path.normpath(config["data_dir"])
+else:
+    GENERATE = bool(config["generate"])
 # "start": the analysis YAML's cut values; "optimized": the cuts `diffana optimize` found
 CUTS = ["start", "optimized"]
 

@@ -181,3 +181,19 @@ def test_notebook_rule_gives_the_optimize_rule_cuts(workflow):
     outputs = [o for cell in executed["cells"] for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o["output_type"] == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+
+
+@pytest.mark.parametrize(("settings", "generates"), [([], True), (["data_dir=elsewhere"], False)])
+def test_demo_files_are_generated_only_for_an_analysis_that_reads_them(
+    tmp_path, settings, generates
+):
+    """``generate: auto``: the generate rule is in the DAG when the analysis' InputPath lies in
+    ``data_dir`` (the demo), not otherwise (another analysis, its own files)."""
+    bin_dir = pathlib.Path(sys.executable).parent
+    env = dict(os.environ, PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
+    command = [str(bin_dir / "snakemake"), "-n", "-c1", "-s", str(ROOT / "Snakefile")]
+    command += ["-d", str(tmp_path), "--config", "device=cpu", *settings]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = [line.split()[0] for line in proc.stdout.splitlines() if line[:1].isalpha()]
+    assert ("generate" in jobs) == generates, proc.stdout[-2000:]

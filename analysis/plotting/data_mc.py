@@ -35,6 +35,21 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return out
 
 
+def _band(ax: Any, edges: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:
+    """The hatched total-uncertainty band between ``low`` and ``high`` per bin."""
+    ax.stairs(
+        high,
+        edges,
+        baseline=low,
+        fill=True,
+        facecolor="none",
+        edgecolor="0.3",
+        hatch=BAND_HATCH,
+        linewidth=0,
+        label=BAND_LABEL,
+    )
+
+
 def _channel_edges(edges: Any, channel: str, nbins: int) -> np.ndarray:
     if isinstance(edges, Mapping):
         edges = edges.get(channel)
@@ -104,17 +119,7 @@ def distribution(
             ax=ax,
         )
     low, high = ch.total - ch.total_stdev, ch.total + ch.total_stdev
-    ax.stairs(
-        high,
-        bin_edges,
-        baseline=low,
-        fill=True,
-        facecolor="none",
-        edgecolor="0.3",
-        hatch=BAND_HATCH,
-        linewidth=0,
-        label=BAND_LABEL,
-    )
+    _band(ax, bin_edges, low, high)
     if observed is not None:
         ax.errorbar(
             centers,
@@ -138,17 +143,7 @@ def distribution(
     ax.legend(handles[::-1], labels[::-1], loc="upper right")
     corner_text(ax, f"{channel}\n{prediction.label if text is None else text}")
 
-    ratio_ax.stairs(
-        _ratio(high, ch.total),
-        bin_edges,
-        baseline=_ratio(low, ch.total),
-        fill=True,
-        facecolor="none",
-        edgecolor="0.3",
-        hatch=BAND_HATCH,
-        linewidth=0,
-        label=BAND_LABEL,
-    )
+    _band(ratio_ax, bin_edges, _ratio(low, ch.total), _ratio(high, ch.total))
     ratio_ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
     deviations = [_ratio(ch.total_stdev, ch.total)]
     if observed is not None:

@@ -3,7 +3,7 @@ rule tuning:
     part of `all`: `snakemake -c2 tuning`. The executed notebook, with its plots, is the log."""
     input:
         model=MODEL,
-        data=rules.generate.output if config["generate"] else [],
+        data=rules.generate.output if GENERATE else [],
     output:
         cuts=f"{RESULTS}/tuning/cuts.json",
     params:

@@ -2,7 +2,7 @@ rule optimize:
     """Gradient-descent optimization of the trainable cuts (result.json, cuts.json)."""
     input:
         model=MODEL,
-        data=rules.generate.output if config["generate"] else [],
+        data=rules.generate.output if GENERATE else [],
     output:
         result=f"{RESULTS}/optimize/result.json",
         cuts=f"{RESULTS}/optimize/cuts.json",

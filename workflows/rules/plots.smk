@@ -84,7 +84,7 @@ rule plot_optimization:
         result=rules.optimize.output.result,
         cuts=rules.optimize.output.cuts,
         model=MODEL,
-        data=rules.generate.output if config["generate"] else [],
+        data=rules.generate.output if GENERATE else [],
     output:
         figure(f"{PLOTS}/optimization"),
         [figure(f"{PLOTS}/soft_vs_hard_{region}") for region in REGIONS],

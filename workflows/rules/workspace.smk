@@ -11,7 +11,7 @@ rule workspace:
     """Hard histograms and the pyhf JSON workspace at the starting or the optimized cuts."""
     input:
         model=MODEL,
-        data=rules.generate.output if config["generate"] else [],
+        data=rules.generate.output if GENERATE else [],
         cuts=cuts_file,
     output:
         workspace=f"{RESULTS}/{{cuts}}/workspace.json",
@@ -30,7 +30,7 @@ rule cutflow:
     """Hard cut flow (events and weighted yields after each cut), starting and optimized cuts."""
     input:
         model=MODEL,
-        data=rules.generate.output if config["generate"] else [],
+        data=rules.generate.output if GENERATE else [],
         cuts=rules.optimize.output.cuts,
     output:
         f"{RESULTS}/cutflow.json",
