@@ -1058,6 +1058,7 @@ def plot_distributions(
         edges=edges,
         observable=observable,
         log_y=log_y,
+        signal=workspace.signal_samples(),
     )
     for channel, figure in figures.items():
         _save(figure, stem.with_name(f"{stem.name}_{channel}"))

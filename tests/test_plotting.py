@@ -101,6 +101,27 @@ def test_distribution_draws_the_prediction(example, post_fit):
     assert ratio_ax.get_xlabel() == "jet pT [GeV]"
 
 
+def test_signal_samples_are_stacked_on_top_and_keep_their_colours(example):
+    """``signal`` moves those samples to the top of the stack (here, for the test, the
+    background: in cabinetry's example the model's order already ends with the signal);
+    each sample keeps its colour. The CLI takes them from Workspace.signal_samples."""
+    model, data, _ = example
+    ws = Workspace.load(reference_path("cabinetry", "example_workspace.json"))
+    assert ws.signal_samples() == ("Signal",)
+    pred = prediction(model)
+    channel = pred["Signal_region"]
+    default = patches_by_label(plotting.distribution(pred, "Signal_region", data).axes[0])
+    flipped = patches_by_label(
+        plotting.distribution(pred, "Signal_region", data, signal=("Background",)).axes[0]
+    )
+    background, signal = flipped["Background"].get_data(), flipped["Signal"].get_data()
+    np.testing.assert_allclose(signal.values, channel.yields[1], rtol=1e-12)
+    np.testing.assert_allclose(background.baseline, channel.yields[1], rtol=1e-12)
+    np.testing.assert_allclose(background.values, channel.total, rtol=1e-12)
+    for name in ("Background", "Signal"):
+        assert default[name].get_facecolor() == flipped[name].get_facecolor()
+
+
 def test_distribution_without_data_or_edges(example):
     model, _, _ = example
     pred = prediction(model)

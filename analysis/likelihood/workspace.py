@@ -155,6 +155,19 @@ class Workspace:
             source=self.source,
         )
 
+    def signal_samples(self, measurement: str | None = None) -> tuple[str, ...]:
+        """Names of the samples scaled by the measurement's POI (a ``normfactor`` of that name
+        in some channel), in channel then sample order; empty without a POI."""
+        poi = self.measurement(measurement)["config"]["poi"]
+        names: dict[str, None] = {}
+        for channel in self.spec["channels"]:
+            for sample in channel["samples"]:
+                if poi and any(
+                    m["type"] == "normfactor" and m["name"] == poi for m in sample["modifiers"]
+                ):
+                    names[sample["name"]] = None
+        return tuple(names)
+
     def data(self, model: Model, include_auxdata: bool = True) -> torch.Tensor:
         """Observed main data in ``model``'s channel order, then ``model.auxdata``."""
         observed = {o["name"]: o["data"] for o in self.spec["observations"]}

@@ -6,7 +6,7 @@ cabinetry's ``visualize.data_mc`` (``plot_model.data_mc``) for a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import mplhep
@@ -17,6 +17,7 @@ from analysis.plotting._results import array
 from analysis.plotting.style import (
     BAND_HATCH,
     DATA_COLOR,
+    color,
     corner_text,
     minor_ticks,
     new_figure,
@@ -73,11 +74,15 @@ def distribution(
     observable: str | None = None,
     log_y: bool = False,
     text: str | None = None,
+    signal: Sequence[str] = (),
 ) -> Figure:
     """Stacked pre- or post-fit distribution of one channel, with data and a ratio panel.
 
-    Drawn (top panel): the samples' expected yields stacked (``mplhep.histplot``, first sample
-    of the model at the bottom; samples with no yield in the channel are left out), the total
+    Drawn (top panel): the samples' expected yields stacked (``mplhep.histplot``): the
+    backgrounds in the model's order from the bottom, then the ``signal`` samples on top
+    (:meth:`analysis.likelihood.Workspace.signal_samples`); each sample keeps its colour (by
+    its position in the model) in every figure; samples with no yield in the channel are
+    left out. Then the total
     model uncertainty as a hatched band from ``total - stdev`` to ``total + stdev`` (the
     correlated uncertainty of :func:`analysis.prediction.prediction`), and the observed counts
     as points with ``sqrt(n)`` error bars. Bottom panel: data / model with ``sqrt(n) / model``
@@ -93,6 +98,7 @@ def distribution(
         observable: x-axis label (default ``"bin"`` or ``"observable"``).
         log_y: logarithmic yield axis.
         text: text under the channel name (default: the prediction's label).
+        signal: names of the signal samples, stacked on top.
 
     Returns:
         A figure with two axes: the distribution and the ratio.
@@ -108,7 +114,8 @@ def distribution(
     ax, ratio_ax = figure.subplots(
         2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.0}
     )
-    present = [i for i in range(len(ch.samples)) if np.any(ch.yields[i] != 0)]
+    order = sorted(range(len(ch.samples)), key=lambda i: ch.samples[i] in signal)  # stable
+    present = [i for i in order if np.any(ch.yields[i] != 0)]
     if present:
         mplhep.histplot(
             [ch.yields[i] for i in present],
@@ -116,6 +123,7 @@ def distribution(
             stack=True,
             histtype="fill",
             label=[ch.samples[i] for i in present],
+            color=[color(prediction.samples.index(ch.samples[i])) for i in present],
             ax=ax,
         )
     low, high = ch.total - ch.total_stdev, ch.total + ch.total_stdev
@@ -184,16 +192,17 @@ def distributions(
     edges: Any = None,
     observable: str | Mapping[str, str] | None = None,
     log_y: bool = False,
+    signal: Sequence[str] = (),
 ) -> dict[str, Figure]:
     """:func:`distribution` for every channel of ``prediction``: ``{channel: Figure}``.
 
     ``edges`` is one array for all channels or a mapping channel -> edges; ``observable`` one
-    x-axis label or a mapping channel -> label.
+    x-axis label or a mapping channel -> label; ``signal`` the samples stacked on top.
     """
     figures = {}
     for channel in prediction.channels:
         label = observable.get(channel) if isinstance(observable, Mapping) else observable
         figures[channel] = distribution(
-            prediction, channel, data, edges=edges, observable=label, log_y=log_y
+            prediction, channel, data, edges=edges, observable=label, log_y=log_y, signal=signal
         )
     return figures
