@@ -110,7 +110,10 @@ def test_signal_samples_are_stacked_on_top_and_keep_their_colours(example):
     assert ws.signal_samples() == ("Signal",)
     pred = prediction(model)
     channel = pred["Signal_region"]
-    default = patches_by_label(plotting.distribution(pred, "Signal_region", data).axes[0])
+    default_ax = plotting.distribution(pred, "Signal_region", data).axes[0]
+    legend = [t.get_text() for t in default_ax.get_legend().get_texts()]
+    assert legend == [data_mc.DATA_LABEL, data_mc.BAND_LABEL, "Signal", "Background"]  # top down
+    default = patches_by_label(default_ax)
     flipped = patches_by_label(
         plotting.distribution(pred, "Signal_region", data, signal=("Background",)).axes[0]
     )

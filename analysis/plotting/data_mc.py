@@ -147,8 +147,11 @@ def distribution(
     else:
         ax.set_ylim(0.0, 1.5 * top if top > 0 else 1.0)
     ax.set_ylabel("Events")
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles[::-1], labels[::-1], loc="upper right")
+    # legend: data, the band, then the samples from the top of the stack down
+    by_label = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    stacked = [ch.samples[i] for i in reversed(present)]
+    labels = [x for x in (DATA_LABEL, BAND_LABEL) if x in by_label] + stacked
+    ax.legend([by_label[x] for x in labels], labels, loc="upper right")
     corner_text(ax, f"{channel}\n{prediction.label if text is None else text}")
 
     _band(ratio_ax, bin_edges, _ratio(low, ch.total), _ratio(high, ch.total))
