@@ -1128,6 +1128,43 @@ def plot_ranking(
     _save(ranking(result, model, max_pars=max_pars), stem)
 
 
+@plot.command("templates")
+@click.argument("histograms_path", metavar="HISTOGRAMS", type=_json_file)
+@click.option(
+    "--config",
+    "config_path",
+    type=_json_file,
+    default=None,
+    help="Analysis YAML: observable names.",
+)
+@_plot_options
+def plot_templates(
+    histograms_path: pathlib.Path, config_path: pathlib.Path | None, stem: pathlib.Path
+) -> None:
+    """Nominal against up/down templates of every systematic variation (the output of
+    diffana histograms): STEM_<region>_<sample>_<systematic>.png/.pdf."""
+    from analysis.errors import ConfigError
+    from analysis.plotting import templates
+
+    payload = _read_json(histograms_path, "histograms")
+    observable = None
+    if config_path is not None:
+        from analysis import config as configuration
+
+        observable = {r.name: r.variable for r in configuration.load(config_path).regions}
+    try:
+        figures = templates(payload, observable=observable)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ConfigError(
+            f"{histograms_path}: not a diffana histograms file "
+            f"(region -> sample -> variation -> edges, yields, sumw2): {err}"
+        ) from None
+    if not figures:
+        raise ConfigError(f"{histograms_path}: no systematic variations (<name>_Up/_Down) in it")
+    for (region, sample, syst), figure in figures.items():
+        _save(figure, stem.with_name(f"{stem.name}_{region}_{sample}_{syst}"))
+
+
 @plot.command("scan")
 @click.argument("scan_path", metavar="SCAN", type=_json_file)
 @_plot_options

@@ -425,6 +425,7 @@ def analysis_report(results: str | os.PathLike[str], config_path: str | os.PathL
         _optimization_section(found, optimization),
         _cutflow_section(found, config),
         *(_fit_section(found, name, per_set[name]) for name in reversed(CUT_SETS)),
+        _templates_section(found),
         Section(
             "Software and configuration",
             text=f"The analysis configuration {config_path.name} as it was used.",
@@ -624,6 +625,26 @@ def _fit_section(found: _ResultFiles, name: str, res: _CutSetResults) -> Section
             "impacts, the POI scan and CLs."
         ),
         tables=tables,
+        figures=figures,
+    )
+
+
+def _templates_section(found: _ResultFiles) -> Section | None:
+    """Systematic templates at the optimized cuts (``plots/optimized/templates/``)."""
+    paths = sorted((found.folder / "plots" / "optimized" / "templates").glob("templates_*.png"))
+    names = [path.name for path in paths]
+    figures = [found.image(f"optimized/templates/{n}", n[len("templates_") : -4]) for n in names]
+    figures = [figure for figure in figures if figure is not None]
+    if not figures:
+        return None
+    return Section(
+        "Systematic variations at the optimized cuts",
+        text=(
+            "Each sample's nominal template (with its statistical uncertainty) against its up "
+            "and down variations as read, before the split into normalisation and shape; a "
+            "symmetrized side is the mirror of the other. Labels give the change of the total "
+            "yield."
+        ),
         figures=figures,
     )
 

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+import yaml
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import StepPatch
@@ -476,3 +477,80 @@ def test_no_global_state(example):
     plotting.correlation_matrix(result)
     assert dict(matplotlib.rcParams) == before
     assert plt.get_fignums() == open_figures
+
+
+# ----------------------------------------------------------------------------- templates
+@pytest.fixture
+def cabinetry_histograms(tmp_path):
+    """`diffana histograms` of cabinetry's example (real ntuples): (path, payload)."""
+    from click.testing import CliRunner
+
+    from analysis.cli import main
+
+    raw = yaml.safe_load(reference_path("cabinetry", "config_example.yml").read_text())
+    raw["General"]["InputPath"] = str(reference_path("cabinetry", "ntuples") / "{SamplePath}")
+    config_path = tmp_path / "cabinetry.yml"
+    config_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "histograms.json"
+    result = CliRunner().invoke(
+        main,
+        ["histograms", str(config_path), "-o", str(out), "--device", "cpu", "--no-cache"],
+    )
+    assert result.exit_code == 0, result.output
+    return config_path, out, json.loads(out.read_text())
+
+
+def test_systematic_templates(cabinetry_histograms):
+    """cabinetry's Modeling (tree-based up, symmetrized down) and WeightBasedModeling (weights
+    up and down) of its Background: nominal, variations, mirror and ratios as drawn."""
+    _, _, payload = cabinetry_histograms
+    figures = plotting.templates(payload, observable="jet_pt")
+    region = "Signal_region"
+    assert set(figures) == {
+        (region, "Background", "Modeling"),
+        (region, "Background", "WeightBasedModeling"),
+    }
+    variations = payload[region]["Background"]
+    n = np.asarray(variations["nominal"]["yields"])
+    up = np.asarray(variations["Modeling_Up"]["yields"])
+    ax, ratio_ax = figures[(region, "Background", "Modeling")].axes
+    drawn = {p.get_gid(): p.get_data() for p in ax.patches if p.get_gid()}
+    np.testing.assert_allclose(drawn["nominal"].values, n, rtol=1e-12)
+    np.testing.assert_allclose(drawn["up"].values, up, rtol=1e-12)
+    np.testing.assert_allclose(drawn["down"].values, 2 * n - up, rtol=1e-12)  # symmetrized
+    ratios = {p.get_gid(): p.get_data() for p in ratio_ax.patches if p.get_gid()}
+    np.testing.assert_allclose(ratios["ratio:up"].values, up / n, rtol=1e-12)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert f"up {100 * (up.sum() / n.sum() - 1):+.1f}%" in labels
+    assert any(label.startswith("down (symmetrized)") for label in labels)
+    assert ratio_ax.get_xlabel() == "jet_pt"
+    ax, _ = figures[(region, "Background", "WeightBasedModeling")].axes
+    drawn = {p.get_gid(): p.get_data() for p in ax.patches if p.get_gid()}
+    down = np.asarray(variations["WeightBasedModeling_Down"]["yields"])
+    np.testing.assert_allclose(drawn["down"].values, down, rtol=1e-12)
+    np.testing.assert_allclose(down, 0.7 * n, rtol=1e-9)  # Weight "0.7*weight"
+
+
+def test_plot_templates_cli(cabinetry_histograms, tmp_path):
+    from click.testing import CliRunner
+
+    from analysis.cli import main
+
+    config_path, histograms, _ = cabinetry_histograms
+    stem = tmp_path / "plots" / "templates"
+    result = CliRunner().invoke(
+        main, ["plot", "templates", str(histograms), "--config", str(config_path), "--out", stem]
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("Modeling", "WeightBasedModeling"):
+        png = tmp_path / "plots" / f"templates_Signal_region_Background_{name}.png"
+        pixels = matplotlib.image.imread(png)
+        assert pixels.shape[0] > 200 and float(np.std(pixels[..., :3])) > 0.05
+        assert png.with_suffix(".pdf").stat().st_size > 0
+    # bad input: one line naming the file, exit 2, nothing written
+    wrong = tmp_path / "fit.json"
+    wrong.write_text(json.dumps({"labels": ["mu"], "bestfit": [1.0]}))
+    bad = CliRunner().invoke(main, ["plot", "templates", str(wrong), "--out", tmp_path / "x"])
+    assert bad.exit_code == 2 and str(wrong) in bad.output
+    assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("x*"))

@@ -28,6 +28,7 @@ REPORT_SECTIONS = [
     "Cuts and cut flow",
     "Fit at the optimized cuts",
     "Fit at the start cuts",
+    "Systematic variations at the optimized cuts",
     "Software and configuration",
 ]
 
@@ -91,10 +92,13 @@ def test_every_declared_output_exists_and_a_second_run_does_nothing(workflow):
     # results and PNG + PDF of pre-/post-fit per region, pulls, correlation, ranking, scan, CLs;
     # PNG + PDF of the optimization history, soft-vs-hard and cut flow (per region)
     regions = len(yaml.safe_load((ROOT / "models" / "dimuon.yaml").read_text())["Regions"])
-    expected = 5 + 2 + 1 + 1 + 2 * (8 + 2 * (2 * regions + 5)) + 2 * (1 + 2 * regions)
+    # and the folder of systematic-template plots
+    expected = 5 + 2 + 1 + 1 + 2 * (8 + 2 * (2 * regions + 5)) + 2 * (1 + 2 * regions) + 1
     assert len(outputs) == expected, outputs
     for name in outputs:
-        assert (folder / name).is_file() and (folder / name).stat().st_size > 0, name
+        path = folder / name
+        files = sorted(path.glob("*.p??")) if path.is_dir() else [path]  # PNG and PDF
+        assert files and all(f.is_file() and f.stat().st_size > 0 for f in files), name
     again = subprocess.run(
         command + ["--dry-run"], capture_output=True, text=True, env=env, check=False, timeout=300
     )
@@ -142,8 +146,18 @@ def test_report_has_every_section_and_its_images_are_not_blank(workflow):
     report.feed(text)
     assert report.headings[1:] == REPORT_SECTIONS  # after "Contents"
     # per cut set: pre-fit, post-fit, pulls, correlation, ranking, scan, CLs; plus the
-    # optimization history, soft against hard and the cut flow
-    assert len(report.images) == 2 * 7 + 3
+    # optimization history, soft against hard, the cut flow and one figure per (region,
+    # sample, systematic) with variations at the optimized cuts
+    histograms = json.loads((folder / "results/dimuon/optimized/histograms.json").read_text())
+    varied = {
+        (region, sample, variation.rsplit("_", 1)[0])
+        for region, samples in histograms.items()
+        for sample, variations in samples.items()
+        for variation in variations
+        if variation != "nominal"
+    }
+    assert len(varied) == 8  # 4 MC samples x (MuonScale, MuonEfficiency)
+    assert len(report.images) == 2 * 7 + 3 + len(varied)
     for src in report.images:
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)

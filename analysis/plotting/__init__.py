@@ -30,6 +30,12 @@ Optimization (:mod:`analysis.plotting.optimization`)
     tau/bandwidth schedule against the step. ``soft_vs_hard(soft, hard, *,
     observable="observable", text=None)``: KDE histograms against hard ones.
 
+Systematic variations (:mod:`analysis.plotting.templates`, after cabinetry's ``templates``)
+    ``systematic_templates(nominal, up=None, down=None, *, observable="observable",
+    text=None)``: nominal with its statistical band against the up/down variations, ratio
+    panel. ``templates(histograms, *, observable=None)``: ``{(region, sample, systematic):
+    Figure}`` for the ``diffana histograms`` output.
+
 Output (:mod:`analysis.plotting.save`)
     ``save_figure(figure, path, formats=("png", "pdf"), *, dpi=150)``: atomic writes, returns
     the paths.
@@ -40,6 +46,7 @@ from analysis.plotting.fit import correlation_matrix, likelihood_scan, pull_valu
 from analysis.plotting.limits import cls_brazil
 from analysis.plotting.optimization import optimization_history, soft_vs_hard
 from analysis.plotting.save import save_figure
+from analysis.plotting.templates import systematic_templates, templates
 
 __all__ = [
     "cls_brazil",
@@ -53,4 +60,6 @@ __all__ = [
     "ranking",
     "save_figure",
     "soft_vs_hard",
+    "systematic_templates",
+    "templates",
 ]

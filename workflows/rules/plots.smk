@@ -105,3 +105,17 @@ rule plot_cutflow:
         f"{RESULTS}/logs/plot_cutflow.log",
     shell:
         "{DIFFANA} plot cutflow {input} --out {PLOTS}/cutflow 2> {log}"
+
+
+rule plot_templates:
+    """Nominal against up/down templates of every systematic variation, at the optimized cuts."""
+    input:
+        histograms=f"{RESULTS}/optimized/histograms.json",
+        model=MODEL,
+    output:
+        directory(f"{PLOTS}/optimized/templates"),
+    log:
+        f"{RESULTS}/logs/plot_templates.log",
+    shell:
+        "{DIFFANA} plot templates {input.histograms} --config {input.model}"
+        " --out {output}/templates 2> {log}"

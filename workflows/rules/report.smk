@@ -11,6 +11,7 @@ rule report:
             name=["fit", "pyhf_fit", "significance", "limit", "ranking", "scan", "histograms"],
         ),
         plots=rules.plot_optimization.output,
+        templates=rules.plot_templates.output,
         more_plots=[
             rules.plot_cutflow.output,
             expand(
