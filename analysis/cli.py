@@ -11,10 +11,8 @@ import functools
 import inspect
 import json
 import logging
-import os
 import pathlib
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +20,7 @@ import click
 import torch
 
 from analysis.errors import AnalysisError
+from analysis.files import write_atomically
 
 log = logging.getLogger("analysis")
 
@@ -56,22 +55,6 @@ def resolve_device(name: str) -> torch.device:
 
 LIMIT_SCAN_POINTS = 31
 """POI values from 0 to 1.5 times the largest limit at which ``diffana limit`` reports CLs."""
-
-
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (no partial files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a result file is for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def emit(result: Any, output: pathlib.Path | None) -> None:
@@ -1016,6 +999,15 @@ def _save(figure: Any, stem: pathlib.Path) -> None:
 _json_file = click.Path(dir_okay=False, path_type=pathlib.Path)
 
 
+def _regions(config_path: pathlib.Path | None) -> tuple[Any, ...]:
+    """The regions of the analysis YAML ``--config`` (none without it): binning, observable."""
+    if config_path is None:
+        return ()
+    from analysis import config as configuration
+
+    return configuration.load(config_path).regions
+
+
 @plot.command("distributions")
 @click.argument("workspace_path", metavar="WORKSPACE", type=_json_file)
 @click.option("--fit", "fit_path", type=_json_file, default=None, help="Post-fit: fit.json.")
@@ -1045,18 +1037,12 @@ def plot_distributions(
     fit_result = None
     if fit_path is not None:
         fit_result = FitResult.from_dict(_read_json(fit_path, "fit", ("labels", "bestfit")))
-    edges = observable = None
-    if config_path is not None:
-        from analysis import config as configuration
-
-        regions = configuration.load(config_path).regions
-        edges = {region.name: list(region.binning) for region in regions}
-        observable = {region.name: region.variable for region in regions}
+    regions = _regions(config_path)
     figures = plotting.distributions(
         prediction(model, fit_result),
         workspace.data(model, include_auxdata=False),
-        edges=edges,
-        observable=observable,
+        edges={region.name: list(region.binning) for region in regions} or None,
+        observable={region.name: region.variable for region in regions} or None,
         log_y=log_y,
         signal=workspace.signal_samples(),
     )
@@ -1147,11 +1133,7 @@ def plot_templates(
     from analysis.plotting import templates
 
     payload = _read_json(histograms_path, "histograms")
-    observable = None
-    if config_path is not None:
-        from analysis import config as configuration
-
-        observable = {r.name: r.variable for r in configuration.load(config_path).regions}
+    observable = {region.name: region.variable for region in _regions(config_path)} or None
     try:
         figures = templates(payload, observable=observable)
     except (KeyError, TypeError, ValueError, AttributeError) as err:

@@ -865,7 +865,8 @@ def ranking(model, data, fit_result, *, init=None, bounds=None, fixed=None) -> R
         # there either, that impact cannot be computed: NaN, with a warning
         bad = ~torch.isfinite(model.twice_nll(start, data))
         if bool(bad.any()):
-            start[bad] = torch.where(torch.arange(model.npars) == i, start[bad], bestfit)
+            shifted = torch.arange(model.npars, device=start.device) == i
+            start[bad] = torch.where(shifted, start[bad], bestfit)
             bad = ~torch.isfinite(model.twice_nll(start, data)) & needed
             for shift in torch.nonzero(bad).flatten().tolist():
                 log.warning(

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -47,6 +46,7 @@ from analysis.errors import (
     InputFileError,
     MissingObjectError,
 )
+from analysis.files import write_atomically
 from analysis.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -483,20 +483,12 @@ def _cache_store(
     if cache_dir is None:
         return
     directory = pathlib.Path(cache_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for i, (columns, weight) in enumerate(result):
         arrays[f"r{i}_weight"] = weight
         for j, values in enumerate(columns.values()):
             arrays[f"r{i}_c{j}"] = values
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, directory / f"{key}.npz")
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(directory / f"{key}.npz", lambda handle: np.savez(handle, **arrays))
 
 
 def default_cache_dir() -> pathlib.Path:

@@ -44,7 +44,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ import torch
 
 from analysis.config import Config, Temperature
 from analysis.errors import ConfigError, DataError, InputFileError
+from analysis.files import write_atomically
 from analysis.fit import FitError
 from analysis.inference import InferenceError
 from analysis.io import Events, TemplateKey
@@ -208,19 +208,7 @@ def _gradient_step(
 
 # ----------------------------------------------------------------------------- files
 def _write_json(path: pathlib.Path, payload: Any) -> None:
-    _atomic(path, lambda handle: handle.write(json.dumps(payload, indent=2) + "\n"), "w")
-
-
-def _atomic(path: pathlib.Path, write: Callable[[Any], Any], mode: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _write_outputs(out_dir: pathlib.Path, result: OptimizationResult) -> None:
@@ -431,7 +419,7 @@ def _save_checkpoint(
         "seconds": seconds,
         "rng": torch.get_rng_state(),
     }
-    _atomic(path, lambda handle: torch.save(state, handle), "wb")
+    write_atomically(path, lambda handle: torch.save(state, handle))
     log.debug("checkpoint %s at step %d", path, step)
 
 

@@ -60,7 +60,7 @@ from analysis import workspace as workspace_builder
 from analysis.config import Config, Cut
 from analysis.errors import ConfigError
 from analysis.histograms import Histogram, kde_histogram, kde_reach
-from analysis.io import Events, TemplateKey, read_events
+from analysis.io import Events, TemplateKey, read_events, template_key
 from analysis.likelihood import Model, Workspace
 from analysis.selection import column_spread, log_soft_cut
 
@@ -139,7 +139,7 @@ class AnalysisPipeline(torch.nn.Module):
         templates = list(config.templates())
         groups: list[tuple[int, torch.Tensor, list[int]]] = []  # (region, observable, members)
         for j, template in enumerate(templates):
-            key = _key(template)
+            key = template_key(template)
             if key not in events:
                 raise ConfigError(
                     f"{config.source}: no events given for {template.label}; expected one "
@@ -148,11 +148,7 @@ class AnalysisPipeline(torch.nn.Module):
             r = region_index[key[0]]
             observable = events[key].observable.to(dtype)
             for region, other, members in groups:
-                if (
-                    region == r
-                    and other.shape == observable.shape
-                    and torch.equal(other, observable)
-                ):
+                if region == r and torch.equal(other, observable):
                     members.append(j)
                     break
             else:
@@ -166,7 +162,7 @@ class AnalysisPipeline(torch.nn.Module):
             seen: list[list[tuple[torch.Tensor, str]]] = [[] for _ in config.regions[r].cuts]
             for j in members:
                 template, prefix = templates[j], f"t{j}_"
-                ev = events[_key(template)]
+                ev = events[template_key(template)]
                 self.register_buffer(prefix + "observable", observable, persistent=False)
                 self.register_buffer(
                     prefix + "weight", ev.weight.to(dtype)[order], persistent=False
@@ -184,7 +180,7 @@ class AnalysisPipeline(torch.nn.Module):
                         self.register_buffer(f"{prefix}x{k}", getattr(self, name), persistent=False)
                     names.append(name)
                 slots[j] = _TemplateSlot(
-                    key=_key(template),
+                    key=template_key(template),
                     region=r,
                     prefix=prefix,
                     observable=observable_name,
@@ -421,10 +417,6 @@ def _structure(value: object) -> object:
     if isinstance(value, str) or value is None or isinstance(value, bool):
         return value
     return type(value).__name__
-
-
-def _key(template) -> TemplateKey:
-    return (template.region.name, template.sample.name, template.variation)
 
 
 def _check_knob(name: str, value: float | torch.Tensor) -> None:

@@ -38,7 +38,6 @@ import os
 import pathlib
 import platform
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -47,6 +46,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from analysis.errors import InputFileError
+from analysis.files import write_atomically
 
 __all__ = [
     "Image",
@@ -178,24 +178,9 @@ def build_report(
 
 
 def write_report(path: str | os.PathLike[str], html_text: str) -> pathlib.Path:
-    """Write ``html_text`` to ``path`` atomically and return the path.
-
-    The text goes to a temporary file in the same folder (created if missing), which then
-    replaces ``path`` in one rename: readers see the old report or the new one, never a partial
-    file, and a failed write leaves no temporary file behind.
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(html_text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``html_text`` to ``path`` atomically (:func:`analysis.files.write_atomically`:
+    readers see the old report or the new one, never a partial file) and return the path."""
+    return write_atomically(path, html_text)
 
 
 def software_versions() -> dict[str, str]:

@@ -288,3 +288,75 @@ def test_hypotests_of_batched_signals_equal_one_model_per_signal():
             single = inference.hypotest(single_ws.model(), single_ws.data(single_ws.model()), 1.0)
             assert float(result.cls_obs[i]) == pytest.approx(float(single.cls_obs), rel=1e-8)
             np.testing.assert_allclose(result.cls_exp[i].numpy(), single.cls_exp.numpy(), rtol=1e-8)
+
+
+def test_ranking_reports_an_impact_it_cannot_compute(caplog):
+    """A histosys whose down template, extrapolated linearly (code4p) one pre-fit sigma below a
+    negative best fit, goes negative: that impact is NaN with a warning (null in JSON); the
+    others equal pyhf refits with the parameter fixed (tight Minuit)."""
+    spec = {
+        "channels": [
+            {
+                "name": "SR",
+                "samples": [
+                    {
+                        "name": "signal",
+                        "data": [5.0, 5.0],
+                        "modifiers": [{"name": "mu", "type": "normfactor", "data": None}],
+                    },
+                    {
+                        "name": "background",
+                        "data": [50.0, 50.0],
+                        "modifiers": [
+                            {
+                                "name": "shape",
+                                "type": "histosys",
+                                "data": {"hi_data": [60.0, 60.0], "lo_data": [10.0, 90.0]},
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+        "observations": [{"name": "SR", "data": [32.0, 65.0]}],
+        "measurements": [{"name": "m", "config": {"poi": "mu", "parameters": []}}],
+        "version": "1.0.0",
+    }
+    model = Workspace.load(spec).model()
+    data = Workspace.load(spec).data(model)
+    best = fitting.fit(
+        lambda p: model.twice_nll(p, data),
+        model.suggested_init(),
+        bounds=model.suggested_bounds(),
+        labels=model.par_names,
+        method="newton",
+    )
+    i = model.par_names.index("shape")
+    assert float(best.bestfit[i]) < -0.3  # so bestfit - 1 extrapolates the bin-0 yield below 0
+    with caplog.at_level("WARNING", logger="analysis.inference"):
+        ranking = inference.ranking(model, data, best)
+    row = ranking.labels.index("shape")
+    assert np.isnan(float(ranking.prefit_down[row]))
+    assert "no impact of shape at -prefit" in caplog.text
+    assert ranking.to_dict()["ranking"][row]["prefit_down"] is None
+
+    ref_ws = pyhf.Workspace(spec)
+    ref_model = ref_ws.model()
+    ref_data, poi = ref_ws.data(ref_model), ref_model.config.poi_index
+    j = ref_model.config.par_names.index("shape")
+    pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-6))
+    try:
+        best_ref = pyhf.infer.mle.fit(ref_data, ref_model)
+        shifts = {
+            "prefit_up": 1.0,
+            "postfit_up": float(best.uncertainty[i]),
+            "postfit_down": -float(best.uncertainty[i]),
+        }
+        for key, shift in shifts.items():
+            init, fixed = ref_model.config.suggested_init(), ref_model.config.suggested_fixed()
+            init[j], fixed[j] = best_ref[j] + shift, True
+            refit = pyhf.infer.mle.fit(ref_data, ref_model, init_pars=init, fixed_params=fixed)
+            ours = float(getattr(ranking, key)[row])
+            assert ours == pytest.approx(refit[poi] - best_ref[poi], abs=2e-4), key
+    finally:
+        pyhf.set_backend("numpy", "scipy")

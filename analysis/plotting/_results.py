@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from analysis.inference import RankingResult
+
 
 def array(value: Any) -> np.ndarray:
     """A float64 numpy copy of a tensor, list or number (detached, on the CPU)."""
@@ -61,25 +63,24 @@ class Ranking:
     postfit_down: np.ndarray
 
 
-_RANKING_FIELDS = ("bestfit", "uncertainty", "prefit_up", "prefit_down", "postfit_up")
+_RANKING_FIELDS = (
+    "bestfit",
+    "uncertainty",
+    "prefit_up",
+    "prefit_down",
+    "postfit_up",
+    "postfit_down",
+)
 
 
 def ranking(result: Any) -> Ranking:
     """An :class:`analysis.inference.RankingResult` or the ``diffana ranking`` JSON
-    (``{"ranking": [{"name", "bestfit", ...}, ...]}``)."""
+    (``{"ranking": [{"name", "bestfit", ...}, ...]}``, read by ``RankingResult.from_dict``)."""
     if isinstance(result, Mapping) and "ranking" in result:
-        rows = result["ranking"]
-        columns = {
-            key: np.array(  # null: an impact that could not be computed
-                [np.nan if row[key] is None else float(row[key]) for row in rows],
-                dtype=np.float64,
-            )
-            for key in (*_RANKING_FIELDS, "postfit_down")
-        }
-        return Ranking(tuple(row["name"] for row in rows), **columns)
+        result = RankingResult.from_dict(result)
     return Ranking(
         tuple(field(result, "labels")),
-        *(array(field(result, key)).reshape(-1) for key in (*_RANKING_FIELDS, "postfit_down")),
+        *(array(field(result, key)).reshape(-1) for key in _RANKING_FIELDS),
     )
 
 

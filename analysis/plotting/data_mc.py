@@ -20,7 +20,7 @@ from analysis.plotting.style import (
     color,
     corner_text,
     minor_ticks,
-    new_figure,
+    ratio_figure,
     styled,
 )
 from analysis.prediction import ModelPrediction, data_per_channel
@@ -110,10 +110,7 @@ def distribution(
     centers = 0.5 * (bin_edges[1:] + bin_edges[:-1])
     observed = None if data is None else data_per_channel(prediction, data)[channel]
 
-    figure = new_figure((7.0, 7.0))
-    ax, ratio_ax = figure.subplots(
-        2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.0}
-    )
+    figure, ax, ratio_ax = ratio_figure()
     order = sorted(range(len(ch.samples)), key=lambda i: ch.samples[i] in signal)  # stable
     present = [i for i in order if np.any(ch.yields[i] != 0)]
     if present:

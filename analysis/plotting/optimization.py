@@ -25,6 +25,7 @@ from analysis.plotting.style import (
     display_name,
     minor_ticks,
     new_figure,
+    ratio_figure,
     styled,
 )
 
@@ -193,10 +194,7 @@ def soft_vs_hard(
             f"soft and hard histograms have different keys: {sorted(map(str, soft_map))} "
             f"vs {sorted(map(str, hard_map))}"
         )
-    figure = new_figure((7.0, 7.0))
-    ax, ratio_ax = figure.subplots(
-        2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.0}
-    )
+    figure, ax, ratio_ax = ratio_figure()
     low_edge, high_edge, top = math.inf, -math.inf, 0.0
     for k, key in enumerate(hard_map):
         h, s = hard_map[key], soft_map[key]

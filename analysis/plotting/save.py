@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 
 from matplotlib.figure import Figure
+
+from analysis.files import write_atomically
 
 
 def save_figure(
@@ -23,9 +23,9 @@ def save_figure(
     ``path`` is either a stem (``plots/fit/pulls``: writes ``pulls.png`` and ``pulls.pdf``
     for the default ``formats``) or a file name whose suffix is a format matplotlib writes
     (``plots/pulls.svg``: writes only that file, ``formats`` is ignored). Missing folders are
-    created. Each file is written to a temporary file in the same folder and moved into place
-    with :func:`os.replace`, so a reader (a workflow, a report) never sees half a file and an
-    interrupted save leaves the previous file intact.
+    created. Each file is written by :func:`analysis.files.write_atomically`, so a reader (a
+    workflow, a report) never sees half a file and an interrupted save leaves the previous file
+    intact.
     """
     path = pathlib.Path(path)
     supported = figure.canvas.get_supported_filetypes()
@@ -43,20 +43,6 @@ def save_figure(
         for fmt in formats:
             fmt = fmt.lower().lstrip(".")
             targets.append((path.with_name(f"{path.name}.{fmt}"), fmt))
-    written = []
     for target, fmt in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                figure.savefig(handle, format=fmt, dpi=dpi)
-            os.chmod(temporary, 0o644)  # mkstemp makes the file private (0600)
-            os.replace(temporary, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-        written.append(target)
-    return written
+        write_atomically(target, lambda handle, f=fmt: figure.savefig(handle, format=f, dpi=dpi))
+    return [target for target, _ in targets]

@@ -74,6 +74,16 @@ def new_figure(figsize: tuple[float, float] | None = None) -> Figure:
     return Figure(figsize=figsize, layout="constrained")
 
 
+def ratio_figure(figsize: tuple[float, float] = (7.0, 7.0)) -> tuple[Figure, Axes, Axes]:
+    """A figure with a main panel over a ratio panel a third its height, sharing x (no gap):
+    ``(figure, ax, ratio_ax)``."""
+    figure = new_figure(figsize)
+    ax, ratio_ax = figure.subplots(
+        2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.0}
+    )
+    return figure, ax, ratio_ax
+
+
 def finalize(figure: Figure) -> None:
     """Create every axis's ticks while the style is active.
 

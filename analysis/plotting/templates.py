@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from analysis.plotting._results import array, field
-from analysis.plotting.style import corner_text, minor_ticks, new_figure, styled
+from analysis.plotting.style import corner_text, minor_ticks, ratio_figure, styled
 
 NOMINAL_COLOR = "black"
 UP_COLOR = "#e42536"
@@ -74,10 +74,7 @@ def systematic_templates(
         if side not in sides:
             sides[side] = (2 * n - sides[other][0], True)
 
-    figure = new_figure((7.0, 7.0))
-    ax, ratio_ax = figure.subplots(
-        2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.0}
-    )
+    figure, ax, ratio_ax = ratio_figure()
     ax.stairs(n + stat, edges, baseline=n - stat, fill=True, color="0.85", label=STAT_LABEL)
     (nominal_artists,) = mplhep.histplot(
         n, edges, histtype="step", color=NOMINAL_COLOR, label="nominal", ax=ax
