@@ -973,8 +973,15 @@ def _plot_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _read_json(path: pathlib.Path, what: str, keys: tuple[str, ...] = ()) -> Any:
-    """A result file written by a diffana command, with its ``keys`` checked."""
+def _read_json(
+    path: pathlib.Path,
+    what: str,
+    keys: tuple[str, ...] = (),
+    parse: Callable[[Any], Any] | None = None,
+) -> Any:
+    """A result file written by a diffana command, with its top-level ``keys`` checked, and
+    ``parse(payload)`` (the record or figure made from it) when given: a payload it cannot
+    read (a missing key, a wrong type or length) is a ConfigError naming the file."""
     from analysis.errors import ConfigError, InputFileError
 
     if not path.is_file():
@@ -986,7 +993,15 @@ def _read_json(path: pathlib.Path, what: str, keys: tuple[str, ...] = ()) -> Any
     missing = [key for key in keys if not isinstance(payload, dict) or key not in payload]
     if missing:
         raise ConfigError(f"{path}: not a {what} file (no {', '.join(map(repr, missing))})")
-    return payload
+    if parse is None:
+        return payload
+    try:
+        return parse(payload)
+    except AnalysisError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        problem = f"no {err}" if isinstance(err, KeyError) else str(err)
+        raise ConfigError(f"{path}: not a valid {what} file: {problem}") from None
 
 
 def _save(figure: Any, stem: pathlib.Path) -> None:
@@ -997,6 +1012,8 @@ def _save(figure: Any, stem: pathlib.Path) -> None:
 
 
 _json_file = click.Path(dir_okay=False, path_type=pathlib.Path)
+FIT_KEYS = ("labels", "bestfit", "uncertainty", "corr_mat", "twice_nll")
+"""What a ``diffana fit`` file must hold for the plots."""
 
 
 def _regions(config_path: pathlib.Path | None) -> tuple[Any, ...]:
@@ -1036,7 +1053,7 @@ def plot_distributions(
     model = workspace.model()
     fit_result = None
     if fit_path is not None:
-        fit_result = FitResult.from_dict(_read_json(fit_path, "fit", ("labels", "bestfit")))
+        fit_result = _read_json(fit_path, "fit", FIT_KEYS, FitResult.from_dict)
     regions = _regions(config_path)
     figures = plotting.distributions(
         prediction(model, fit_result),
@@ -1065,8 +1082,10 @@ def plot_pulls(fit_path: pathlib.Path, workspace_path: pathlib.Path, stem: pathl
     from analysis.fit import FitResult
     from analysis.plotting import pulls
 
-    fit_result = FitResult.from_dict(_read_json(fit_path, "fit", ("labels", "bestfit")))
-    _save(pulls(fit_result, load_workspace(workspace_path).model()), stem)
+    model = load_workspace(workspace_path).model()
+    _save(
+        _read_json(fit_path, "fit", FIT_KEYS, lambda p: pulls(FitResult.from_dict(p), model)), stem
+    )
 
 
 @plot.command("correlation")
@@ -1084,8 +1103,10 @@ def plot_correlation(fit_path: pathlib.Path, pruning_threshold: float, stem: pat
     from analysis.fit import FitResult
     from analysis.plotting import correlation_matrix
 
-    fit_result = FitResult.from_dict(_read_json(fit_path, "fit", ("labels", "corr_mat")))
-    _save(correlation_matrix(fit_result, pruning_threshold=pruning_threshold), stem)
+    def figure(payload: Any) -> Any:
+        return correlation_matrix(FitResult.from_dict(payload), pruning_threshold=pruning_threshold)
+
+    _save(_read_json(fit_path, "fit", FIT_KEYS, figure), stem)
 
 
 @plot.command("ranking")
@@ -1109,9 +1130,12 @@ def plot_ranking(
     from analysis.inference import RankingResult
     from analysis.plotting import ranking
 
-    result = RankingResult.from_dict(_read_json(ranking_path, "ranking", ("ranking",)))
     model = None if workspace_path is None else load_workspace(workspace_path).model()
-    _save(ranking(result, model, max_pars=max_pars), stem)
+
+    def figure(payload: Any) -> Any:
+        return ranking(RankingResult.from_dict(payload), model, max_pars=max_pars)
+
+    _save(_read_json(ranking_path, "ranking", ("ranking",), figure), stem)
 
 
 @plot.command("templates")
@@ -1132,15 +1156,12 @@ def plot_templates(
     from analysis.errors import ConfigError
     from analysis.plotting import templates
 
-    payload = _read_json(histograms_path, "histograms")
     observable = {region.name: region.variable for region in _regions(config_path)} or None
-    try:
-        figures = templates(payload, observable=observable)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ConfigError(
-            f"{histograms_path}: not a diffana histograms file "
-            f"(region -> sample -> variation -> edges, yields, sumw2): {err}"
-        ) from None
+    figures = _read_json(
+        histograms_path,
+        "histograms (region -> sample -> variation -> edges, yields, sumw2)",
+        parse=lambda payload: templates(payload, observable=observable),
+    )
     if not figures:
         raise ConfigError(f"{histograms_path}: no systematic variations (<name>_Up/_Down) in it")
     for (region, sample, syst), figure in figures.items():
@@ -1156,7 +1177,10 @@ def plot_scan(scan_path: pathlib.Path, stem: pathlib.Path) -> None:
     from analysis.plotting import likelihood_scan
 
     keys = ("parameter", "bestfit", "uncertainty", "values", "delta_twice_nll")
-    _save(likelihood_scan(ScanResult.from_dict(_read_json(scan_path, "scan", keys))), stem)
+    _save(
+        _read_json(scan_path, "scan", keys, lambda p: likelihood_scan(ScanResult.from_dict(p))),
+        stem,
+    )
 
 
 @plot.command("cls")
@@ -1168,9 +1192,11 @@ def plot_cls(limit_path: pathlib.Path, log_y: bool, stem: pathlib.Path) -> None:
     from analysis.inference import HypotestResult, LimitResult
     from analysis.plotting import cls_brazil
 
-    payload = _read_json(limit_path, "limit", ("cl", "observed", "expected", "scan"))
-    curve = HypotestResult.from_scan(payload["scan"])
-    _save(cls_brazil(curve, LimitResult.from_dict(payload), log_y=log_y), stem)
+    def figure(payload: Any) -> Any:
+        curve = HypotestResult.from_scan(payload["scan"])
+        return cls_brazil(curve, LimitResult.from_dict(payload), log_y=log_y)
+
+    _save(_read_json(limit_path, "limit", ("cl", "observed", "expected", "scan"), figure), stem)
 
 
 @plot.command("optimization")
@@ -1180,8 +1206,8 @@ def plot_optimization(result_path: pathlib.Path, stem: pathlib.Path) -> None:
     """History of an optimization (result.json): metrics, cut values, schedule."""
     from analysis.plotting import optimization_history
 
-    payload = _read_json(result_path, "optimization result", ("objective", "history"))
-    _save(optimization_history(payload), stem)
+    keys = ("objective", "history")
+    _save(_read_json(result_path, "optimization result", keys, optimization_history), stem)
 
 
 @plot.command("soft-vs-hard")
@@ -1213,8 +1239,12 @@ def plot_soft_vs_hard(
 
     settings = config.optimization
     if result_path is not None:
-        last = _read_json(result_path, "optimization result", ("history",))["history"][-1]
-        tau, bandwidth = float(last["tau"]), float(last["bandwidth"])
+        tau, bandwidth = _read_json(
+            result_path,
+            "optimization result",
+            ("history",),
+            lambda p: (float(p["history"][-1]["tau"]), float(p["history"][-1]["bandwidth"])),
+        )
     else:
         tau, bandwidth = schedule(
             settings.steps - 1, settings.steps, settings.temperature, settings.bandwidth
@@ -1245,14 +1275,18 @@ def plot_cutflow(cutflow_path: pathlib.Path, weighted: bool, stem: pathlib.Path)
     from analysis.cutflow import CutFlow
     from analysis.plotting.cutflow import cutflow_chart
 
-    payload = _read_json(cutflow_path, "cut flow", ("start",))
-    for region, flow in payload["start"].items():
-        optimized = payload.get("optimized", {}).get(region)
-        figure = cutflow_chart(
-            CutFlow.from_dict(flow),
-            None if optimized is None else CutFlow.from_dict(optimized),
-            weighted=weighted,
-        )
+    def figures(payload: Any) -> dict[str, Any]:
+        out = {}
+        for region, flow in payload["start"].items():
+            optimized = payload.get("optimized", {}).get(region)
+            out[region] = cutflow_chart(
+                CutFlow.from_dict(flow),
+                None if optimized is None else CutFlow.from_dict(optimized),
+                weighted=weighted,
+            )
+        return out
+
+    for region, figure in _read_json(cutflow_path, "cut flow", ("start",), figures).items():
         _save(figure, stem.with_name(f"{stem.name}_{region}"))
 
 

@@ -554,3 +554,38 @@ def test_plot_templates_cli(cabinetry_histograms, tmp_path):
     assert bad.exit_code == 2 and str(wrong) in bad.output
     assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
     assert not list(tmp_path.glob("x*"))
+
+
+@pytest.mark.parametrize(
+    ("command", "payload", "needle"),
+    [
+        (["pulls", "--workspace", "WS"], {"labels": ["mu"], "bestfit": [1.0]}, "no 'uncertainty'"),
+        (
+            ["correlation"],
+            {"labels": ["a", "b"], "bestfit": [1, 2], "uncertainty": [1, 1], "corr_mat": [[1]],
+             "twice_nll": 1.0},
+            "not a valid fit file",
+        ),
+        (["ranking"], {"ranking": [{"name": "x"}]}, "not a valid ranking file: no 'bestfit'"),
+        (["cls"], {"cl": 0.95, "observed": 1, "expected": [1], "scan": {}}, "not a valid limit"),
+        (["cutflow"], {"start": {"SR": {"region": "SR"}}}, "not a valid cut flow file"),
+        (["optimization"], {"objective": "x", "history": []}, "not a valid optimization result"),
+    ],
+    ids=["pulls", "correlation", "ranking", "cls", "cutflow", "optimization"],
+)  # fmt: skip
+def test_plot_commands_reject_malformed_result_files(tmp_path, command, payload, needle):
+    """One line naming the file and what is wrong, exit code 2, no traceback, nothing written."""
+    from click.testing import CliRunner
+
+    from analysis.cli import main
+
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(payload))
+    ws = str(reference_path("cabinetry", "example_workspace.json"))
+    args = [ws if a == "WS" else a for a in command]
+    out = str(tmp_path / "x")
+    result = CliRunner().invoke(main, ["plot", args[0], str(path), *args[1:], "--out", out])
+    assert result.exit_code == 2, result.output
+    assert str(path) in result.output and needle in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not list(tmp_path.glob("x*"))
