@@ -20,7 +20,7 @@ import click
 import torch
 
 from analysis.errors import AnalysisError
-from analysis.files import write_atomically
+from analysis.files import json_text, write_atomically
 
 log = logging.getLogger("analysis")
 
@@ -59,7 +59,7 @@ LIMIT_SCAN_POINTS = 31
 
 def emit(result: Any, output: pathlib.Path | None) -> None:
     """Print ``result`` as JSON to stdout, or write it to ``output``."""
-    text = json.dumps(result, indent=2) + "\n"
+    text = json_text(result)
     if output is None:
         click.echo(text, nl=False)
     else:

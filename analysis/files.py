@@ -7,10 +7,12 @@ partial one, and a failed write leaves no temporary file behind (DESIGN.md, CLI 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pathlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 
@@ -40,3 +42,48 @@ def write_atomically(
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def json_text(payload: Any, *, indent: int | None = 2) -> str:
+    """``payload`` as strict JSON text (RFC 8259: no NaN or Infinity), ending in a newline.
+
+    A non-finite number becomes ``null``, and the mapping that holds it (directly, or in a list
+    under key ``k``) gains ``"k_reason"`` saying what it was (``"nan"``, ``"+inf"``, ``"-inf"``,
+    or for a list the positions and values), so a reader can tell "not computed" from "no value".
+    """
+    return json.dumps(_finite(payload), indent=indent, allow_nan=False) + "\n"
+
+
+def _nonfinite_name(value: float) -> str:
+    return "nan" if math.isnan(value) else ("+inf" if value > 0 else "-inf")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            out[key] = _finite(item)
+            reason = _reason(item)
+            if reason is not None and f"{key}_reason" not in value:
+                out[f"{key}_reason"] = reason
+        return out
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _reason(value: Any) -> str | None:
+    """What was not finite in ``value`` (a number, or a flat list of numbers), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"not finite ({_nonfinite_name(value)})"
+    if isinstance(value, list | tuple):
+        bad = [
+            f"[{i}] {_nonfinite_name(v)}"
+            for i, v in enumerate(value)
+            if isinstance(v, float) and not math.isfinite(v)
+        ]
+        if bad:
+            return "not finite at " + ", ".join(bad)
+    return None

@@ -39,7 +39,6 @@ at uniform random points within each cut's Bounds, same output files.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -54,7 +53,7 @@ import torch
 
 from analysis.config import Config, Temperature
 from analysis.errors import ConfigError, DataError, InputFileError
-from analysis.files import write_atomically
+from analysis.files import json_text, write_atomically
 from analysis.fit import FitError
 from analysis.inference import InferenceError
 from analysis.io import Events, TemplateKey
@@ -208,7 +207,7 @@ def _gradient_step(
 
 # ----------------------------------------------------------------------------- files
 def _write_json(path: pathlib.Path, payload: Any) -> None:
-    write_atomically(path, json.dumps(payload, indent=2) + "\n")
+    write_atomically(path, json_text(payload))
 
 
 def _write_outputs(out_dir: pathlib.Path, result: OptimizationResult) -> None:
