@@ -8,8 +8,11 @@
 import json
 import os
 
-import yaml
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+
+from analysis.config import load as load_analysis
+from analysis.errors import AnalysisError
 
 configfile: os.path.join(workflow.basedir, "workflows", "config.yaml")
 validate(config, os.path.join(workflow.basedir, "workflows", "schemas", "config.schema.yaml"))
@@ -20,12 +23,15 @@ RESULTS = f"results/{ANALYSIS}"
 DIFFANA = config["diffana"]
 # options every diffana command that reads events gets
 READ = f"--device {config['device']} --cache-dir {config['cache_dir']}"
-with open(MODEL) as handle:
-    _analysis = yaml.safe_load(handle)
-REGIONS = [region["Name"] for region in _analysis["Regions"]]
+# the analysis is validated here, once, before any rule runs (schema, names, expressions)
+try:
+    _analysis = load_analysis(MODEL)
+except AnalysisError as err:
+    raise WorkflowError(f"Error: {err}") from None
+REGIONS = [region.name for region in _analysis.regions]
 # generate the demo files first when asked, or ("auto") when the analysis reads from data_dir
 if config["generate"] == "auto":
-    _inputs = os.path.normpath(os.path.dirname(_analysis["General"]["InputPath"]))
+    _inputs = os.path.normpath(os.path.dirname(_analysis.general.input_path))
     GENERATE = _inputs == os.path.normpath(config["data_dir"])
 else:
     GENERATE = bool(config["generate"])

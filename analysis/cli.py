@@ -7,6 +7,7 @@ field or branch; no traceback), 1 internal error. Outputs are written atomically
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
@@ -20,19 +21,47 @@ import click
 import torch
 
 from analysis.errors import AnalysisError
-from analysis.files import json_text, write_atomically
+from analysis.files import check_writable, json_text, write_atomically
 
 log = logging.getLogger("analysis")
 
 
+ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EFBIG,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+    }
+)
+"""Operating-system faults that are the user's to fix (permissions, a full disk, a path through
+a regular file): reported like user errors even when they come from a write outside
+:func:`analysis.files.write_atomically` (the ROOT files of ``generate``)."""
+
+
 class _Group(click.Group):
-    """Turns user-input errors into one line on stderr and exit code 2."""
+    """Turns user-input errors into one line on stderr and exit code 2: every
+    :class:`~analysis.errors.AnalysisError` (its message names the file and the problem; output
+    faults are :class:`~analysis.errors.OutputError`), and an ``OSError`` in
+    :data:`ENVIRONMENT_ERRNOS` (``"<file>: <reason>"``)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except AnalysisError as err:
             click.echo(f"Error: {err}", err=True)
+            ctx.exit(2)
+        except OSError as err:
+            if err.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            where = f"{err.filename}: " if err.filename is not None else ""
+            click.echo(f"Error: {where}{err.strerror or err}", err=True)
             ctx.exit(2)
 
 
@@ -895,9 +924,15 @@ def optimize(
     output: pathlib.Path | None,
     device: torch.device,
 ) -> None:
-    """Optimize the trainable cuts by gradient descent (writes DIR/result.json, DIR/cuts.json)."""
+    """Optimize the trainable cuts by gradient descent (writes DIR/result.json, DIR/cuts.json).
+
+    Fails at once (exit 2) when DIR or --output cannot be written or another run is using DIR.
+    DIR/result.json is written last: while it is absent the run has not finished.
+    """
     from analysis import optimize as optimization
 
+    if output is not None:
+        check_writable(output)
     result = optimization.optimize(
         config,
         out_dir=out_dir,
@@ -931,9 +966,15 @@ def scan_cuts(
     output: pathlib.Path | None,
     device: torch.device,
 ) -> None:
-    """Grid or random search of the trainable cuts, hard evaluations only (the baseline)."""
+    """Grid or random search of the trainable cuts, hard evaluations only (the baseline).
+
+    Fails at once (exit 2) when DIR or --output cannot be written or another run is using DIR.
+    DIR/result.json is written last: while it is absent the run has not finished.
+    """
     from analysis import optimize as optimization
 
+    if output is not None:
+        check_writable(output)
     result = optimization.scan_cuts(
         config,
         method=method,

@@ -15,6 +15,12 @@ is caught), then checks a schema cannot express (unique names, exactly one data 
 to existing regions and samples, strictly increasing bin edges), then conversion into frozen
 dataclasses. No code below this module reads the raw dictionary.
 
+Before the schema, the file itself is checked: a key given twice in one mapping, YAML aliases
+that expand to an unreasonably large document ("billion laughs"), and numbers that are NaN or
+infinite (``.nan``, ``.inf``, ``1e999``) anywhere are refused. Names of regions, samples,
+systematics and normfactors become parts of file names, so they must be safe file names
+(:func:`file_name_problem`); cut names are only keys of ``cuts.json``.
+
 Every error is a :class:`~analysis.errors.ConfigError` whose one-line message starts with the file
 and the YAML path (``dimuon.yaml: Regions[0].Binning: ...``) and says what was expected.
 """
@@ -26,6 +32,8 @@ import difflib
 import json
 import math
 import pathlib
+import re
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -212,16 +220,27 @@ class Config:
     def with_cut_values(self, values: Mapping[str, float], source: str = "cuts") -> Config:
         """A copy with cut thresholds replaced by ``values`` (cut name -> value).
 
-        Raises ConfigError for an unknown cut name or a value outside the cut's Bounds.
+        Raises ConfigError for an unknown cut name, a value that is not a finite number
+        (booleans are not numbers here, although Python counts ``True`` as 1) or a value outside
+        the cut's Bounds.
         """
         known = {cut.name: cut for cut in self.cuts}
         for name, value in values.items():
             if name not in known:
-                raise ConfigError(f"{source}: unknown cut '{name}'{_suggest(name, known)}")
+                raise ConfigError(f"{source}: unknown cut {name!r}{_suggest(name, known)}")
             low, high = known[name].bounds
-            if not isinstance(value, (int, float)) or not low <= value <= high:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
                 raise ConfigError(
-                    f"{source}: cut '{name}' = {value!r} is outside its Bounds [{low}, {high}]"
+                    f"{source}: cut {name!r} = {value!r} is not a finite number; expected a "
+                    f"number within its Bounds [{low}, {high}]"
+                )
+            if not low <= value <= high:
+                raise ConfigError(
+                    f"{source}: cut {name!r} = {value!r} is outside its Bounds [{low}, {high}]"
                 )
         regions = tuple(
             dataclasses.replace(
@@ -303,12 +322,20 @@ class Config:
 
 # ----------------------------------------------------------------------------- loading
 def load(path: str | pathlib.Path) -> Config:
-    """Read, validate and convert the YAML analysis configuration at ``path``."""
+    """Read, validate and convert the YAML analysis configuration at ``path``.
+
+    The YAML is read by :class:`_SafeLoader`: no Python objects, no duplicate keys, bounded alias
+    expansion, and YAML 1.2 numbers (``1e-6`` is a number, not a string).
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise InputFileError(f"{path}: configuration file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_SafeLoader)  # noqa: S506 (a SafeLoader)
+    except _RefusedYAML as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply; expected a configuration") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -327,6 +354,7 @@ def validate(raw: Any, *, source: str = "config") -> None:
     """Raise ConfigError unless ``raw`` is a valid configuration (schema, then semantics)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with General, Regions, Samples, ...")
+    _check_finite(raw, source)
     schema = _schema()
     errors = list(jsonschema.Draft7Validator(schema).iter_errors(raw))
     # a misspelt key shows up twice (unknown key, missing key): name the typo
@@ -334,21 +362,191 @@ def validate(raw: Any, *, source: str = "config") -> None:
     error = jsonschema.exceptions.best_match(typos or errors)
     if error is not None:
         raise ConfigError(f"{source}: {_describe(error, schema)}")
+    _check_expressions(raw, source)
     _check_semantics(raw, source)
 
 
 def load_cuts(path: str | pathlib.Path, config: Config) -> Config:
-    """Apply a ``cuts.json`` file (cut name -> value) to ``config``."""
+    """Apply a ``cuts.json`` file (cut name -> value) to ``config``.
+
+    The file must be strict JSON: Python's reader accepts ``NaN`` and ``Infinity``, which no
+    threshold can be, so they are refused here; a cut given twice (the last would silently win)
+    is refused too. The values are checked by :meth:`Config.with_cut_values`.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise InputFileError(f"{path}: cuts file not found")
+
+    def no_constants(token: str) -> float:
+        raise ConfigError(
+            f"{path}: not valid JSON: {token} is not a number; expected finite numbers"
+        )
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for name, value in pairs:
+            if name in seen:
+                raise ConfigError(f"{path}: cut {name!r} is given twice; expected each cut once")
+            seen[name] = value
+        return seen
+
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(
+            path.read_text(), parse_constant=no_constants, object_pairs_hook=no_duplicates
+        )
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON: {err}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected an object mapping cut names to values")
     return config.with_cut_values(values, source=str(path))
+
+
+# ----------------------------------------------------------------------------- reading YAML
+#: most nodes that YAML aliases may add to a document when they are written out; configurations
+#: share a list of samples or a binning, a few thousand nodes at most, while a "billion laughs"
+#: file of 2 kB expands to 10**9
+MAX_ALIAS_NODES = 100_000
+
+
+class _RefusedYAML(yaml.YAMLError):
+    """YAML that parses but is refused: duplicate keys, a too large alias expansion."""
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (plain data only, never Python objects), stricter in three ways.
+
+    - A key given twice in one mapping is an error (PyYAML keeps the last silently, so a second
+      ``Name`` or ``Binning`` would replace the first unnoticed). Keys merged in with ``<<`` may be
+      overridden, as YAML intends.
+    - Aliases may add at most :data:`MAX_ALIAS_NODES` nodes to the document when written out, and
+      may not refer to a node that contains them. PyYAML shares aliased objects, but everything
+      that walks the result (schema validation, the checks here) visits every copy, so a few
+      kilobytes of nested aliases would take hours and gigabytes.
+    - Numbers in exponent notation without a dot (``1e-6``, ``1e999``) are floats, as in YAML 1.2
+      and JSON; PyYAML (YAML 1.1) reads them as strings.
+    """
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        first_line: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = key.start_mark.line + 1
+            if (key.tag, key.value) in first_line:
+                earlier = first_line[key.tag, key.value]
+                lines = f"lines {earlier} and {line}" if earlier != line else f"line {line}, twice"
+                raise _RefusedYAML(f"duplicate key {key.value!r} at {lines}")
+            first_line[key.tag, key.value] = line
+        return node
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        written = _count_nodes(node)
+        _expanded_size(node, written + MAX_ALIAS_NODES, {}, set())
+        return super().construct_document(node)
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _count_nodes(root: yaml.Node) -> int:
+    """Number of distinct nodes in the document as written (each alias target once)."""
+    seen = {id(root)}
+    stack = [root]
+    while stack:
+        for child in _children(stack.pop()):
+            if id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+    return len(seen)
+
+
+def _expanded_size(node: yaml.Node, limit: int, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Number of nodes under ``node`` with every alias written out; refused above ``limit``.
+
+    Each distinct node is sized once (``sizes``), so this costs the size of the file, not of the
+    expansion; ``open_nodes`` are the nodes being sized, an alias to one of them is a cycle.
+    """
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise _RefusedYAML(
+            f"line {node.start_mark.line + 1}: an alias refers to the node that contains it; "
+            "expected a finite document"
+        )
+    open_nodes.add(key)
+    total = 1
+    for child in _children(node):
+        total += _expanded_size(child, limit, sizes, open_nodes)
+        if total > limit:
+            raise _RefusedYAML(
+                f"YAML aliases expand the document from {limit - MAX_ALIAS_NODES} nodes as "
+                f"written to more than {limit}; the expansion is too large (expected aliases to "
+                f"add at most {MAX_ALIAS_NODES} nodes)"
+            )
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
+def _check_finite(raw: Any, source: str, parts: tuple[Any, ...] = ()) -> None:
+    """Refuse NaN and infinite numbers anywhere in ``raw``, naming their YAML path.
+
+    YAML spells them ``.nan``, ``.inf`` and ``-.inf`` (and ``1e999`` overflows to infinity); the
+    schema's ``"type": "number"`` accepts them and its ``minimum`` comparisons are false for NaN,
+    so one walk over the whole document catches them in every field, present and future.
+    """
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise ConfigError(f"{source}: {_yaml_path(parts)}: expected a finite number, got {raw!r}")
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            _check_finite(value, source, (*parts, str(key)))
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            _check_finite(value, source, (*parts, i))
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be part of a file name, or None when it can.
+
+    Region, sample, systematic and normfactor names become parts of file names and paths:
+    plots (``cutflow_<region>.png``, ``templates_<region>_<sample>_<systematic>.png``), report
+    sections, and the output files of Snakemake rules. So a name must be
+    - not empty, ``.`` or ``..`` (those mean "this folder" and "the folder above");
+    - free of ``/`` and ``\\`` (path separators would put the file into another folder);
+    - free of control characters (NUL ends a path in C; newlines and tabs break log lines and
+      shell commands);
+    - free of ``{`` and ``}`` (Snakemake reads them as wildcards in output paths);
+    - not starting with ``-`` (command-line tools would read it as an option) nor with or ending in
+      whitespace (invisible, and stripped by many tools).
+    Everything else is allowed: letters of any script, digits, spaces inside, ``_ - . + :``.
+    """
+    if name in ("", ".", ".."):
+        return f"it is {name!r}"
+    for char in ("/", "\\", "{", "}"):
+        if char in name:
+            return f"it contains {char!r}"
+    control = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        return f"it contains the control character {control!r}"
+    if name.startswith("-"):
+        return "it starts with '-'"
+    if name != name.strip():
+        return "it starts or ends with whitespace"
+    return None
 
 
 def _schema() -> dict[str, Any]:
@@ -379,6 +577,9 @@ def _describe(error: jsonschema.ValidationError, schema: dict[str, Any]) -> str:
     if error.validator == "enum":
         options = ", ".join(repr(o) for o in error.validator_value)
         return f"{where}: {error.instance!r} is not one of {options}"
+    if error.validator == "minLength":
+        least = error.validator_value
+        return f"{where}: expected at least {least} character(s), got {error.instance!r}"
     if error.validator == "type":
         return f"{where}: expected {error.validator_value}, got {error.instance!r}"
     return f"{where}: {error.message}"
@@ -412,6 +613,19 @@ def _contains(names: tuple[str, ...] | None, name: str) -> bool:
 def _check_semantics(raw: dict[str, Any], source: str) -> None:
     def fail(msg: str) -> None:
         raise ConfigError(f"{source}: {msg}")
+
+    def safe_name(where: str, name: str) -> None:
+        problem = file_name_problem(name)
+        if problem is not None:
+            fail(
+                f"{where}: {name!r} cannot be used in file names, {problem}; expected a "
+                "name without '/', '\\', '{', '}' or control characters, not '.' or '..', not "
+                "starting with '-' or with whitespace at either end"
+            )
+
+    for section in ("Regions", "Samples", "Systematics", "NormFactors"):
+        for i, item in enumerate(raw.get(section, [])):
+            safe_name(f"{section}[{i}].Name", item["Name"])
 
     def unique(section: str, items: list[dict[str, Any]], key: str = "Name") -> set[str]:
         seen: set[str] = set()
@@ -588,7 +802,7 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
     defaults = Optimization()
     optimization = Optimization(
         objective=opt.get("Objective", defaults.objective),
-        steps=opt.get("Steps", defaults.steps),
+        steps=int(opt.get("Steps", defaults.steps)),
         learning_rate=float(opt.get("LearningRate", defaults.learning_rate)),
         bandwidth=float(opt.get("Bandwidth", defaults.bandwidth)),
         temperature=Temperature(
@@ -596,9 +810,9 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
             final=float(temp.get("Final", defaults.temperature.final)),
             schedule=temp.get("Schedule", defaults.temperature.schedule),
         ),
-        evaluate_every=opt.get("EvaluateEvery", defaults.evaluate_every),
-        checkpoint_every=opt.get("CheckpointEvery", defaults.checkpoint_every),
-        seed=opt.get("Seed", defaults.seed),
+        evaluate_every=int(opt.get("EvaluateEvery", defaults.evaluate_every)),
+        checkpoint_every=int(opt.get("CheckpointEvery", defaults.checkpoint_every)),
+        seed=int(opt.get("Seed", defaults.seed)),
     )
     return Config(
         source=source,
@@ -618,3 +832,34 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
         norm_factors=norm_factors,
         optimization=optimization,
     )
+
+
+def expression_locations(raw: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """Every expression of a (schema-valid) raw configuration, with its YAML path."""
+    for i, definition in enumerate(raw.get("Definitions", [])):
+        yield f"Definitions[{i}].Expression", definition["Expression"]
+    for i, region in enumerate(raw["Regions"]):
+        for key in ("Variable", "Filter"):
+            if key in region:
+                yield f"Regions[{i}].{key}", region[key]
+        for j, cut in enumerate(region.get("Cuts", [])):
+            yield f"Regions[{i}].Cuts[{j}].Variable", cut["Variable"]
+    for i, sample in enumerate(raw["Samples"]):
+        for key in ("Weight", "Filter", "Variable"):
+            if key in sample:
+                yield f"Samples[{i}].{key}", sample[key]
+    for i, syst in enumerate(raw.get("Systematics", [])):
+        for side in ("Up", "Down"):
+            for key in ("Weight", "Filter", "Variable"):
+                if key in syst[side]:
+                    yield f"Systematics[{i}].{side}.{key}", syst[side][key]
+
+
+def _check_expressions(raw: dict[str, Any], source: str) -> None:
+    """Parse every expression against the allowlist of :mod:`analysis.expressions`."""
+    from analysis import expressions  # numpy/awkward/vector: only when a config is validated
+
+    located = list(expression_locations(raw))
+    fields = expressions.record_fields(text for _, text in located)
+    for where, text in located:
+        expressions.parse(text, f"{source}: {where}", fields)

@@ -3,10 +3,15 @@
 The content goes to a temporary file in the target's folder (created if missing), which then
 replaces the target in one ``os.replace``: readers see the old file or the new one, never a
 partial one, and a failed write leaves no temporary file behind (DESIGN.md, CLI contract).
+An operating-system fault while writing (read-only folder or file system, full disk or quota, a
+path below a regular file, a directory in the target's place) is a user error,
+:class:`analysis.errors.OutputError`, one line naming the target and the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -14,6 +19,8 @@ import pathlib
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import IO, Any
+
+from analysis.errors import AnalysisError, OutputError
 
 
 def write_atomically(
@@ -23,12 +30,20 @@ def write_atomically(
 
     ``content``: text (written as UTF-8), bytes, or a function that writes to the binary file
     handle it is given (``figure.savefig``, ``np.savez``, ``torch.save``). The file gets mode
-    0644 (``mkstemp`` makes it private).
+    0644 (``mkstemp`` makes it private). The temporary file is ``.<name>.<random>.tmp`` beside
+    the target; it is removed on any failure (a killed process can leave one behind).
+
+    Raises :class:`~analysis.errors.OutputError` (an ``OSError``) with the message
+    ``"<path>: cannot write (<reason>)"`` for any ``OSError`` on the way; an
+    :class:`~analysis.errors.AnalysisError` raised by ``content`` passes unchanged.
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp: str | None = None
     try:
+        if path.parent.exists() and not path.parent.is_dir():  # mkdir would say "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             if isinstance(content, str):
                 handle.write(content.encode("utf-8"))
@@ -38,10 +53,43 @@ def write_atomically(
                 content(handle)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, AnalysisError):
+            temporary = str(path.parent / f".{path.name}.")
+            raise OutputError.from_os_error(path, err, temporary=temporary) from err
         raise
     return path
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`~analysis.errors.OutputError` unless a file can be written at ``path``:
+    its folder is created if missing, then a temporary file named as
+    :func:`analysis.files.write_atomically` names its own (``.<name>.<random>.tmp``) is created,
+    given one byte and removed. Messages: ``"<folder>: cannot create the folder (<reason>)"``,
+    ``"<folder>: cannot write (<reason>)"``."""
+    path = pathlib.Path(path)
+    folder = path.parent
+    try:
+        if folder.exists() and not folder.is_dir():  # mkdir would say "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError.from_os_error(folder, err, "cannot create the folder") from err
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(b"\n")
+    except OSError as err:
+        temporary = str(folder / f".{path.name}.")
+        raise OutputError.from_os_error(folder, err, temporary=temporary) from err
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def json_text(payload: Any, *, indent: int | None = 2) -> str:

@@ -9,23 +9,19 @@ Reading is done once per (files, tree): all templates that read the same tree sh
 over it, in chunks of ``step_size`` (uproot ``TTree.iterate``), so memory is bounded by one chunk
 plus the selected float columns. Only the branches the expressions use are read.
 
-Expressions (Definitions, Filter, Weight, Variable, cut variables) are Python expressions over
-branch and Definition names, evaluated with awkward arrays in a namespace that holds only the
-columns, the modules ``np``/``numpy``, ``ak``/``awkward`` and ``vector``, and ``abs``
-(``np.abs``): no other builtins, and
-no names or attributes that start with an underscore (so no ``__class__`` escapes).
+Expressions (Definitions, Filter, Weight, Variable, cut variables) are in the language of
+:mod:`analysis.expressions`: parsed and checked against its allowlist before any file is opened,
+then interpreted over the awkward columns of each chunk (never ``eval``'d). Definitions are
+evaluated lazily, only those an expression of the group uses, in config order.
 
-Results are cached on disk (``.npz`` per (files, tree)), keyed by a hash of everything that
-determines them: the resolved file paths with their size and modification time, the tree, the
-Definitions used, and each template's Filter, Weight and expressions.
+Results are cached on disk (``.npz`` per (files, tree)), keyed by the content of the input
+files and everything else that determines them, verified on load, best effort: see
+:mod:`analysis.cache`.
 """
 
 from __future__ import annotations
 
-import ast
 import difflib
-import hashlib
-import json
 import logging
 import os
 import pathlib
@@ -36,9 +32,10 @@ import awkward as ak
 import numpy as np
 import torch
 import uproot
-import vector
 
-from analysis.config import RESERVED_NAMES, Config, Definition, Template
+from analysis.cache import ColumnCache
+from analysis.cache import default_cache_dir as default_cache_dir  # re-exported
+from analysis.config import Config, Definition, Template
 from analysis.errors import (
     AnalysisError,
     ConfigError,
@@ -46,13 +43,11 @@ from analysis.errors import (
     InputFileError,
     MissingObjectError,
 )
-from analysis.files import write_atomically
+from analysis.expressions import Expression, ExpressionError, evaluate, parse, record_fields
 from analysis.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-#: bump when the cache layout or the meaning of cached arrays changes
-CACHE_VERSION = 1
 TemplateKey = tuple[str, str, str]  # (region, sample, variation)
 
 
@@ -123,6 +118,7 @@ def read_events(
         groups.setdefault((template.paths, template.tree), []).append(template)
 
     result: dict[TemplateKey, Events] = {}
+    cache = ColumnCache(cache_dir)  # one per call: file digests, one warning on a failed write
     bar = progress_bar(len(groups), "reading", enabled=progress, unit="tree")
     try:
         for (paths, tree), members in groups.items():
@@ -132,7 +128,7 @@ def read_events(
                     _Request(t.filter, t.weight, template_expressions(t)) for t in members
                 )
             )
-            arrays = _read_group(config, paths, tree, requests, members[0], cache_dir, step_size)
+            arrays = _read_group(config, paths, tree, requests, members[0], cache, step_size)
             for template in members:
                 request = _Request(template.filter, template.weight, template_expressions(template))
                 columns, weight = arrays[requests.index(request)]
@@ -156,54 +152,31 @@ def read_events(
 
 
 # ----------------------------------------------------------------------------- expressions
-def compile_expression(expr: str, what: str) -> tuple[object, frozenset[str]]:
-    """Compile ``expr`` for the restricted namespace; return the code and the names it uses."""
-    try:
-        tree = ast.parse(expr.strip(), mode="eval")
-    except SyntaxError as err:
-        raise ConfigError(f"{what}: {expr!r} is not a valid expression ({err.msg})") from None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
-            raise ConfigError(
-                f"{what}: {expr!r} uses attribute '{node.attr}'; "
-                "names starting with '_' are not allowed"
-            )
-        if isinstance(node, ast.Name) and node.id.startswith("_"):
-            raise ConfigError(
-                f"{what}: {expr!r} uses name '{node.id}'; names starting with '_' are not allowed"
-            )
-    names = frozenset(n.id for n in ast.walk(tree) if isinstance(n, ast.Name))
-    return compile(tree, "<expression>", "eval"), names
-
-
-def _namespace() -> dict[str, object]:
-    return {
-        "__builtins__": {},
-        "np": np,
-        "numpy": np,
-        "ak": ak,
-        "awkward": ak,
-        "vector": vector,
-        "abs": np.abs,  # the one builtin physicists use in cuts; numpy's works on awkward arrays
-    }
+def analysis_fields(config: Config) -> frozenset[str]:
+    """Record fields that expressions of ``config`` may read after a dot (dict-literal keys)."""
+    sources = [d.expression for d in config.definitions]
+    for template in config.templates():
+        sources += [e for e in (template.filter, template.weight) if e is not None]
+        sources += template_expressions(template)
+    return record_fields(sources)
 
 
 def _needed_definitions(
-    definitions: tuple[Definition, ...], names: set[str]
-) -> list[tuple[Definition, object]]:
-    """The Definitions that ``names`` use, transitively, in config order, compiled."""
-    compiled = {
-        d.name: (d, *compile_expression(d.expression, f"Definitions[{i}] '{d.name}'"))
+    definitions: tuple[Definition, ...], names: set[str], fields: frozenset[str]
+) -> list[tuple[Definition, Expression]]:
+    """The Definitions that ``names`` use, transitively, in config order, parsed."""
+    parsed = {
+        d.name: (d, parse(d.expression, f"Definitions[{i}] '{d.name}'", fields))
         for i, d in enumerate(definitions)
     }
     needed: set[str] = set()
-    stack = [n for n in names if n in compiled]
+    stack = [n for n in names if n in parsed]
     while stack:
         name = stack.pop()
         if name not in needed:
             needed.add(name)
-            stack.extend(n for n in compiled[name][2] if n in compiled and n not in needed)
-    return [(d, code) for d, code, _ in compiled.values() if d.name in needed]
+            stack.extend(n for n in parsed[name][1].names if n in parsed and n not in needed)
+    return [(d, expression) for d, expression in parsed.values() if d.name in needed]
 
 
 def _where(paths: tuple[pathlib.Path, ...], tree: str) -> str:
@@ -217,7 +190,7 @@ def _read_group(
     tree: str,
     requests: list[_Request],
     example: Template,
-    cache_dir: str | os.PathLike[str] | None,
+    cache: ColumnCache,
     step_size: int | str,
 ) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
     """Read one (files, tree) for all its requests: [(columns, weight)] in request order."""
@@ -227,39 +200,40 @@ def _read_group(
                 f"{path}: file not found (sample '{example.sample.name}', "
                 f"InputPath '{config.general.input_path}')"
             )
-    # compile everything first: a bad expression fails before any file is opened
-    compiled: list[
-        tuple[tuple[str, object] | None, tuple[str, object] | None, list[tuple[str, object]]]
-    ] = []
+    # parse everything first: a bad expression fails before any file is opened
+    fields = analysis_fields(config)
+    sample = example.sample.name
+    parsed: list[tuple[Expression | None, Expression | None, list[Expression]]] = []
     names: set[str] = set()
     for request in requests:
         entry_filter = entry_weight = None
         if request.filter is not None:
-            code, used = compile_expression(request.filter, f"Filter of {example.sample.name!r}")
-            entry_filter, names = (request.filter, code), names | used
+            entry_filter = parse(request.filter, f"Filter of {sample!r}", fields)
         if request.weight is not None:
-            code, used = compile_expression(request.weight, f"Weight of {example.sample.name!r}")
-            entry_weight, names = (request.weight, code), names | used
-        exprs = []
-        for expr in request.expressions:
-            code, used = compile_expression(expr, f"Variable {expr!r}")
-            exprs.append((expr, code))
-            names |= used
-        compiled.append((entry_filter, entry_weight, exprs))
-    definitions = _needed_definitions(config.definitions, names)
-    for definition, _ in definitions:
-        names |= compile_expression(definition.expression, definition.name)[1]
+            entry_weight = parse(request.weight, f"Weight of {sample!r}", fields)
+        exprs = [parse(e, f"Variable {e!r}", fields) for e in request.expressions]
+        for expression in [entry_filter, entry_weight, *exprs]:
+            names |= expression.names if expression is not None else set()
+        parsed.append((entry_filter, entry_weight, exprs))
+    definitions = _needed_definitions(config.definitions, names, fields)
+    for _, expression in definitions:
+        names |= expression.names
     names -= {d.name for d in config.definitions}
-    names -= RESERVED_NAMES
 
-    key = _cache_key(paths, tree, definitions, requests)
-    cached = _cache_load(cache_dir, key, requests)
+    key = cache.key(
+        paths,
+        tree,
+        [(d.name, d.expression) for d, _ in definitions],
+        [(r.filter, r.weight, r.expressions) for r in requests],
+    )
+    cached = cache.load(key)
     if cached is not None:
         log.debug("cache hit for %s", _where(paths, tree))
         return cached
 
     out: list[tuple[list[dict[str, np.ndarray]], list[np.ndarray]]] = [([], []) for _ in requests]
     nan_counts: dict[str, int] = {}
+    notes: dict[str, None] = {}  # warnings raised while evaluating, for the error message
     for path in paths:
         ttree = _open_tree(path, tree, example)
         branches = set(ttree.keys())
@@ -271,28 +245,29 @@ def _read_group(
         try:
             chunks = ttree.iterate(filter_name=sorted(names), step_size=step_size, library="ak")
             for chunk in chunks:
-                namespace = _namespace()
+                columns: dict[str, object] = {}
                 for field in chunk.fields:
-                    column = chunk[field]
-                    namespace[field] = column
-                    _count_nan(field, column, nan_counts)
-                for definition, code in definitions:
-                    namespace[definition.name] = _evaluate_definition(
-                        definition, code, namespace, config, example, path, tree
+                    columns[field] = chunk[field]
+                    _count_nan(field, chunk[field], nan_counts)
+                where = f"sample '{sample}' ({path}:{tree})"
+                for definition, expression in definitions:
+                    columns[definition.name] = _evaluate_definition(
+                        definition, expression, columns, config, where, notes
                     )
                 n_events = len(chunk)
-                where = f"sample '{example.sample.name}' ({path}:{tree})"
                 for (entry_filter, entry_weight, exprs), (cols, weights) in zip(
-                    compiled, out, strict=True
+                    parsed, out, strict=True
                 ):
-                    mask = _per_event(entry_filter, namespace, n_events, "Filter", bool, where)
-                    weight = _per_event(entry_weight, namespace, n_events, "Weight", float, where)
+                    mask = _per_event(entry_filter, columns, n_events, "Filter", bool, where, notes)
+                    weight = _per_event(
+                        entry_weight, columns, n_events, "Weight", float, where, notes
+                    )
                     cols.append(
                         {
-                            expr: _per_event(
-                                (expr, code), namespace, n_events, "Variable", float, where
+                            e.source: _per_event(
+                                e, columns, n_events, "Variable", float, where, notes
                             )[mask]
-                            for expr, code in exprs
+                            for e in exprs
                         }
                     )
                     weights.append(weight[mask])
@@ -320,9 +295,10 @@ def _read_group(
             if bad:
                 raise DataError(
                     f"{_where(paths, tree)}: {expr!r} is not finite for {bad} selected event(s)"
+                    f"{_noted(notes)}"
                 )
         result.append((columns, weight))
-    _cache_store(cache_dir, key, result)
+    cache.store(key, result)
     return result
 
 
@@ -354,14 +330,15 @@ def _suggest(name: str, candidates: Iterable[str]) -> str:
 
 def _user_of(name: str, config: Config, requests: list[_Request]) -> str:
     """Which expression uses ``name``, for the missing-branch message."""
+    fields = analysis_fields(config)
     for definition in config.definitions:
-        if name in compile_expression(definition.expression, definition.name)[1]:
+        if name in parse(definition.expression, definition.name, fields).names:
             return f"Definition '{definition.name}'"
     for request in requests:
         for label, expr in [("Filter", request.filter), ("Weight", request.weight)] + [
             ("Variable", e) for e in request.expressions
         ]:
-            if expr is not None and name in compile_expression(expr, label)[1]:
+            if expr is not None and name in parse(expr, label, fields).names:
                 return f"{label} {expr!r}"
     return "an expression"
 
@@ -372,45 +349,60 @@ def _count_nan(name: str, column: ak.Array, counts: dict[str, int]) -> None:
         counts[name] = counts.get(name, 0) + int(np.count_nonzero(np.isnan(np.asarray(flat))))
 
 
+def _noted(notes: Mapping[str, None]) -> str:
+    """The warnings raised while evaluating, as a suffix of a one-line error message."""
+    return f" (while evaluating: {'; '.join(notes)})" if notes else ""
+
+
+def _evaluate(
+    expression: Expression, columns: Mapping[str, object], notes: dict[str, None], label: str
+) -> object:
+    """Evaluate ``expression``; remember its warnings in ``notes`` (labelled)."""
+    value, warned = evaluate(expression, columns)
+    notes.update((f"{label}: {w}", None) for w in warned)
+    return value
+
+
 def _evaluate_definition(
     definition: Definition,
-    code: object,
-    namespace: dict[str, object],
+    expression: Expression,
+    columns: Mapping[str, object],
     config: Config,
-    example: Template,
-    path: pathlib.Path,
-    tree: str,
+    where: str,
+    notes: dict[str, None],
 ) -> object:
     try:
-        return eval(code, namespace)  # noqa: S307 - restricted namespace, see module docstring
-    except Exception as err:
+        return _evaluate(expression, columns, notes, f"Definition '{definition.name}'")
+    except ExpressionError as err:
         index = config.definitions.index(definition)
         raise DataError(
             f"Definitions[{index}] '{definition.name}' = {definition.expression!r} failed on "
-            f"sample '{example.sample.name}' ({path}:{tree}): {type(err).__name__}: "
-            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            f"{where}: {err}{_noted(notes)}"
         ) from None
 
 
 def _per_event(
-    entry: tuple[str, object] | None,
-    namespace: dict[str, object],
+    expression: Expression | None,
+    columns: Mapping[str, object],
     n_events: int,
     role: str,
     kind: type,
     where: str,
+    notes: dict[str, None],
 ) -> np.ndarray:
     """Evaluate an expression to one value per event (a constant is broadcast)."""
-    if entry is None:
+    if expression is None:
         return np.ones(n_events, dtype=bool if kind is bool else np.float64)
-    expr, code = entry
+    expr = expression.source
     try:
-        value = eval(code, namespace)  # noqa: S307 - restricted namespace
-    except Exception as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise DataError(
-            f"{role} {expr!r} failed on {where}: {type(err).__name__}: {message}"
-        ) from None
+        value = _evaluate(expression, columns, notes, f"{role} {expr!r}")
+    except ExpressionError as err:
+        raise DataError(f"{role} {expr!r} failed on {where}: {err}{_noted(notes)}") from None
+    if isinstance(value, ak.Array | ak.Record) and ak.fields(value):
+        raise ConfigError(
+            f"{role} {expr!r} gives records with fields {', '.join(ak.fields(value))}; expected "
+            f"one number per event, e.g. {expr}.pt"
+        )
     if isinstance(value, ak.Array):
         if value.ndim != 1:
             raise ConfigError(
@@ -419,7 +411,10 @@ def _per_event(
             )
         if ak.any(ak.is_none(value, axis=0)):
             raise DataError(f"{role} {expr!r} is missing (None) for some events; use ak.fill_none")
-        value = ak.to_numpy(value)
+        try:
+            value = ak.to_numpy(value)
+        except (TypeError, ValueError) as err:
+            raise DataError(f"{role} {expr!r} on {where} is not a flat array: {err}") from None
     array = np.asarray(value)
     if array.ndim == 0:
         array = np.full(n_events, array.item())
@@ -430,70 +425,3 @@ def _per_event(
             raise ConfigError(f"{role} {expr!r} gives {array.dtype} values; expected booleans")
         return array
     return array.astype(np.float64)
-
-
-# ----------------------------------------------------------------------------- cache
-def _cache_key(
-    paths: tuple[pathlib.Path, ...],
-    tree: str,
-    definitions: list[tuple[Definition, object]],
-    requests: list[_Request],
-) -> str:
-    files = []
-    for path in paths:
-        stat = path.stat()
-        files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    payload = {
-        "version": CACHE_VERSION,
-        "files": files,
-        "tree": tree,
-        "definitions": [[d.name, d.expression] for d, _ in definitions],
-        "requests": [[r.filter, r.weight, list(r.expressions)] for r in requests],
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _cache_load(
-    cache_dir: str | os.PathLike[str] | None, key: str, requests: list[_Request]
-) -> list[tuple[dict[str, np.ndarray], np.ndarray]] | None:
-    if cache_dir is None:
-        return None
-    path = pathlib.Path(cache_dir) / f"{key}.npz"
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path) as stored:
-            return [
-                (
-                    {e: stored[f"r{i}_c{j}"] for j, e in enumerate(r.expressions)},
-                    stored[f"r{i}_weight"],
-                )
-                for i, r in enumerate(requests)
-            ]
-    except Exception:  # a damaged cache entry is ignored and rewritten
-        log.warning("ignoring unreadable cache file %s", path)
-        return None
-
-
-def _cache_store(
-    cache_dir: str | os.PathLike[str] | None,
-    key: str,
-    result: list[tuple[dict[str, np.ndarray], np.ndarray]],
-) -> None:
-    if cache_dir is None:
-        return
-    directory = pathlib.Path(cache_dir)
-    arrays = {}
-    for i, (columns, weight) in enumerate(result):
-        arrays[f"r{i}_weight"] = weight
-        for j, values in enumerate(columns.values()):
-            arrays[f"r{i}_c{j}"] = values
-    write_atomically(directory / f"{key}.npz", lambda handle: np.savez(handle, **arrays))
-
-
-def default_cache_dir() -> pathlib.Path:
-    """``$DIFFANA_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffana``, else ``~/.cache/diffana``."""
-    if "DIFFANA_CACHE_DIR" in os.environ:
-        return pathlib.Path(os.environ["DIFFANA_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "diffana"

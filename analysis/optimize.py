@@ -31,7 +31,39 @@ likelihood that is not finite at the fit's start because a cut removed a whole s
 **Checkpoints.** Every ``checkpoint_every`` steps ``out_dir/checkpoint.pt`` is written
 atomically (pipeline state, Adam state, next step, history, best point, torch RNG state).
 ``resume=True`` restores all of it and continues; on the same machine the result is the same as
-an uninterrupted run (float64, deterministic CPU kernels).
+an uninterrupted run (float64, deterministic CPU kernels), also after ``kill -9``. A checkpoint
+records the *identity* of its run (:func:`run_identity`): a hash of the configuration (every
+field of the :class:`~analysis.config.Config` record except ``source``, the YAML's file name,
+as canonical JSON), the objective, the number of steps, the seed, and the content digest of
+every input file (:func:`analysis.cache.file_digest`; of the event tensors when ``events`` are
+passed in). Resuming with a checkpoint that cannot be read (truncated, not a torch file, another
+program's), or of another run (naming what differs), or whose cut values lie outside the
+current Bounds is a :class:`~analysis.errors.ConfigError`.
+
+**The output folder** (``out_dir``) belongs to one run at a time, and what it shows is never a
+mix of two runs:
+
+1. Before anything is computed, the folder is created and claimed (:func:`claim_output_folder`):
+   a probe file is created and removed (a read-only folder, a full disk or a path below a
+   regular file fail here, as :class:`~analysis.errors.OutputError`, not at the first
+   checkpoint); an exclusive ``fcntl.flock`` on ``out_dir/.lock`` is taken (a second run fails
+   at once, naming the pid, host and start time the lock file records) and held until the run
+   ends, however it ends (the file is removed then; the system drops the lock when the process
+   dies, and the file it leaves is reused); temporary files that a killed run left
+   (``.result.json.*.tmp``, ``.cuts.json.*.tmp``, ``.checkpoint.pt.*.tmp``) are removed.
+2. Once the inputs are read (and a resumed checkpoint accepted), the previous outputs are
+   removed, ``result.json`` first: a new run also removes ``checkpoint.pt``; a resumed one
+   keeps it.
+3. At the end ``cuts.json`` is written, then ``result.json`` (each atomically: whole or absent).
+   ``result.json`` is the completion marker: it only exists once the ``cuts.json`` beside it is
+   complete and from the same run, and its ``best.cuts`` equals that ``cuts.json``. A reader
+   that sees no ``result.json`` must treat the folder as unfinished.
+
+So after a kill at any instant the folder holds either no ``result.json`` (with or without a
+new ``cuts.json``), or this run's ``result.json`` and ``cuts.json``; never a ``result.json``
+beside a missing or older ``cuts.json``. ``resume=True`` (or a new run) then completes it.
+The lock is advisory (it stops diffana runs, not other programs) and needs a file system with
+``flock`` (local ones; NFS emulates it with POSIX locks).
 
 :func:`scan_cuts` is the baseline: the same trainable cuts, hard evaluations only, on a grid or
 at uniform random points within each cut's Bounds, same output files.
@@ -39,21 +71,33 @@ at uniform random points within each cut's Bounds, same output files.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import functools
+import hashlib
+import io
+import json
 import logging
 import math
 import os
 import pathlib
+import pickle
+import socket
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from analysis.cache import file_digest
 from analysis.config import Config, Temperature
-from analysis.errors import ConfigError, DataError, InputFileError
-from analysis.files import json_text, write_atomically
+from analysis.errors import ConfigError, DataError, InputFileError, OutputError
+from analysis.files import check_writable, json_text, write_atomically
 from analysis.fit import FitError
 from analysis.inference import InferenceError
 from analysis.io import Events, TemplateKey
@@ -64,8 +108,12 @@ from analysis.progress import progress_bar
 __all__ = [
     "OptimizationResult",
     "Point",
+    "claim_output_folder",
+    "config_digest",
+    "events_digest",
     "hard_metric",
     "optimize",
+    "run_identity",
     "scan_cuts",
     "schedule",
 ]
@@ -75,6 +123,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 CUTS = "cuts.json"
+LOCK = ".lock"
+CHECKPOINT_FORMAT = "diffana optimize checkpoint 2"
+"""The ``format`` entry of a checkpoint; a file without it is refused on resume."""
 
 
 @dataclass(frozen=True)
@@ -206,14 +257,183 @@ def _gradient_step(
 
 
 # ----------------------------------------------------------------------------- files
-def _write_json(path: pathlib.Path, payload: Any) -> None:
-    write_atomically(path, json_text(payload))
+def _remove(path: pathlib.Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        raise OutputError.from_os_error(path, err, "cannot remove") from err
+
+
+@contextlib.contextmanager
+def claim_output_folder(out_dir: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
+    """Create ``out_dir``, check that it is writable and hold it for one run (module docstring,
+    "The output folder", step 1); yields the folder as a path.
+
+    The lock is an exclusive ``fcntl.flock`` on ``out_dir/.lock``, released when the block
+    exits (also by an exception: the file is removed) or the process dies (the file stays and
+    is reused); the file records ``pid``, ``host`` and ``since`` (local time, ISO 8601) of its
+    holder. Raises
+    :class:`~analysis.errors.OutputError`: ``"<out_dir> is in use by another diffana run (pid N
+    on HOST since TIME)"`` when another run holds it, or a fault of the operating system.
+    """
+    out = pathlib.Path(out_dir)
+    check_writable(out / RESULT)
+    lock_path = out / LOCK
+    fd = _lock(out, lock_path)
+    try:
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+            for name in (RESULT, CUTS, CHECKPOINT):  # left by a killed write_atomically
+                for stale in out.glob(f".{name}.*.tmp"):
+                    _remove(stale)
+        except OSError as err:
+            if isinstance(err, OutputError):
+                raise
+            raise OutputError.from_os_error(lock_path, err) from err
+        log.debug("claimed %s (%s)", out, holder)
+        yield out
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # while still held: see _lock
+        os.close(fd)  # releases the lock
+
+
+def _lock(out: pathlib.Path, lock_path: pathlib.Path) -> int:
+    """Open ``lock_path`` and take an exclusive ``flock`` on it without waiting; return the
+    descriptor. A holder removes the file before it lets go, so a lock taken on a file that is
+    no longer at ``lock_path`` (removed between this ``open`` and this ``flock``) is dropped
+    and taken again on the new file: two runs never hold locks on different files."""
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OutputError.from_os_error(lock_path, err) from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise OutputError(f"{out} is in use by another diffana run{holder}") from None
+        except OSError as err:  # e.g. ENOLCK: a file system without locks
+            os.close(fd)
+            raise OutputError.from_os_error(lock_path, err, "cannot lock") from err
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """`` (pid N on HOST since TIME)`` from the lock file, or ``""`` when it cannot be read (its
+    holder may be writing it at this instant)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return f" (pid {holder['pid']} on {holder['host']} since {holder['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _write_outputs(out_dir: pathlib.Path, result: OptimizationResult) -> None:
-    _write_json(out_dir / RESULT, result.to_dict())
-    _write_json(out_dir / CUTS, dict(result.best.cuts))
+    """Publish (module docstring, "The output folder", step 3): no ``result.json`` while
+    ``cuts.json`` changes, then ``cuts.json``, then ``result.json``, the completion marker."""
+    _remove(out_dir / RESULT)
+    write_atomically(out_dir / CUTS, json_text(dict(result.best.cuts)))
+    write_atomically(out_dir / RESULT, json_text(result.to_dict()))
     log.info("wrote %s and %s", out_dir / RESULT, out_dir / CUTS)
+
+
+# ----------------------------------------------------------------------------- run identity
+def _digest_text(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def config_digest(config: Config) -> str:
+    """Hash of the canonical JSON of every field of ``config`` but ``source`` (the YAML's file
+    name, which changes no result): ``dataclasses.asdict``, keys sorted, floats as Python's
+    shortest round-trip text."""
+    record = dataclasses.asdict(config)
+    record.pop("source", None)
+    return _digest_text(json.dumps(record, sort_keys=True, default=str, separators=(",", ":")))
+
+
+def events_digest(events: Mapping[TemplateKey, Events]) -> str:
+    """Hash of event tensors passed in directly: per template key (sorted) the observable's
+    name, then each column (sorted by name) and the weight as dtype, shape and raw bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def tensor(value: torch.Tensor) -> None:
+        data = value.detach().contiguous().cpu()
+        digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    for key in sorted(events):
+        item = events[key]
+        digest.update(json.dumps([list(key), item.variable, sorted(item.columns)]).encode())
+        for name in sorted(item.columns):
+            tensor(item.columns[name])
+        tensor(item.weight)
+    return digest.hexdigest()
+
+
+def run_identity(
+    config: Config,
+    objective: str,
+    steps: int,
+    seed: int,
+    events: Mapping[TemplateKey, Events] | None = None,
+) -> dict[str, Any]:
+    """What defines an optimization run, as a checkpoint records it: ``configuration``
+    (:func:`config_digest`), ``objective``, ``steps``, ``seed``, ``inputs`` (``{"files": {path:
+    digest}}`` over the union of ``template.paths`` of ``config.templates()``, or ``{"events":
+    digest}`` (:func:`events_digest`) for ``events`` passed in) and ``run``, a hash of all
+    of them."""
+    if events is None:
+        paths = sorted({str(path) for t in config.templates() for path in t.paths})
+        inputs: dict[str, Any] = {"files": {path: file_digest(path) for path in paths}}
+    else:
+        inputs = {"events": events_digest(events)}
+    parts = {
+        "configuration": config_digest(config),
+        "objective": objective,
+        "steps": steps,
+        "seed": seed,
+        "inputs": inputs,
+    }
+    return parts | {"run": _digest_text(json.dumps(parts, sort_keys=True))}
+
+
+def _identity_differences(saved: Any, current: Mapping[str, Any]) -> list[str]:
+    """What differs between a checkpoint's identity and this run's, for a message."""
+    if not isinstance(saved, Mapping):
+        return ["the run identity"]
+    out = []
+    if saved.get("configuration") != current["configuration"]:
+        out.append("the configuration")
+    for key in ("objective", "steps", "seed"):
+        if saved.get(key) != current[key]:
+            out.append(f"the {key} (checkpoint: {saved.get(key)!r}, now: {current[key]!r})")
+    old, new = saved.get("inputs"), current["inputs"]
+    if old != new:
+        if isinstance(old, Mapping) and isinstance(old.get("files"), Mapping) and "files" in new:
+            changed = sorted(
+                path
+                for path in set(old["files"]) | set(new["files"])
+                if old["files"].get(path) != new["files"].get(path)
+            )
+            out.append("the input files (" + ", ".join(changed) + ")")
+        else:
+            out.append("the input events")
+    if not out and saved.get("run") != current["run"]:
+        out.append("the run identity")
+    return out
 
 
 # ----------------------------------------------------------------------------- optimize
@@ -237,7 +457,8 @@ def optimize(
     ``objective``, ``steps`` and ``seed`` override ``config.optimization``. ``callback`` is
     called with each step's history entry (after that step's checkpoint, if any).
     Raises ConfigError for an unknown objective, no trainable cut, ``steps < 1`` or a checkpoint
-    that does not belong to this run; InputFileError when ``resume`` finds no checkpoint.
+    that cannot be read or does not belong to this run; InputFileError when ``resume`` finds no
+    checkpoint; OutputError when ``out_dir`` cannot be written or another run holds it.
     """
     settings = config.optimization
     objective_fn = get_objective(objective or settings.objective)
@@ -245,20 +466,50 @@ def optimize(
     seed = settings.seed if seed is None else seed
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
+    with claim_output_folder(out_dir) as out:
+        return _optimize(
+            config,
+            objective_fn,
+            steps=steps,
+            seed=seed,
+            out=out,
+            events=events,
+            resume=resume,
+            device=device,
+            progress=progress,
+            cache_dir=cache_dir,
+            callback=callback,
+        )
+
+
+def _optimize(
+    config: Config,
+    objective_fn: Objective,
+    *,
+    steps: int,
+    seed: int,
+    out: pathlib.Path,
+    events: Mapping[TemplateKey, Events] | None,
+    resume: bool,
+    device: torch.device | str,
+    progress: bool,
+    cache_dir: str | os.PathLike[str] | None,
+    callback: Callable[[Mapping[str, Any]], None] | None,
+) -> OptimizationResult:
+    """:func:`optimize` in the claimed folder ``out``."""
+    settings = config.optimization
     evaluate_every = max(1, int(settings.evaluate_every))
     checkpoint_every = max(1, int(settings.checkpoint_every))
-    out = pathlib.Path(out_dir)
     start_time = time.perf_counter()
     pipeline = AnalysisPipeline.from_config(config, events, device=device, cache_dir=cache_dir)
     if not pipeline.trainable_cut_names:
         raise ConfigError(f"{config.source}: no trainable cut to optimize")
     optimizer = torch.optim.Adam([pipeline.cut_parameters], lr=settings.learning_rate)
-    identity = {
-        "objective": objective_fn.name,
-        "steps": steps,
-        "seed": seed,
-        "cuts": list(pipeline.trainable_cut_names),
-    }
+    # only needed for a resume or a checkpoint (hashing the input files reads them once more);
+    # then taken right after the inputs were read
+    identity = functools.cache(lambda: run_identity(config, objective_fn.name, steps, seed, events))
+    if resume or checkpoint_every < steps:
+        identity()
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
@@ -270,24 +521,33 @@ def optimize(
         torch.manual_seed(seed)
         if resume:
             path = out / CHECKPOINT
-            if not path.is_file():
-                raise InputFileError(f"{path}: no checkpoint to resume from")
-            state = torch.load(path, map_location=pipeline.cut_low.device, weights_only=True)
-            if state["identity"] != identity:
-                raise ConfigError(
-                    f"{path}: checkpoint is for {state['identity']}, not for this run {identity}"
+            state = _load_checkpoint(path, identity(), pipeline.cut_low.device)
+            try:
+                pipeline.load_state_dict(state["pipeline"])
+                optimizer.load_state_dict(state["optimizer"])
+                first, history, best, initial = (
+                    int(state["step"]),
+                    list(state["history"]),
+                    state["best"],
+                    state["initial"],
                 )
-            pipeline.load_state_dict(state["pipeline"])
-            optimizer.load_state_dict(state["optimizer"])
-            first, history, best, initial = (
-                state["step"],
-                state["history"],
-                state["best"],
-                state["initial"],
-            )
-            hard_evaluations, elapsed = state["hard_evaluations"], state["seconds"]
-            torch.set_rng_state(state["rng"])
+                hard_evaluations, elapsed = int(state["hard_evaluations"]), state["seconds"]
+                torch.set_rng_state(state["rng"].cpu())
+            except (
+                AttributeError,
+                KeyError,
+                IndexError,
+                TypeError,
+                ValueError,
+                RuntimeError,
+            ) as err:
+                raise ConfigError(
+                    f"{path}: checkpoint does not fit this analysis ({_first_line(err)})"
+                ) from None
+            _check_restored_cuts(path, config, pipeline.cut_values())
             log.info("resuming %s at step %d of %d", path, first, steps)
+        for name in (RESULT, CUTS) if resume else (RESULT, CUTS, CHECKPOINT):
+            _remove(out / name)  # module docstring, "The output folder", step 2
 
         bar = progress_bar(steps, objective_fn.name, enabled=progress, initial=first, unit="step")
         try:
@@ -336,7 +596,7 @@ def optimize(
                 if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                     _save_checkpoint(
                         out / CHECKPOINT,
-                        identity=identity,
+                        identity=identity(),
                         pipeline=pipeline,
                         optimizer=optimizer,
                         step=step + 1,
@@ -407,6 +667,7 @@ def _save_checkpoint(
     seconds: float,
 ) -> None:
     state = {
+        "format": CHECKPOINT_FORMAT,
         "identity": dict(identity),
         "pipeline": pipeline.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -420,6 +681,93 @@ def _save_checkpoint(
     }
     write_atomically(path, lambda handle: torch.save(state, handle))
     log.debug("checkpoint %s at step %d", path, step)
+
+
+_CHECKPOINT_KEYS = frozenset(
+    {"format", "identity", "pipeline", "optimizer", "step", "history", "best", "initial"}
+    | {"hard_evaluations", "seconds", "rng"}
+)
+
+
+def _first_line(err: BaseException | str, limit: int = 120) -> str:
+    """The first sentence of the first line of an error message, at most ``limit`` characters."""
+    lines = str(err).strip().splitlines()
+    text = lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _load_failure(content: bytes, err: Exception) -> str:
+    """Why ``torch.load`` could not read ``content``, in a few words: torch's own message of
+    several paragraphs (which suggests loading with ``weights_only=False``) is cut to its
+    cause."""
+    if not content:
+        return "the file is empty"
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if isinstance(err, pickle.UnpicklingError) and marker in text:
+        return "torch.load: " + _first_line(text.split(marker, 1)[1])
+    return "torch.load: " + _first_line(err)
+
+
+def _load_checkpoint(
+    path: pathlib.Path, identity: Mapping[str, Any], device: torch.device
+) -> dict[str, Any]:
+    """The checkpoint at ``path``, if it is one of this run (module docstring, "Checkpoints").
+
+    Messages: ``"<path>: no checkpoint to resume from"`` (InputFileError), ``"<path>: cannot
+    read the checkpoint (<reason>)"`` (InputFileError), ``"<path>: not a valid checkpoint
+    (<reason>); rerun without --resume"`` and ``"<path>: the checkpoint is of another run: it
+    differs in <what>; rerun without --resume or choose another --out"`` (ConfigError).
+    """
+    if not path.is_file():
+        raise InputFileError(f"{path}: no checkpoint to resume from")
+    try:
+        content = path.read_bytes()  # small; torch.load's own reads fail alike on bad content
+    except OSError as err:
+        raise InputFileError(
+            f"{path}: cannot read the checkpoint ({err.strerror or _first_line(err)})"
+        ) from None
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(content), map_location=device, weights_only=True)
+    except Exception as err:  # torch.load raises many kinds (even OSError) for a foreign file
+        reason = _load_failure(content, err)
+        raise ConfigError(
+            f"{path}: not a valid checkpoint ({reason}); rerun without --resume"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = (
+            f"keys {', '.join(sorted(map(str, state)))}"
+            if isinstance(state, dict)
+            else f"a {type(state).__name__}"
+        )
+        raise ConfigError(
+            f"{path}: not a valid checkpoint (not written by this version of diffana optimize: "
+            f"{found}); rerun without --resume"
+        )
+    if missing := sorted(_CHECKPOINT_KEYS - state.keys()):
+        raise ConfigError(
+            f"{path}: not a valid checkpoint (no {', '.join(missing)}); rerun without --resume"
+        )
+    if differences := _identity_differences(state["identity"], identity):
+        raise ConfigError(
+            f"{path}: the checkpoint is of another run: it differs in "
+            f"{', '.join(differences)}; rerun without --resume or choose another --out"
+        )
+    return state
+
+
+def _check_restored_cuts(path: pathlib.Path, config: Config, values: Mapping[str, float]) -> None:
+    """ConfigError unless every restored cut value is finite and within its current Bounds."""
+    for cut in config.cuts:
+        value = values.get(cut.name, math.nan)
+        low, high = cut.bounds
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ConfigError(
+                f"{path}: restored cut '{cut.name}' = {value!r} is outside its Bounds "
+                f"[{low}, {high}]; rerun without --resume"
+            )
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -490,48 +838,53 @@ def scan_cuts(
     settings = config.optimization
     objective_fn = get_objective(objective or settings.objective)
     seed = settings.seed if seed is None else seed
-    start_time = time.perf_counter()
-    pipeline = AnalysisPipeline.from_config(config, events, device=device, cache_dir=cache_dir)
-    names = pipeline.trainable_cut_names
-    if not names:
-        raise ConfigError(f"{config.source}: no trainable cut to scan")
-    cuts = {cut.name: cut for cut in config.cuts}
-    points = scan_points([cuts[name].bounds for name in names], method, budget, seed)
+    with claim_output_folder(out_dir) as out:
+        start_time = time.perf_counter()
+        pipeline = AnalysisPipeline.from_config(config, events, device=device, cache_dir=cache_dir)
+        names = pipeline.trainable_cut_names
+        if not names:
+            raise ConfigError(f"{config.source}: no trainable cut to scan")
+        cuts = {cut.name: cut for cut in config.cuts}
+        points = scan_points([cuts[name].bounds for name in names], method, budget, seed)
+        for name in (RESULT, CUTS):
+            _remove(out / name)  # module docstring, "The output folder", step 2
 
-    def evaluate() -> dict[str, Any]:
-        hard, error = _evaluate_hard(pipeline, objective_fn)
-        out = {"cuts": pipeline.cut_values(), "relaxed": None, "hard": hard}
-        return out | ({"hard_error": error} if error else {})
+        def evaluate() -> dict[str, Any]:
+            hard, error = _evaluate_hard(pipeline, objective_fn)
+            values = {"cuts": pipeline.cut_values(), "relaxed": None, "hard": hard}
+            return values | ({"hard_error": error} if error else {})
 
-    initial = evaluate()
-    best = dict(initial) if initial["hard"] is not None else None
-    history = []
-    bar = progress_bar(len(points), f"{method} {objective_fn.name}", enabled=progress, unit="point")
-    try:
-        for i, point in enumerate(points):
-            pipeline.set_cut_values(dict(zip(names, point.tolist(), strict=True)))
-            entry = evaluate()
-            history.append({"step": i} | {k: v for k, v in entry.items() if k != "relaxed"})
-            if entry["hard"] is not None and _better(
-                entry["hard"], None if best is None else best["hard"], objective_fn.maximize
-            ):
-                best = entry
-            bar.update(1)
-            if best is not None:
-                bar.set_postfix(hard=f"{best['hard']:.4g}")
-    finally:
-        bar.close()
-    final = {"cuts": history[-1]["cuts"], "relaxed": None, "hard": history[-1]["hard"]}
-    result = OptimizationResult(
-        objective=objective_fn.name,
-        initial=_as_point(initial),
-        final=_as_point(final),
-        best=_as_point(best if best is not None else initial),
-        history=tuple(history),
-        hard_evaluations=len(points) + 1,
-        seconds=time.perf_counter() - start_time,
-        device=str(pipeline.cut_low.device),
-        extra={"method": method, "budget": budget},
-    )
-    _write_outputs(pathlib.Path(out_dir), result)
+        initial = evaluate()
+        best = dict(initial) if initial["hard"] is not None else None
+        history = []
+        bar = progress_bar(
+            len(points), f"{method} {objective_fn.name}", enabled=progress, unit="point"
+        )
+        try:
+            for i, point in enumerate(points):
+                pipeline.set_cut_values(dict(zip(names, point.tolist(), strict=True)))
+                entry = evaluate()
+                history.append({"step": i} | {k: v for k, v in entry.items() if k != "relaxed"})
+                if entry["hard"] is not None and _better(
+                    entry["hard"], None if best is None else best["hard"], objective_fn.maximize
+                ):
+                    best = entry
+                bar.update(1)
+                if best is not None:
+                    bar.set_postfix(hard=f"{best['hard']:.4g}")
+        finally:
+            bar.close()
+        final = {"cuts": history[-1]["cuts"], "relaxed": None, "hard": history[-1]["hard"]}
+        result = OptimizationResult(
+            objective=objective_fn.name,
+            initial=_as_point(initial),
+            final=_as_point(final),
+            best=_as_point(best if best is not None else initial),
+            history=tuple(history),
+            hard_evaluations=len(points) + 1,
+            seconds=time.perf_counter() - start_time,
+            device=str(pipeline.cut_low.device),
+            extra={"method": method, "budget": budget},
+        )
+        _write_outputs(out, result)
     return result

@@ -10,7 +10,7 @@ import torch
 import uproot
 
 from analysis import config as configuration
-from analysis.errors import AnalysisError, ConfigError, MissingObjectError
+from analysis.errors import ConfigError
 from analysis.io import read_events
 
 
@@ -80,7 +80,7 @@ def test_dtype_and_device_follow_request(toy):
     assert ev.weight.dtype == torch.float32 and ev.observable.dtype == torch.float32
 
 
-def test_cache_skips_root_reading_and_invalidates_on_change(toy, tmp_path, monkeypatch):
+def test_cache_skips_root_reading_and_ignores_mtime(toy, tmp_path, monkeypatch):
     cfg = configuration.from_dict(toy.config)
     cache = tmp_path / "cache"
     first = read_events(cfg, cache_dir=cache)
@@ -95,30 +95,16 @@ def test_cache_skips_root_reading_and_invalidates_on_change(toy, tmp_path, monke
     for key in first:
         assert torch.equal(first[key].weight, second[key].weight)
         assert torch.equal(first[key].observable, second[key].observable)
-    # a changed input file (new mtime) is read again
+    # the key is the content, not the mtime: a touched file is still a hit (content changes:
+    # tests/test_cache.py)
     stat = (toy.folder / "data.root").stat()
     os.utime(toy.folder / "data.root", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    read_events(cfg, cache_dir=cache)
-    assert len(list(cache.glob("*.npz"))) == len(entries) + 1
-
-
-@pytest.mark.parametrize(
-    "expression",
-    ["x.__class__", "().__class__.__bases__", "_hidden + x", "open('f')", "__import__('os')"],
-)
-def test_expressions_are_restricted(toy, expression):
-    toy.config["Regions"][0]["Variable"] = expression
-    cfg = configuration.from_dict(toy.config)
-    with pytest.raises(AnalysisError):
-        read_events(cfg)
-
-
-def test_builtins_are_not_available(toy):
-    toy.config["Definitions"].append({"Name": "bad", "Expression": "len(x)"})
-    toy.config["Regions"][0]["Variable"] = "bad"
-    cfg = configuration.from_dict(toy.config)
-    with pytest.raises(MissingObjectError, match="no branch 'len'"):
-        read_events(cfg)
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            uproot, "open", lambda *a, **k: pytest.fail("ROOT file opened on a cache hit")
+        )
+        read_events(cfg, cache_dir=cache)
+    assert sorted(cache.glob("*.npz")) == entries
 
 
 def test_vector_definition(toy):

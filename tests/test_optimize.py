@@ -3,9 +3,20 @@ grid/random scans checked against an independent hard evaluation, and the CLI.""
 
 from __future__ import annotations
 
+import copy
+import datetime
+import errno
+import io
 import json
 import math
+import os
 import pathlib
+import pickle
+import re
+import socket
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -18,14 +29,23 @@ from analysis import config as config_module
 from analysis import workspace
 from analysis.cli import main
 from analysis.config import Temperature
-from analysis.errors import DataError, InputFileError
+from analysis.errors import ConfigError, DataError, InputFileError, OutputError
 from analysis.histograms import hard_histograms
 from analysis.io import read_events
 from analysis.likelihood import Workspace
 from analysis.objectives import get_objective
-from analysis.optimize import _gradient_step, optimize, scan_cuts, scan_points, schedule
+from analysis.optimize import (
+    CHECKPOINT_FORMAT,
+    _gradient_step,
+    claim_output_folder,
+    optimize,
+    scan_cuts,
+    scan_points,
+    schedule,
+)
 from analysis.pipeline import AnalysisPipeline
 from tests.conftest import write_tree
+from tests.test_files import AS_ROOT
 
 RESULT_FIELDS = {
     "objective",
@@ -39,6 +59,8 @@ RESULT_FIELDS = {
 }
 POINT_FIELDS = {"cuts", "relaxed", "hard"}
 FAST = {"Objective": "asimov_significance", "EvaluateEvery": 2, "CheckpointEvery": 3}
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def check_contract(out_dir: pathlib.Path, cut_names) -> dict:
@@ -225,6 +247,380 @@ def test_resume_gives_the_same_result(toy_config, tmp_path):
 
     with pytest.raises(InputFileError, match="no checkpoint"):
         optimize(toy_config, events=events, steps=6, out_dir=tmp_path / "none", resume=True)
+
+
+# ----------------------------------------------------------------------------- faulty checkpoints
+def interrupted_run(config, out: pathlib.Path, **kwargs) -> bytes:
+    """Six steps stopped by an exception after the checkpoint written at the end of step 2;
+    returns the checkpoint's bytes."""
+
+    def crash(entry):
+        if entry["step"] == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        optimize(config, steps=6, out_dir=out, progress=False, callback=crash, **kwargs)
+    return (out / "checkpoint.pt").read_bytes()
+
+
+def torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_resume_refuses_an_unreadable_checkpoint(toy, toy_config, tmp_path):
+    events = read_events(toy_config, cache_dir=tmp_path / "cache")
+    out = tmp_path / "out"
+    good = interrupted_run(toy_config, out, events=events)
+    state = torch.load(io.BytesIO(good), weights_only=True)
+    wide = copy.deepcopy(state)
+    wide["pipeline"]["cut_high"][0] = 1000.0  # the restored lead_pt cut leaves [5, 60]
+    path = out / "checkpoint.pt"
+    restored = 5.0 + 995.0 * torch.sigmoid(state["pipeline"]["cut_parameters"][0]).item()
+    invalid = r"not a valid checkpoint \({}\); rerun without --resume"
+    cases = [  # (file content, the message after "<path>: ", a regular expression)
+        (b"", invalid.format(r"the file is empty")),
+        (good[: len(good) // 2], invalid.format(r"torch\.load: [^\n]+")),  # torch's words vary
+        (
+            good[:100],
+            invalid.format(
+                r"torch\.load: PytorchStreamReader failed reading zip "
+                r"archive: failed finding central directory"
+            ),
+        ),
+        (np.random.default_rng(3).bytes(5000), invalid.format(r"torch\.load: [^\n]+")),
+        (pickle.dumps({"step": 3}), invalid.format(r"torch\.load: Unsupported operand \d+")),
+        (
+            torch_bytes(datetime.date(2024, 1, 1)),
+            invalid.format(
+                r"torch\.load: Unsupported global: GLOBAL datetime\.date was not an allowed "
+                r"global by default"
+            ),
+        ),
+        (
+            torch_bytes({"model": {"w": torch.zeros(2)}, "epoch": 3}),
+            invalid.format(r"not written by this version of diffana optimize: keys epoch, model"),
+        ),
+        (
+            torch_bytes([1, 2]),
+            invalid.format(r"not written by this version of diffana optimize: a list"),
+        ),
+        (
+            torch_bytes({"format": CHECKPOINT_FORMAT, "identity": state["identity"]}),
+            invalid.format(
+                r"no best, hard_evaluations, history, initial, optimizer, pipeline, rng, "
+                r"seconds, step"
+            ),
+        ),
+        (
+            torch_bytes(state | {"pipeline": {"cut_parameters": torch.zeros(5)}}),
+            r"checkpoint does not fit this analysis \(Error\(s\) in loading state_dict for "
+            r"AnalysisPipeline:\)",
+        ),
+        (
+            torch_bytes(wide),
+            re.escape(
+                f"restored cut 'SR:lead_pt>' = {restored!r} is outside its Bounds [5.0, 60.0]; "
+                "rerun without --resume"
+            ),
+        ),
+    ]
+    for content, message in cases:
+        path.write_bytes(content)
+        with pytest.raises(ConfigError) as caught:
+            optimize(toy_config, events=events, steps=6, out_dir=out, resume=True, progress=False)
+        assert re.fullmatch(re.escape(f"{path}: ") + message, str(caught.value)), caught.value
+        assert path.read_bytes() == content  # nothing removed or rewritten
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
+    # the CLI: exit 2, one line on stderr
+    path.write_bytes(good[:100])
+    config_path = toy.write_config(dict(toy.config, Optimization=dict(FAST)))
+    run = CliRunner().invoke(
+        main,
+        ["optimize", str(config_path), "--resume", "--steps", "6", "--out", str(out)]
+        + ["--device", "cpu", "--cache-dir", str(tmp_path / "cache")],
+    )
+    assert run.exit_code == 2, run.output
+    assert run.stderr.splitlines() == [
+        f"Error: {path}: not a valid checkpoint (torch.load: PytorchStreamReader failed reading "
+        "zip archive: failed finding central directory); rerun without --resume"
+    ]
+
+
+def test_resume_refuses_another_run(toy, toy_config, tmp_path):
+    cache = tmp_path / "cache"
+    out = tmp_path / "out"
+    saved = interrupted_run(toy_config, out, cache_dir=cache)  # inputs: the ROOT files
+    path = out / "checkpoint.pt"
+
+    def refused(config=toy_config, **kwargs) -> str:
+        kwargs = {"steps": 6, "cache_dir": cache} | kwargs
+        with pytest.raises(ConfigError) as caught:
+            optimize(config, out_dir=out, resume=True, progress=False, **kwargs)
+        assert path.read_bytes() == saved
+        prefix = f"{path}: the checkpoint is of another run: it differs in "
+        suffix = "; rerun without --resume or choose another --out"
+        message = str(caught.value)
+        assert message.startswith(prefix) and message.endswith(suffix), message
+        return message[len(prefix) : -len(suffix)]
+
+    learning = dict(toy.config, Optimization=dict(FAST, LearningRate=0.01))
+    assert refused(config_module.from_dict(learning, source="toy.yaml")) == "the configuration"
+    start = toy_config.with_cut_values({"SR:met<": 70.0})
+    assert refused(start) == "the configuration"
+    assert refused(objective="discovery_significance") == (
+        "the objective (checkpoint: 'asimov_significance', now: 'discovery_significance')"
+    )
+    assert refused(steps=7) == "the steps (checkpoint: 6, now: 7)"
+    assert refused(seed=5, steps=8) == (
+        "the steps (checkpoint: 6, now: 8), the seed (checkpoint: 0, now: 5)"
+    )
+    events = read_events(toy_config, cache_dir=cache)
+    assert refused(events=events) == "the input events"
+
+    # the same file name, other events
+    columns = dict(toy.columns["data.root:data"])
+    (toy.folder / "data.root").unlink()
+    write_tree(toy.folder / "data.root", "data", columns | {"x": columns["x"] + 0.01})
+    assert refused() == f"the input files ({toy.folder / 'data.root'})"
+    # the config's file name changes no result: not part of the identity
+    renamed = config_module.from_dict(dict(toy.config, Optimization=dict(FAST)), source="b.yaml")
+    assert refused(renamed) == f"the input files ({toy.folder / 'data.root'})"
+
+
+# ----------------------------------------------------------------------------- the output folder
+def test_out_folder_is_locked(toy, toy_config, tmp_path):
+    """A second run into a folder in use fails at once, in another process (the CLI) and in
+    this one; the lock goes with the run that held it."""
+    out = tmp_path / "out"
+    config_path = toy.write_config(dict(toy.config, Optimization=dict(FAST)))
+    command = [sys.executable, "-m", "analysis.cli", "optimize", str(config_path)]
+    command += ["--steps", "2", "--out", str(out), "--device", "cpu", "--no-cache"]
+    with claim_output_folder(out):
+        holder = json.loads((out / ".lock").read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        run = subprocess.run(
+            command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False
+        )
+        in_use = (
+            f"{out} is in use by another diffana run (pid {os.getpid()} on "
+            f"{socket.gethostname()} since {holder['since']})"
+        )
+        assert (run.returncode, run.stderr.splitlines()) == (2, [f"Error: {in_use}"])
+        with pytest.raises(OutputError) as caught:
+            scan_cuts(toy_config, method="grid", budget=2, out_dir=out, progress=False)
+        assert str(caught.value) == in_use
+    assert list(out.iterdir()) == []
+    # released: the next run goes through (after an exception too)
+    interrupted_run(toy_config, out, cache_dir=tmp_path / "cache")
+    optimize(toy_config, steps=2, out_dir=out, cache_dir=tmp_path / "cache", progress=False)
+    check_contract(out, ["SR:lead_pt>", "SR:met<"])
+
+
+def test_out_faults_fail_before_step_zero(toy_config, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    steps = []
+    with pytest.raises(OutputError) as caught:
+        optimize(toy_config, out_dir=tmp_path / "file" / "out", callback=steps.append)
+    assert str(caught.value) == (
+        f"{tmp_path / 'file' / 'out'}: cannot create the folder (Not a directory)"
+    )
+
+    if not AS_ROOT:  # root writes into read-only folders
+        read_only = tmp_path / "read_only"
+        read_only.mkdir(mode=0o555)
+        try:
+            with pytest.raises(OutputError) as caught:
+                optimize(toy_config, out_dir=read_only, callback=steps.append)
+        finally:
+            read_only.chmod(0o755)
+        assert str(caught.value) == f"{read_only}: cannot write (Permission denied)"
+        assert list(read_only.iterdir()) == []
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)  # the probe file
+    with pytest.raises(OutputError) as caught:
+        optimize(toy_config, out_dir=tmp_path / "out", callback=steps.append)
+    assert str(caught.value) == f"{tmp_path / 'out'}: cannot write (No space left on device)"
+    assert steps == [] and list((tmp_path / "out").iterdir()) == []
+
+
+def test_cli_output_faults(toy, tmp_path, monkeypatch):
+    config_path = toy.write_config(dict(toy.config, Optimization=dict(FAST)))
+    common = ["--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    (tmp_path / "file").write_text("")
+
+    def error_line(*args: str | pathlib.Path) -> str:
+        run = CliRunner().invoke(main, [str(a) for a in args] + common)
+        assert run.exit_code == 2, run.output
+        assert len(run.stderr.splitlines()) == 1 and "Traceback" not in run.output
+        return run.stderr.strip()
+
+    below = tmp_path / "file" / "opt"
+    assert error_line("optimize", config_path, "--out", below) == (
+        f"Error: {below}: cannot create the folder (Not a directory)"
+    )
+    out = tmp_path / "opt"
+    assert (
+        error_line(
+            "scan-cuts",
+            config_path,
+            "--method",
+            "grid",
+            "--budget",
+            "2",
+            "--out",
+            out,
+            "--output",
+            tmp_path / "file" / "r.json",
+        )
+        == f"Error: {tmp_path / 'file'}: cannot create the folder (Not a directory)"
+    )
+    assert not out.exists()  # refused before anything was computed
+
+    real_replace = os.replace
+
+    def full_disk(src, dst, *args, **kwargs):
+        if pathlib.Path(dst).parent == out:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), src, None, dst)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert error_line("optimize", config_path, "--steps", "4", "--out", out) == (
+        f"Error: {out / 'checkpoint.pt'}: cannot write (No space left on device)"
+    )
+    assert list(out.iterdir()) == []
+    assert (
+        error_line("scan-cuts", config_path, "--method", "grid", "--budget", "2", "--out", out)
+        == f"Error: {out / 'cuts.json'}: cannot write (No space left on device)"
+    )
+    assert list(out.iterdir()) == []
+
+
+KILL_SCRIPT = r"""
+import json, os, pathlib, signal, sys, traceback
+from analysis import config as config_module
+from analysis.optimize import optimize
+
+config_path, root, cache = sys.argv[1:]
+config = config_module.load(config_path)
+STALE = {"SR:lead_pt>": 20.0, "SR:met<": 50.0}
+real_replace = os.replace
+
+
+def run(out, n, when):
+    calls = 0
+
+    def replace(src, dst, *args, **kwargs):
+        nonlocal calls
+        if pathlib.Path(dst).parent != out:  # the column cache
+            return real_replace(src, dst, *args, **kwargs)
+        calls += 1
+        if calls == n and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst, *args, **kwargs)
+        if calls == n and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.replace = replace
+    optimize(config, out_dir=out, cache_dir=cache, progress=False)
+
+
+# an uninterrupted run, which also warms this process up (lazy imports, first-call costs), then
+# a forked process per run, each killed by itself at its n-th rename
+optimize(config, out_dir=pathlib.Path(root) / "reference", cache_dir=cache, progress=False)
+for when in ("before", "after"):
+    for n in range(1, 50):
+        out = pathlib.Path(root) / f"{when}{n}"
+        out.mkdir(parents=True)
+        (out / "cuts.json").write_text(json.dumps(STALE))  # an older run's outputs
+        (out / "result.json").write_text(json.dumps({"best": {"cuts": STALE}}))
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                run(out, n, when)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        print(json.dumps({"out": str(out), "n": n, "when": when, "killed": killed}), flush=True)
+        if not killed:
+            if os.waitstatus_to_exitcode(status) != 0:
+                sys.exit(f"the run {out} failed")
+            break
+"""
+
+
+def test_kill_at_every_rename(toy, tmp_path):
+    """``kill -9`` before and after each rename of a run (2 checkpoints, cuts.json,
+    result.json; one forked process per kill): never a result.json beside a missing or older
+    cuts.json, and a resume (or a rerun when no checkpoint was written) gives the outputs of an
+    uninterrupted run, all numbers but ``seconds``."""
+    config_path = toy.write_config(
+        dict(toy.config, Optimization=dict(FAST, Steps=3, CheckpointEvery=1))
+    )
+    config = config_module.load(config_path)
+    cache = tmp_path / "cache"
+    read_events(config, cache_dir=cache)  # the runs below read the column cache
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(config_path), str(tmp_path / "runs"), str(cache)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = [json.loads(line) for line in proc.stdout.splitlines()]
+    complete = [(run["when"], run["n"]) for run in runs if not run["killed"]]
+    assert complete == [("before", 5), ("after", 5)]  # 4 renames: killed at each, then none
+
+    def outputs(out: pathlib.Path) -> tuple[dict, dict]:
+        result = json.loads((out / "result.json").read_text())
+        cuts = json.loads((out / "cuts.json").read_text())
+        assert cuts == result["best"]["cuts"]
+        result.pop("seconds")
+        return result, cuts
+
+    reference = outputs(tmp_path / "runs" / "reference")
+    assert outputs(tmp_path / "runs" / "before5") == reference
+    assert outputs(tmp_path / "runs" / "after5") == reference
+    assert reference[1] != {"SR:lead_pt>": 20.0, "SR:met<": 50.0}
+    seen = set()
+    for run in runs:
+        if not run["killed"]:
+            continue
+        out = pathlib.Path(run["out"])
+        names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+        seen.add(frozenset(names))
+        if "result.json" in names:
+            assert outputs(out) == reference  # this run's, complete: never the older pair
+        elif "cuts.json" in names:
+            assert json.loads((out / "cuts.json").read_text()) == reference[1]
+        resume = (out / "checkpoint.pt").exists()
+        optimize(config, out_dir=out, cache_dir=cache, resume=resume, progress=False)
+        assert outputs(out) == reference, run
+        assert sorted(p.name for p in out.iterdir()) == [
+            "checkpoint.pt",
+            "cuts.json",
+            "result.json",
+        ]
+    # every state between two renames was met: no checkpoint yet, one, the cuts, all done
+    assert seen == {
+        frozenset(),
+        frozenset({"checkpoint.pt"}),
+        frozenset({"checkpoint.pt", "cuts.json"}),
+        frozenset({"checkpoint.pt", "cuts.json", "result.json"}),
+    }
 
 
 # ----------------------------------------------------------------------------- baselines
