@@ -351,9 +351,15 @@ def _newton(model, data, start, bounds, fixed):
             )
             return more.x, more.fun, more.converged
         return x, fun, converged
-    todo = ~converged
-    rest = data.expand(*start.shape[:-1], data.shape[-1])[todo]
-    more = newton_minimize(lambda p: model.twice_nll(p, rest), x[todo], bounds=bounds, fixed=fixed)
+    # the stragglers' own rows of everything that may be batched: data, bounds, fixed masks
+    todo, batch = ~converged, start.shape[:-1]
+    rest = data.expand(*batch, data.shape[-1])[todo]
+    more = newton_minimize(
+        lambda p: model.twice_nll(p, rest),
+        x[todo],
+        bounds=bounds.expand(*batch, *bounds.shape[-2:])[todo],
+        fixed=fixed.expand(*batch, fixed.shape[-1])[todo],
+    )
     x, fun, converged = x.clone(), fun.clone(), converged.clone()
     x[todo], fun[todo], converged[todo] = more.x, more.fun, more.converged
     return x, fun, converged

@@ -360,3 +360,41 @@ def test_ranking_reports_an_impact_it_cannot_compute(caplog):
             assert ours == pytest.approx(refit[poi] - best_ref[poi], abs=2e-4), key
     finally:
         pyhf.set_backend("numpy", "scipy")
+
+
+def test_batches_with_mixed_convergence_and_per_row_masks(monkeypatch):
+    """Batched fits whose rows have their own fixed masks and bounds, some converging in the
+    first pass and some not (the second pass fits only the stragglers, with their own rows of
+    every batched setting): each row equals the same fit done alone. The first pass is cut to
+    two iterations so that the rows started far from the minimum are stragglers."""
+    monkeypatch.setattr(inference, "FIRST_PASS_ITERATIONS", 2)
+    spec = json.loads(reference_path("cabinetry", "example_workspace.json").read_text())
+    ws = Workspace.load(spec)
+    model = ws.model()
+    data = ws.data(model)
+    init, bounds = model.suggested_init(), model.suggested_bounds()
+    n = init.shape[-1]
+    best, _ = inference.free_fit(model, data)
+    far = init + torch.where(model.suggested_fixed(), 0.0, 0.8)
+    far[model.poi_index] = 9.0
+    starts = torch.stack([best, far, far, best])
+    fixed = torch.zeros(4, n, dtype=torch.bool)
+    fixed[1, 1] = fixed[2, 2] = fixed[3, 1] = True
+    fixed |= model.suggested_fixed()
+    row_bounds = bounds.expand(4, n, 2).clone()
+    row_bounds[2, model.poi_index] = torch.tensor([0.5, 9.5], dtype=torch.float64)
+    first = fitting.newton_minimize(
+        lambda p: model.twice_nll(p, data),
+        starts,
+        bounds=row_bounds,
+        fixed=fixed,
+        max_iter=inference.FIRST_PASS_ITERATIONS,
+    )
+    assert bool(first.converged.any()) and not bool(first.converged.all())  # mixed, as meant
+    x, fun = inference.minimize(model, data, starts, bounds=row_bounds, fixed=fixed)
+    for i in range(4):
+        alone_x, alone_fun = inference.minimize(
+            model, data, starts[i], bounds=row_bounds[i], fixed=fixed[i]
+        )
+        assert float(fun[i]) == pytest.approx(float(alone_fun), rel=1e-10, abs=1e-8)
+        torch.testing.assert_close(x[i], alone_x, rtol=1e-6, atol=1e-6)
