@@ -55,10 +55,10 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     """The XXH3-128 hex digest of the whole content of the file at ``path``.
 
     XXH3 (xxhash, already required by uproot) hashes at 5.6 to 7.4 GB/s here, 11 to 13 times
-    BLAKE2b (0.5 to 0.6 GB/s): 15-17% of a cached read of the demo at 1e6 and 1e7 events, 1-2% of
-    an uncached one (``benchmarks/bench_cache.py``). It is not a cryptographic hash: it identifies a file's
-    content against accidental change (a file rewritten in place), not against an adversary who
-    crafts a collision with a file already in this user's own cache.
+    BLAKE2b (0.5 to 0.6 GB/s): 15-17% of a cached read of the demo at 1e6 and 1e7 events, 1-2%
+    of an uncached one (``benchmarks/bench_cache.py``). It is not a cryptographic hash: it
+    identifies a file's content against accidental change (a file rewritten in place), not
+    against an adversary who crafts a collision with a file already in this user's own cache.
     """
     digest = xxhash.xxh3_128()
     with pathlib.Path(path).open("rb") as handle:

@@ -9,21 +9,45 @@ from __future__ import annotations
 
 import errno
 import functools
+import importlib
 import inspect
 import json
 import logging
 import pathlib
+import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
 
 from analysis.errors import AnalysisError
 from analysis.files import check_writable, json_text, write_atomically
 
 log = logging.getLogger("analysis")
+
+
+class _LazyModule:
+    """Stands for the module ``name``, imported on first attribute access.
+
+    Start-up time: importing torch takes about 3 s, which ``diffana --help``, ``--version``,
+    argument errors and ``validate`` do not need. Every other heavy import of the CLI is inside
+    the command that needs it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        module: ModuleType = importlib.import_module(self._name)
+        return getattr(module, attribute)
+
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = _LazyModule("torch")
 
 
 ENVIRONMENT_ERRNOS = frozenset(
@@ -63,6 +87,50 @@ class _Group(click.Group):
             where = f"{err.filename}: " if err.filename is not None else ""
             click.echo(f"Error: {where}{err.strerror or err}", err=True)
             ctx.exit(2)
+
+
+DEVICE_PATTERN = re.compile(r"auto|(cpu|cuda)(:\d+)?")
+"""The ``--device`` values, checked when the command line is read (without importing torch)."""
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise click.BadParameter(f"'{value}' is not a device; expected auto, cpu or cuda[:N]")
+    return value
+
+
+device_option = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    callback=_check_device,
+    help="auto, cpu or cuda[:N].",
+)
+"""``--device``: checked for its form here, resolved by :func:`resolve_device`."""
+
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Intra-op CPU threads of torch. Likelihood tensors are small; more threads only "
+    "contend; use --threads 0 for torch's default.",
+)
+"""``--threads``: applied by :func:`set_threads`."""
+
+
+def set_threads(count: int) -> None:
+    """The CLI's thread policy: ``torch.set_num_threads(count)``; 0 keeps torch's default.
+
+    One thread by default: the tensors of a likelihood fit (hundreds of bins and parameters)
+    are too small to share out: torch's default (one thread per core) made the fit of
+    cabinetry's example workspace 1.7x slower on a loaded 2-core machine (up to 4x in other
+    fits; ``benchmarks/bench_startup.py``). Only the CLI sets this process-wide state, never
+    the library.
+    """
+    if count > 0:
+        torch.set_num_threads(count)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,7 +173,15 @@ def _setup_logging(verbose: int) -> None:
 
 
 def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``--output``, ``--device`` and ``-v``; passes ``output`` and ``device`` on."""
+    """``--output``, ``--device``, ``--threads`` and ``-v``; passes ``output`` on, and
+    ``device`` (resolved by :func:`resolve_device`, after :func:`set_threads`) when the
+    command's function takes one.
+
+    A command without a ``device`` parameter computes nothing with torch (``validate``,
+    ``generate``): it never imports torch, its ``--device`` is checked for its form only and
+    ``--threads`` does nothing.
+    """
+    takes_device = "device" in inspect.signature(func).parameters
 
     @click.option(
         "--output",
@@ -114,14 +190,23 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
         default=None,
         help="JSON output file (default: stdout).",
     )
-    @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+    @device_option
+    @threads_option
     @click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logging.")
     @functools.wraps(func)
     def wrapper(
-        *args: Any, output: pathlib.Path | None, device: str, verbose: int, **kwargs: Any
+        *args: Any,
+        output: pathlib.Path | None,
+        device: str,
+        threads: int,
+        verbose: int,
+        **kwargs: Any,
     ) -> Any:
         _setup_logging(verbose)
-        return func(*args, output=output, device=resolve_device(device), **kwargs)
+        if takes_device:
+            set_threads(threads)
+            kwargs["device"] = resolve_device(device)
+        return func(*args, output=output, **kwargs)
 
     return wrapper
 
@@ -201,7 +286,6 @@ def generate(
     seed: int,
     lumi: float | None,
     output: pathlib.Path | None,
-    device: torch.device,
 ) -> None:
     """Generate the demo dimuon-resonance ROOT files."""
     from analysis import generate as generator
@@ -214,7 +298,7 @@ def generate(
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=pathlib.Path))
 @common_options
-def validate(config_path: pathlib.Path, output: pathlib.Path | None, device: torch.device) -> None:
+def validate(config_path: pathlib.Path, output: pathlib.Path | None) -> None:
     """Validate an analysis configuration (schema and semantics)."""
     from analysis import config as configuration
 
@@ -250,9 +334,11 @@ def workspace(
 # ----------------------------------------------------------------------------- statistics
 # The statistics commands share INPUT handling (input_options) and check what a user can get
 # wrong before any fit runs: parameter names in --fix, --minos and --parameter, a POI where the
-# command needs one, a POI value within its bounds, a finite likelihood at the start point, a
-# Hessian that is not singular at the best fit. They run under torch.no_grad(): the CLI wants
-# numbers, not graphs (the fits switch autograd on where they need derivatives).
+# command needs one, a POI value within its bounds, a finite likelihood at the start point.
+# A singular or indefinite Hessian is not a refusal: significance, CLs, limits and scans need
+# profiled likelihood values only, and fit reports the uncertainties it cannot compute as null.
+# They run under torch.no_grad(): the CLI wants numbers, not graphs (the fits switch autograd
+# on where they need derivatives).
 
 
 def input_options(*, needs_poi: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -300,7 +386,7 @@ def input_options(*, needs_poi: bool) -> Callable[[Callable[..., Any]], Callable
             device: torch.device,
             **kwargs: Any,
         ) -> Any:
-            from analysis.io import default_cache_dir
+            from analysis.cache import default_cache_dir  # not analysis.io: awkward, uproot
 
             cache = None if no_cache else (cache_dir or default_cache_dir())
             workspace = load_workspace(
@@ -534,33 +620,6 @@ def _suspect_modifiers(spec: dict, channel: str, bin_index: int, samples: list[s
     return [f"one of the modifiers {', '.join(listed)}"] if listed else []
 
 
-def _check_identifiable(model: Any, data: torch.Tensor) -> None:
-    """FitError naming the degenerate parameters if the Hessian at the best fit is singular.
-
-    The hypothesis tests, limits and scans use Newton fits that would only report their
-    non-convergence there; one unconditional fit with the exact Hessian says which parameters
-    are to blame. Its own convergence warning is held back: the fits that follow report theirs.
-    """
-    from analysis import fit as fitting
-
-    def quiet(record: logging.LogRecord) -> bool:
-        return False
-
-    fit_log = logging.getLogger(fitting.__name__)
-    fit_log.addFilter(quiet)
-    try:
-        fitting.fit(
-            lambda p: model.twice_nll(p, data),
-            model.suggested_init(),
-            bounds=model.suggested_bounds(),
-            fixed=model.suggested_fixed(),
-            labels=model.par_names,
-            method="newton",
-        )
-    finally:
-        fit_log.removeFilter(quiet)
-
-
 #: twice-NLL difference above which a Newton minimum counts as a different (lower) minimum
 #: than MIGRAD's, not as MIGRAD's tolerance (its EDM goal is 2e-5 at cabinetry's settings)
 DIFFERENT_MINIMUM = 1e-3
@@ -583,6 +642,7 @@ def _global_fit(
             fixed=fixed,
             labels=model.par_names,
             minos=minos,
+            poi=model.poi_name,
             method="minuit",
         )
 
@@ -693,7 +753,6 @@ def hypotest(
         )
     data = _data(workspace, model, asimov)
     _check_start(workspace, model, data, model.suggested_init(), asimov=asimov)
-    _check_identifiable(model, data)
     if calctype == "toybased":
         result = inference.toy_hypotest(
             model, data, poi_value, test_stat, n_toys=n_toys, seed=seed, progress=True
@@ -726,7 +785,6 @@ def significance(
 
     data = _data(workspace, model, asimov)
     _check_start(workspace, model, data, model.suggested_init(), asimov=asimov)
-    _check_identifiable(model, data)
     result = inference.significance(model, data)
     emit(
         {
@@ -767,7 +825,6 @@ def limit(
 
     data = _data(workspace, model, asimov)
     _check_start(workspace, model, data, model.suggested_init(), asimov=asimov)
-    _check_identifiable(model, data)
     result = inference.upper_limit(model, data, cl=cl)
     # CLs on a POI grid through every limit (pyhf's upper_limit return_results): the Brazil plot
     poi_high = float(model.suggested_bounds()[model.poi_index, 1])
@@ -814,7 +871,6 @@ def scan(
     data = _data(workspace, model, asimov)
     init = model.suggested_init()
     _check_start(workspace, model, data, init, asimov=asimov)
-    _check_identifiable(model, data)
     values = None
     if scan_range is not None:
         values = torch.linspace(*scan_range, steps, dtype=model.dtype, device=model.device)
@@ -1260,13 +1316,15 @@ def plot_optimization(result_path: pathlib.Path, stem: pathlib.Path) -> None:
     default=None,
     help="result.json of the optimization: its last temperature and bandwidth.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@device_option
+@threads_option
 @_plot_options
 def plot_soft_vs_hard(
     config: Any,
     cache_dir: pathlib.Path | None,
     result_path: pathlib.Path | None,
     device: str,
+    threads: int,
     stem: pathlib.Path,
 ) -> None:
     """Soft-cut KDE histograms against hard ones at the same cuts: STEM_<region>.png/.pdf.
@@ -1290,6 +1348,7 @@ def plot_soft_vs_hard(
         tau, bandwidth = schedule(
             settings.steps - 1, settings.steps, settings.temperature, settings.bandwidth
         )
+    set_threads(threads)
     pipeline = AnalysisPipeline.from_config(
         config, device=resolve_device(device), cache_dir=cache_dir
     )

@@ -390,12 +390,22 @@ def load_cuts(path: str | pathlib.Path, config: Config) -> Config:
             seen[name] = value
         return seen
 
+    def no_huge_integers(token: str) -> int:
+        if len(token.lstrip("-")) > 300:
+            raise ConfigError(f"{path}: an integer of {len(token)} digits; expected cut values")
+        return int(token)
+
     try:
         values = json.loads(
-            path.read_text(), parse_constant=no_constants, object_pairs_hook=no_duplicates
+            path.read_text(),
+            parse_constant=no_constants,
+            object_pairs_hook=no_duplicates,
+            parse_int=no_huge_integers,
         )
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply; expected an object of cuts") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected an object mapping cut names to values")
     return config.with_cut_values(values, source=str(path))
@@ -507,13 +517,25 @@ def _check_finite(raw: Any, source: str, parts: tuple[Any, ...] = ()) -> None:
 
     YAML spells them ``.nan``, ``.inf`` and ``-.inf`` (and ``1e999`` overflows to infinity); the
     schema's ``"type": "number"`` accepts them and its ``minimum`` comparisons are false for NaN,
-    so one walk over the whole document catches them in every field, present and future.
+    so one walk over the whole document catches them in every field, present and future. The
+    same walk refuses integers too large for a float (a 400-digit ``Bounds``) and mapping keys
+    that are not strings (YAML allows ``1: 2``; every key of a configuration is a name).
     """
     if isinstance(raw, float) and not math.isfinite(raw):
         raise ConfigError(f"{source}: {_yaml_path(parts)}: expected a finite number, got {raw!r}")
+    if isinstance(raw, int) and not isinstance(raw, bool) and abs(raw) > 1e300:
+        raise ConfigError(
+            f"{source}: {_yaml_path(parts)}: expected a number of float size, got an integer "
+            f"of {len(str(abs(raw)))} digits"
+        )
     if isinstance(raw, dict):
         for key, value in raw.items():
-            _check_finite(value, source, (*parts, str(key)))
+            if not isinstance(key, str):
+                raise ConfigError(
+                    f"{source}: {_yaml_path(parts)}: key {key!r} is a {type(key).__name__}; "
+                    "expected a name (a string)"
+                )
+            _check_finite(value, source, (*parts, key))
     elif isinstance(raw, list):
         for i, value in enumerate(raw):
             _check_finite(value, source, (*parts, i))

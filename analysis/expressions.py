@@ -24,10 +24,14 @@ Grammar (anything else is refused, naming the expression's YAML path and the off
                | expr.METHOD(expr, ...)     vector's deltaR, deltaR2, deltaphi, deltaeta, dot...
                | FUNCTION(arg, ..., key=arg)      FUNCTION from the table below
                | np.pi | np.e | np.inf | np.nan
-    arg       := expr | 'string' | None | [arg, ...] | {'key': expr, ...}
+    arg       := expr | None                  (and, first argument of a zip, cartesian or
+               | [expr, ...] | {'key': expr, ...}   concatenate, a list or dict of arrays)
 
-Strings appear only as record-field names, dict keys and function arguments, never as operands
-(so no name can be assembled from pieces), and never contain ``__``. Each function takes at most
+Strings appear only as record-field names (``x['pt']``, dict keys, ``fields=[...]``,
+``with_name=``), never as operands or other arguments (so no name can be assembled from pieces
+and no string array built), and never contain ``__``. Lists and dicts are only the first
+argument of ``ak.zip``, ``vector.zip``, ``ak.cartesian``, ``ak.argcartesian`` and
+``ak.concatenate``. Each function takes at most
 its listed number of positional arguments (a ufunc its inputs, so nothing reaches a positional
 ``out``, ``dtype``, ``shape`` or ``copy``) and the keyword arguments listed for it (``axis``,
 ``keepdims``, ``target``, ``value``...); none opens a file, maps memory, enables pickling or
@@ -48,9 +52,12 @@ Values are checked while interpreting too: only numbers and booleans flow betwee
 64 bits), so no function or module object can ever be reached through a value and no
 big-number arithmetic can hang. Memory is bounded: no value may hold more than
 :data:`MAX_ELEMENTS` numbers; ``ak.pad_none``, ``ak.combinations`` and ``ak.cartesian`` check
-the size of their result before they build it, and ``x[:, None]`` on one value per event (an
-events-by-events broadcast) is refused. Evaluation warnings (divide by zero, invalid value)
-are collected and returned, for the caller to fold into its one-line error message.
+the size of their result before they build it (so do ``ak.concatenate``), ``x[:, None]`` on
+one value per event (an events-by-events broadcast) is refused, and every regular dimension
+(``keepdims=True``, ``x[:, None]``, fixed-size branches) is turned into variable-length lists,
+which awkward broadcasts within each event, never NumPy-style across events or objects.
+Evaluation warnings (divide by zero, invalid value) are collected and returned, for the caller
+to fold into its one-line error message.
 
 Reference: Python's :mod:`ast` grammar; the approach is that of ``numexpr``'s and RDataFrame's
 restricted expression languages, not of name filtering around ``eval`` (which cannot be made safe).
@@ -194,6 +201,17 @@ class Function(NamedTuple):
     keywords: frozenset[str]
 
 
+def _concatenate(arrays: Any, axis: Any = 0) -> Any:
+    _too_many(float(sum(getattr(a, "nbytes", 8) // 8 for a in arrays)), "ak.concatenate")
+    return ak.concatenate(arrays, axis=axis)
+
+
+#: the functions whose first argument is a list or dict of arrays (or a dict for a zip)
+_CONTAINER_FUNCTIONS = frozenset(
+    {"ak.concatenate", "ak.cartesian", "ak.argcartesian", "ak.zip", "vector.zip"}
+)
+
+
 def _function_table() -> dict[str, Function]:
     table = {"abs": Function(np.abs, 1, _NONE)}
     for name in _UFUNCS:
@@ -226,7 +244,7 @@ def _function_table() -> dict[str, Function]:
     )
     table["ak.zip"] = Function(ak.zip, 2, frozenset({"depth_limit", "with_name"}))
     table["ak.where"] = Function(ak.where, 3, _NONE)
-    table["ak.concatenate"] = Function(ak.concatenate, 2, _AXIS)
+    table["ak.concatenate"] = Function(_concatenate, 2, _AXIS)
     table["ak.mask"] = Function(ak.mask, 2, frozenset({"valid_when"}))
     table["ak.nan_to_num"] = Function(ak.nan_to_num, 1, frozenset({"nan", "posinf", "neginf"}))
     table["ak.ones_like"] = Function(ak.ones_like, 1, _NONE)
@@ -380,7 +398,9 @@ class _Checker:
         raise ConfigError(f"{self.where}: {what} (at {at})")
 
     def check(self, node: ast.expr, role: str) -> None:
-        """``role``: "value" (an operand), "argument" (of a function), "index" (a subscript)."""
+        """``role``: "value" (an operand), "argument" (of a function), "index" (a subscript),
+        "container" (the list or dict a zip, cartesian or concatenate takes), "string" (a field
+        name: dict keys, ``fields=[...]``, ``with_name=``)."""
         if isinstance(node, ast.Constant):
             self._constant(node, role)
         elif isinstance(node, ast.Name):
@@ -414,27 +434,30 @@ class _Checker:
             self._attribute(node)
         elif isinstance(node, ast.Call):
             self._call(node)
-        elif isinstance(node, ast.Dict | ast.List) and role == "argument":
-            if isinstance(node, ast.Dict):
-                for key, value in zip(node.keys, node.values, strict=True):
-                    if key is None:
-                        self.fail(node, "'**' in a dict is not allowed")
-                    if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
-                        self.fail(node, "dict keys must be strings")
-                    self._constant(key, "argument")
-                    self.check(value, "argument")
-            else:
-                for item in node.elts:
-                    self.check(item, "argument")
+        elif isinstance(node, ast.Dict) and role == "container":
+            for key, value in zip(node.keys, node.values, strict=True):
+                if key is None:
+                    self.fail(node, "'**' in a dict is not allowed")
+                if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+                    self.fail(node, "dict keys must be strings")
+                self._constant(key, "string")
+                self.check(value, "value")
+        elif isinstance(node, ast.List) and role in ("container", "string"):
+            for item in node.elts:
+                self.check(item, "value" if role == "container" else "string")
         elif isinstance(node, ast.Dict | ast.List | ast.Tuple):
             self.fail(
-                node, f"a {type(node).__name__.lower()} is only allowed as a function argument"
+                node,
+                f"a {type(node).__name__.lower()} is only allowed as the first argument of "
+                f"{', '.join(sorted(_CONTAINER_FUNCTIONS))} (or as fields=[...])",
             )
         else:
             self.fail(node, f"{_DESCRIBE.get(type(node), type(node).__name__)} is not allowed")
 
     def _constant(self, node: ast.Constant, role: str) -> None:
         value = node.value
+        if isinstance(value, bool) and role == "index":
+            self.fail(node, "a boolean is not an index (use a mask array)")
         if isinstance(value, bool | float):
             return
         if isinstance(value, int):
@@ -445,12 +468,16 @@ class _Checker:
             return
         if value is Ellipsis and role == "index":
             return
-        if isinstance(value, str) and role in ("index", "argument"):
+        if isinstance(value, str) and role in ("index", "string"):
             if "__" in value or len(value) > _MAX_STRING or not value.isprintable():
                 self.fail(node, "this string is not allowed (no '__', printable, short)")
             return
         kind = "a string" if isinstance(value, str) else repr(value)
-        self.fail(node, f"{kind} is not allowed here (strings only as field names or arguments)")
+        self.fail(
+            node,
+            f"{kind} is not allowed here (strings only as field names: x['pt'], dict keys, "
+            "fields=[...], with_name=...)",
+        )
 
     def _index(self, node: ast.expr) -> None:
         if isinstance(node, ast.Tuple):
@@ -509,10 +536,10 @@ class _Checker:
                 f"{name} takes at most {entry.positional} positional argument(s), got "
                 f"{len(node.args)} (give the others by keyword)",
             )
-        for arg in node.args:
+        for i, arg in enumerate(node.args):
             if isinstance(arg, ast.Starred):
                 self.fail(arg, "a starred argument is not allowed")
-            self.check(arg, "argument")
+            self.check(arg, "container" if i == 0 and name in _CONTAINER_FUNCTIONS else "argument")
         for keyword in node.keywords:
             if keyword.arg is None:
                 self.fail(node, "'**' arguments are not allowed")
@@ -521,7 +548,8 @@ class _Checker:
                 self.fail(
                     node, f"keyword '{keyword.arg}' is not allowed for {name} (allowed: {options})"
                 )
-            self.check(keyword.value, "argument")
+            named = keyword.arg in ("fields", "with_name")
+            self.check(keyword.value, "string" if named else "argument")
 
 
 # ----------------------------------------------------------------------------- evaluating
@@ -557,6 +585,13 @@ class _Interpreter:
             piece = ast.unparse(node)
             piece = piece if len(piece) <= 60 else piece[:57] + "..."
             raise ExpressionError(f"{piece!r} gives {problem}; expected numbers or booleans")
+        if isinstance(out, ak.Array) and any(
+            type(form).__name__ == "RegularForm" for form in _forms(out.layout.form)
+        ):
+            # regular dimensions (x[:, None], keepdims=True, fixed-size branches) would
+            # broadcast NumPy-style, across events; as variable-length lists they broadcast
+            # within each event, and a list of one against a longer one is an error
+            out = ak.from_regular(out, axis=None)
         return out
 
     def node(self, node: ast.expr) -> Any:  # noqa: PLR0911 - one branch per node kind
@@ -569,8 +604,11 @@ class _Interpreter:
         if isinstance(node, ast.BinOp):
             left, right = self.value(node.left), self.value(node.right)
             if isinstance(node.op, ast.Pow) and _is_int(left) and _is_int(right):
-                power = float(left) ** right  # no arbitrary-precision integer powers
-                return int(power) if right >= 0 and abs(power) < 2**53 else power
+                # exact while it fits in 64 bits (bit masks like 2**60), else a float: no
+                # arbitrary-precision integer powers
+                if right >= 0 and (abs(left) <= 1 or right * math.log2(abs(left)) < 63):
+                    return left**right
+                return float(left) ** right
             return _BINARY[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp):
             return _unary(node.op, self.value(node.operand))
@@ -669,7 +707,8 @@ def _not_data(value: Any) -> str | None:
             return f"values of dtype {value.dtype}"
     elif isinstance(value, ak.Array | ak.Record):
         layout = value.layout if isinstance(value, ak.Array) else value.layout.array
-        if any(p in ("string", "bytestring") for p in _array_parameters(layout.form)):
+        texts = ("string", "bytestring", "char", "byte")
+        if any(f.parameters.get("__array__") in texts for f in _forms(layout.form)):
             return "strings"
     else:
         return f"a {type(value).__name__}"
@@ -677,12 +716,12 @@ def _not_data(value: Any) -> str | None:
     return None if size <= MAX_ELEMENTS else f"{size:.3g} numbers (too many)"
 
 
-def _array_parameters(form: Any) -> Iterable[str]:
-    """The ``__array__`` parameters in an awkward form and all the forms it contains."""
-    yield form.parameters.get("__array__", "")
+def _forms(form: Any) -> Iterable[Any]:
+    """An awkward form and all the forms it contains."""
+    yield form
     for child in getattr(form, "contents", None) or [getattr(form, "content", None)]:
         if child is not None:
-            yield from _array_parameters(child)
+            yield from _forms(child)
 
 
 def _is_int(value: Any) -> bool:

@@ -44,7 +44,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -106,9 +106,12 @@ class FitResult:
     twice_nll: torch.Tensor
     minos: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     converged: bool = True
+    at_bound: tuple[bool, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready lists (the ``diffana fit`` output)."""
+        """Plain JSON-ready lists (the ``diffana fit`` output); an uncertainty that cannot be
+        computed (a degenerate direction, a parameter other than the POI on a bound) is NaN
+        here and ``null`` with a reason in the JSON written (:func:`analysis.files.json_text`)."""
         return {
             "labels": list(self.labels),
             "bestfit": self.bestfit.tolist(),
@@ -117,6 +120,7 @@ class FitResult:
             "twice_nll": float(self.twice_nll),
             "minos": {name: [float(lo), float(hi)] for name, (lo, hi) in self.minos.items()},
             "converged": bool(self.converged),
+            "at_bound": list(self.at_bound) or [False] * len(self.labels),
         }
 
     @classmethod
@@ -126,11 +130,12 @@ class FitResult:
         return cls(
             labels=tuple(payload["labels"]),
             bestfit=as_tensor(payload["bestfit"]),
-            uncertainty=as_tensor(payload["uncertainty"]),
-            corr_mat=as_tensor(payload["corr_mat"]),
+            uncertainty=as_tensor(_nan_for_none(payload["uncertainty"])),
+            corr_mat=as_tensor(_nan_for_none(payload["corr_mat"])),
             twice_nll=as_tensor(payload["twice_nll"]),
             minos={name: (lo, hi) for name, (lo, hi) in payload.get("minos", {}).items()},
             converged=bool(payload.get("converged", True)),
+            at_bound=tuple(bool(b) for b in payload.get("at_bound", ())),
         )
 
 
@@ -504,11 +509,22 @@ def _covariance(hessian: torch.Tensor, free: torch.Tensor, labels: Sequence[str]
     members, worst = _degenerate_parameters(h_free)
     if members:
         names = ", ".join(labels[int(index[i])] for i in members)
-        raise FitError(
-            f"the Hessian of twice_nll at the best fit is singular (smallest eigenvalue of the "
-            f"unit-diagonal Hessian {worst:.3g}): degenerate parameters {names}"
+        kind = "indefinite" if worst < -_SINGULAR_EIGENVALUE else "singular"
+        log.warning(
+            "the Hessian of twice_nll at the best fit is %s (smallest eigenvalue of the "
+            "unit-diagonal Hessian %.3g): no uncertainty for the degenerate parameters %s; the "
+            "others are conditional on them",
+            kind,
+            worst,
+            names,
         )
-    cov[index.unsqueeze(-1), index] = 2.0 * torch.linalg.inv(h_free)
+        keep = torch.ones(index.numel(), dtype=torch.bool, device=index.device)
+        keep[members] = False
+        cov[index[members].unsqueeze(-1), index] = math.nan
+        cov[index.unsqueeze(-1), index[members]] = math.nan
+        index, h_free = index[keep], h_free[keep][:, keep]
+    if index.numel():
+        cov[index.unsqueeze(-1), index] = 2.0 * torch.linalg.inv(h_free)
     return 0.5 * (cov + cov.T)
 
 
@@ -518,11 +534,11 @@ def _correlation(cov: torch.Tensor) -> torch.Tensor:
     return cov / (torch.outer(sigma, sigma) + 1e-100)
 
 
-def _singularity_check(
-    twice_nll: Objective, x: torch.Tensor, free: torch.Tensor, labels: Sequence[str]
-) -> torch.Tensor:
-    _, _, hess = value_grad_hessian(twice_nll, x)
-    return _covariance(hess, free, labels)
+def _nan_for_none(values: Any) -> Any:
+    """JSON ``null`` (an uncertainty that could not be computed) back to NaN, nested lists."""
+    if isinstance(values, list):
+        return [_nan_for_none(v) for v in values]
+    return math.nan if values is None else values
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,6 +554,7 @@ def fit(
     fixed: Any = None,
     labels: Sequence[str] | None = None,
     minos: Sequence[str] = (),
+    poi: str | None = None,
     method: Literal["minuit", "newton"] = "minuit",
     strategy: int = 1,
     tolerance: float = 0.01,
@@ -567,9 +584,15 @@ def fit(
     (``twice_nll`` profiled over the other parameters rises by 1; Brent's method on conditional
     Newton fits).
 
-    Both: ``converged`` is False (and a warning is logged) when the minimiser did not converge;
-    a singular Hessian at the best fit raises :class:`FitError` naming the degenerate
-    parameters, as does a non-finite objective at ``init``.
+    Both: ``converged`` is False (and a warning is logged) when the minimiser did not converge.
+    Bounds are handled as MINUIT reports them, but exactly: parameters held on a bound by the
+    minimum are flagged in ``at_bound`` (after MIGRAD a projected Newton step from its point
+    puts them on the bound, which Minuit's limit transformation never reaches), the covariance
+    is that of the other free parameters, a parameter on a bound has no parabolic error (NaN),
+    and the POI (``poi``, a label) on a bound gets the one-sided profile-likelihood error (see
+    :func:`_newton_result`). A singular or indefinite Hessian is a warning naming the
+    degenerate parameters, whose uncertainties and correlations are NaN; a non-finite objective
+    at ``init`` raises :class:`FitError`.
     """
     x0 = _as_init(init)
     if x0.ndim != 1:
@@ -587,10 +610,12 @@ def fit(
             raise ValueError(f"MINOS parameter {name!r} is fixed")
     if method == "minuit":
         return _fit_minuit(
-            twice_nll, x0, lo, hi, fixed_mask, labels, tuple(minos), strategy, tolerance
+            twice_nll, x0, lo, hi, fixed_mask, labels, tuple(minos), poi, strategy, tolerance
         )
     if method == "newton":
-        return _fit_newton(twice_nll, x0, lo, hi, fixed_mask, labels, tuple(minos), max_iter, tol)
+        return _fit_newton(
+            twice_nll, x0, lo, hi, fixed_mask, labels, tuple(minos), poi, max_iter, tol
+        )
     raise ValueError(f"method must be 'minuit' or 'newton', got {method!r}")
 
 
@@ -602,6 +627,7 @@ def _fit_minuit(
     fixed: torch.Tensor,
     labels: tuple[str, ...],
     minos: tuple[str, ...],
+    poi: str | None,
     strategy: int,
     tolerance: float,
 ) -> FitResult:
@@ -638,8 +664,23 @@ def _fit_minuit(
         log.warning("MIGRAD did not converge:\n%s", m.fmin)
 
     bestfit = torch.tensor(list(m.values), dtype=dtype, device=device)
-    exact_cov = _singularity_check(twice_nll, bestfit, ~fixed, labels)
-    cov_errors = exact_cov.diagonal().clamp_min(0.0).sqrt()
+    # m.errors, not sqrt(diag(covariance)): for a limited parameter Minuit maps the +-1 sigma
+    # internal interval through the limit transformation (pyhf and cabinetry report m.errors)
+    errors = torch.tensor(list(m.errors), dtype=dtype, device=device)
+    near = ~fixed & ((bestfit - lo < 0.5 * errors) | (hi - bestfit < 0.5 * errors))
+    if bool(near.any()):
+        # Minuit's limit transformation never reaches a bound: a projected Newton step from
+        # its point does, and holds the parameters that sit on one (the active set)
+        polish = newton_minimize(
+            twice_nll, bestfit, bounds=torch.stack([lo, hi], -1), fixed=fixed, labels=labels
+        )
+        if bool(polish.active.any()) and float(polish.fun) <= m.fval + 1e-6:
+            log.info("parameters on a bound after MIGRAD: %s", _names(polish.active, labels))
+            result = _newton_result(twice_nll, polish, lo, hi, fixed, labels, minos, poi)
+            return replace(result, converged=converged and result.converged)
+
+    _, _, hessian = value_grad_hessian(twice_nll, bestfit)
+    exact_cov = _covariance(hessian, ~fixed, labels)
     if m.covariance is None:  # HESSE failed outright: fall back on the autograd Hessian
         log.warning("HESSE failed; uncertainties from the autograd Hessian")
         cov = exact_cov
@@ -647,10 +688,10 @@ def _fit_minuit(
         if not m.fmin.has_accurate_covar:
             log.warning("HESSE covariance is not accurate:\n%s", m.fmin)
         cov = torch.as_tensor(np.asarray(m.covariance), dtype=dtype, device=device)
-    # m.errors, not sqrt(diag(covariance)): for a limited parameter Minuit maps the +-1 sigma
-    # internal interval through the limit transformation (pyhf and cabinetry report m.errors)
-    errors = torch.tensor(list(m.errors), dtype=dtype, device=device)
-    uncertainty = torch.where(fixed, 0.0, errors if m.covariance is not None else cov_errors)
+        cov = torch.where(exact_cov.isnan(), math.nan, cov)  # degenerate: no number
+    hesse = errors if m.covariance is not None else exact_cov.diagonal().clamp_min(0.0).sqrt()
+    hesse = torch.where(exact_cov.diagonal().isnan(), math.nan, hesse)
+    uncertainty = torch.where(fixed, 0.0, hesse)
     minos_errors: dict[str, tuple[float, float]] = {}
     for name in minos:
         m.minos(name)
@@ -666,6 +707,7 @@ def _fit_minuit(
         twice_nll=torch.tensor(m.fval, dtype=dtype, device=device),
         minos=minos_errors,
         converged=converged,
+        at_bound=(False,) * len(labels),
     )
 
 
@@ -677,6 +719,7 @@ def _fit_newton(
     fixed: torch.Tensor,
     labels: tuple[str, ...],
     minos: tuple[str, ...],
+    poi: str | None,
     max_iter: int,
     tol: float,
 ) -> FitResult:
@@ -684,29 +727,75 @@ def _fit_newton(
     result = newton_minimize(
         twice_nll, x0, bounds=bounds, fixed=fixed, max_iter=max_iter, tol=tol, labels=labels
     )
-    converged = bool(result.converged)
-    if not converged:
+    if not bool(result.converged):
         log.warning(
             "Newton fit did not converge in %d iterations (twice_nll = %.10g at %s)",
             int(result.n_iter),
             float(result.fun),
             _describe_point(result.x, labels),
         )
-    cov = _covariance(result.hessian, ~fixed, labels)
-    minos_errors = {
-        name: _profile_interval(
-            twice_nll, result, labels.index(name), bounds, fixed, cov, max_iter, tol, name
+    return _newton_result(twice_nll, result, lo, hi, fixed, labels, minos, poi, max_iter, tol)
+
+
+def _names(mask: torch.Tensor, labels: Sequence[str]) -> str:
+    return ", ".join(labels[i] for i in torch.nonzero(mask).flatten().tolist())
+
+
+def _newton_result(
+    twice_nll: Objective,
+    result: NewtonResult,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    fixed: torch.Tensor,
+    labels: tuple[str, ...],
+    minos: tuple[str, ...],
+    poi: str | None,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> FitResult:
+    """A :class:`FitResult` from a projected-Newton minimum, with bounds handled as MINUIT
+    reports them: parameters held on a bound (``result.active``) are flagged ``at_bound``; the
+    covariance ``2 H^-1`` is that of the other free parameters (a bound removes a direction,
+    and the Hessian of the full space may be indefinite there, e.g. a signal-only bin at
+    mu = 0); a parameter on a bound has no parabolic error (NaN), except the POI, whose
+    uncertainty is then one-sided from the profile likelihood: the distance from the bound to
+    where the profiled twice NLL has risen by 1 (MINOS-like, :func:`_profile_interval`)."""
+    bounds = torch.stack([lo, hi], dim=-1)
+    at_bound = result.active & ~fixed
+    cov = _covariance(result.hessian, ~fixed & ~at_bound, labels)
+    cov = torch.where(at_bound.unsqueeze(0) | at_bound.unsqueeze(1), math.nan, cov)
+    cov.diagonal()[fixed] = 0.0
+    uncertainty = cov.diagonal().clamp_min(0.0).where(~cov.diagonal().isnan(), math.nan).sqrt()
+
+    def interval(index: int, name: str) -> tuple[float, float]:
+        return _profile_interval(
+            twice_nll, result, index, bounds, fixed, result.hessian, max_iter, tol, name
         )
-        for name in minos
-    }
+
+    minos_errors = {name: interval(labels.index(name), name) for name in minos}
+    if poi is not None and bool(at_bound[labels.index(poi)]):
+        index = labels.index(poi)
+        low, high = minos_errors.get(poi) or interval(index, poi)
+        uncertainty = uncertainty.clone()
+        uncertainty[index] = high if float(result.x[index]) <= float(lo[index]) else -low
+        log.warning(
+            "%s is on its bound %.6g: its uncertainty %.6g is one-sided, from the profile "
+            "likelihood",
+            poi,
+            float(result.x[index]),
+            float(uncertainty[index]),
+        )
+    if bool(at_bound.any()):
+        log.info("on a bound (no parabolic uncertainty): %s", _names(at_bound, labels))
     return FitResult(
         labels=labels,
         bestfit=result.x,
-        uncertainty=cov.diagonal().clamp_min(0.0).sqrt(),
+        uncertainty=uncertainty,
         corr_mat=_correlation(cov),
         twice_nll=result.fun,
         minos=minos_errors,
-        converged=converged,
+        converged=bool(result.converged),
+        at_bound=tuple(bool(b) for b in at_bound.tolist()),
     )
 
 
@@ -716,23 +805,25 @@ def _profile_interval(
     index: int,
     bounds: torch.Tensor,
     fixed: torch.Tensor,
-    cov: torch.Tensor,
+    hessian: torch.Tensor,
     max_iter: int,
     tol: float,
     name: str,
 ) -> tuple[float, float]:
     """MINOS-like errors: where the profiled twice_nll exceeds its minimum by 1, each side.
 
-    Brackets by doubling steps of the parabolic error from the best fit, then Brent's method
-    (``scipy.optimize.brentq``, xtol 1e-10 sigma) on conditional Newton fits warm-started from
-    the best fit. If a bound is reached first, the error stops there (as MINOS reports
-    ``at_lower_limit``/``at_upper_limit``) and a warning is logged.
+    Brackets by doubling steps of the conditional parabolic error ``sqrt(2 / H_ii)`` from the
+    best fit, then Brent's method (``scipy.optimize.brentq``, xtol 1e-10 sigma) on conditional
+    Newton fits warm-started from the best fit. If a bound is reached first, the error stops
+    there (as MINOS reports ``at_lower_limit``/``at_upper_limit``) and a warning is logged; a
+    best fit on the bound has error 0 on that side.
     """
     import scipy.optimize
 
     x_hat = best.x
     center = float(x_hat[index])
-    sigma = float(cov[index, index].clamp_min(0.0).sqrt()) or 1.0
+    curvature = float(hessian[index, index])
+    sigma = math.sqrt(2.0 / curvature) if math.isfinite(curvature) and curvature > 0 else 1.0
     cond_fixed = fixed.clone()
     cond_fixed[index] = True
     start = x_hat.clone()
@@ -749,6 +840,9 @@ def _profile_interval(
 
     errors = []
     for sign, limit in ((-1.0, lo), (1.0, hi)):
+        if center == limit:
+            errors.append(0.0)
+            continue
         inner, step = center, sigma
         outer = center + sign * step
         while True:

@@ -75,6 +75,7 @@ class HypotestResult:
     cls_exp: torch.Tensor  # (..., 5): -2 sigma .. +2 sigma
     clsb_obs: torch.Tensor
     clb_obs: torch.Tensor
+    teststat_asimov: torch.Tensor | None = None  # q on the Asimov data (asymptotic tests)
 
     def to_dict(self) -> dict:
         return {
@@ -236,13 +237,13 @@ class GoodnessOfFit:
 
 # ----------------------------------------------------------------------------- helpers
 def normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """Phi(x), standard normal CDF, accurate in both tails (``torch.special.ndtr``)."""
-    return torch.special.ndtr(x)
+    """Phi(x), the standard normal CDF, accurate in both tails: ``exp(log_ndtr(x))``.
 
-
-def significance_from_p_value(p: torch.Tensor) -> torch.Tensor:
-    """Z = Phi^-1(1 - p), computed as ``-ndtri(p)`` so that small p stay accurate."""
-    return -torch.special.ndtri(p)
+    ``torch.special.ndtr`` itself rounds to 0 below x = -8.3 (Phi(-11.2) = 1.8e-29 came out
+    as 0), where ``log_ndtr`` keeps full relative precision down to the smallest doubles
+    (x = -38.5); above 0 both agree to the last bit.
+    """
+    return torch.exp(torch.special.log_ndtr(x))
 
 
 def require_poi(model) -> int:
@@ -534,7 +535,7 @@ class AsymptoticCalculator:
         )
         if self.test_stat == "q0":
             cls, cls_exp = clsb, clsb_exp
-        return HypotestResult(poi_value, self.test_stat, q, cls, cls_exp, clsb, clb)
+        return HypotestResult(poi_value, self.test_stat, q, cls, cls_exp, clsb, clb, q_asimov)
 
 
 def hypotest(
@@ -595,6 +596,7 @@ def hypotest(
         cls_exp.reshape(*shape, 5),
         clsb.reshape(shape),
         clb.reshape(shape),
+        q_asimov.reshape(shape),
     )
 
 
@@ -662,14 +664,19 @@ def toy_hypotest(
 
 
 def significance(model, data, *, init=None, bounds=None, fixed=None) -> SignificanceResult:
-    """Discovery p-value and significance from q0 (observed, and median expected for mu = 1)."""
+    """Discovery significance and p-value from q0: observed, and median expected for mu = 1.
+
+    ``Z = sqrt(q0)`` on the data and ``Z_A = sqrt(q0_A)`` on the Asimov data with mu = 1
+    (Cowan, Cranmer, Gross, Vitells, Eur. Phys. J. C 71 (2011) 1554, eqs. 53 and 57), and
+    ``p = Phi(-Z)`` from ``ndtr``: Z stays finite and exact however large it is (a p-value below
+    1e-308 is reported as 0, the significance still as sqrt(q0)); inverting a p-value that has
+    rounded to 0 would give an infinite Z.
+    """
     result = hypotest(model, data, 0.0, "q0", init=init, bounds=bounds, fixed=fixed)
-    p_obs, p_exp = result.cls_obs, result.cls_exp[..., 2]
+    z_obs = torch.sqrt(result.teststat.clamp_min(0.0))
+    z_exp = torch.sqrt(result.teststat_asimov.clamp_min(0.0))
     return SignificanceResult(
-        float(p_obs),
-        float(significance_from_p_value(p_obs)),
-        float(p_exp),
-        float(significance_from_p_value(p_exp)),
+        float(normal_cdf(-z_obs)), float(z_obs), float(normal_cdf(-z_exp)), float(z_exp)
     )
 
 
@@ -832,6 +839,12 @@ def scan(
         method="newton",
     )
     center, width = float(best.bestfit[index]), float(best.uncertainty[index])
+    if values is None and not math.isfinite(width):
+        raise InferenceError(
+            f"'{parameter}' has no parabolic uncertainty at the best fit (a degenerate "
+            "direction of the likelihood), so the default range (best fit +- 2 sigma) does not "
+            "exist; give the values (diffana scan --range LOW HIGH)"
+        )
     if values is None:  # best fit +- 2 sigma, within the parameter's bounds
         low = max(center - 2 * width, float(bounds[index, 0]))
         high = min(center + 2 * width, float(bounds[index, 1]))

@@ -43,12 +43,22 @@ from analysis.errors import (
     InputFileError,
     MissingObjectError,
 )
-from analysis.expressions import Expression, ExpressionError, evaluate, parse, record_fields
+from analysis.expressions import (
+    MAX_ELEMENTS,
+    Expression,
+    ExpressionError,
+    evaluate,
+    parse,
+    record_fields,
+)
 from analysis.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 TemplateKey = tuple[str, str, str]  # (region, sample, variation)
+#: most bytes the Definitions of one chunk may hold together (each value is also bounded by
+#: :data:`analysis.expressions.MAX_ELEMENTS`): a chain of Definitions cannot add up to a bomb
+DEFINITIONS_BUDGET = 2 * 8 * MAX_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -250,10 +260,19 @@ def _read_group(
                     columns[field] = chunk[field]
                     _count_nan(field, chunk[field], nan_counts)
                 where = f"sample '{sample}' ({path}:{tree})"
+                held = 0  # bytes the Definitions of this chunk hold, against a memory bomb
                 for definition, expression in definitions:
-                    columns[definition.name] = _evaluate_definition(
+                    value = _evaluate_definition(
                         definition, expression, columns, config, where, notes
                     )
+                    held += getattr(value, "nbytes", 8)
+                    if held > DEFINITIONS_BUDGET:
+                        raise DataError(
+                            f"Definitions up to '{definition.name}' hold {held / 2**30:.3g} GiB "
+                            f"for one chunk of {where}; expected at most "
+                            f"{DEFINITIONS_BUDGET / 2**30:.3g} GiB"
+                        )
+                    columns[definition.name] = value
                 n_events = len(chunk)
                 for (entry_filter, entry_weight, exprs), (cols, weights) in zip(
                     parsed, out, strict=True

@@ -737,8 +737,9 @@ def _load_checkpoint(
             f"{path}: not a valid checkpoint ({reason}); rerun without --resume"
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        keys = sorted(repr(k)[:40] for k in state) if isinstance(state, dict) else []
         found = (
-            f"keys {', '.join(sorted(map(str, state)))}"
+            f"keys {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
             if isinstance(state, dict)
             else f"a {type(state).__name__}"
         )

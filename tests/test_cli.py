@@ -130,6 +130,61 @@ def test_missing_config_file_and_bad_device(tmp_path):
     assert result.exit_code == 2 and "missing.yaml: configuration file not found" in result.stderr
     result = run("validate", str(tmp_path / "missing.yaml"), "--device", "tpu")
     assert result.exit_code == 2 and "'tpu'" in result.stderr
+    result = run("fit", str(tmp_path / "missing.json"), "--threads", "-1")
+    assert result.exit_code == 2 and "--threads" in result.stderr
+
+
+def test_threads_option_sets_torch_threads(toy, monkeypatch):
+    """``--threads N`` calls ``torch.set_num_threads(N)`` (default 1) before the command runs;
+    ``--threads 0`` leaves torch's default; a command that computes nothing sets nothing."""
+    import torch
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # the process keeps its own
+    path = str(toy.write_config())
+    for extra, expected in (([], [1]), (["--threads", "3"], [3]), (["--threads", "0"], [])):
+        calls.clear()
+        result = run("workspace", path, "--no-cache", "--device", "cpu", *extra)
+        assert result.exit_code == 0, result.output
+        assert calls == expected
+    calls.clear()
+    assert run("validate", path, "--threads", "2").exit_code == 0
+    assert calls == []
+
+
+HEAVY_MODULES = ("torch", "numpy", "scipy", "pyhf", "jsonschema", "iminuit", "matplotlib", "uproot")
+
+
+def test_start_up_imports_nothing_heavy(toy):
+    """Start-up time (torch alone takes seconds to import): ``import analysis``, ``diffana
+    --help`` of every command, argument errors and ``validate`` import no torch; a fresh
+    process, since this one has imported everything."""
+    code = f"""
+import sys
+from click.testing import CliRunner
+import analysis
+from analysis.cli import main
+
+def loaded():
+    return sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)
+
+assert loaded() == [], loaded()
+for args in [["--help"], ["plot", "--help"]] + [
+    [*prefix, name, "--help"]
+    for prefix, group in [([], main), (["plot"], main.commands["plot"])]
+    for name in group.commands
+]:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, (args, result.output)
+assert CliRunner().invoke(main, ["fit", "in.json", "--device", "tpu"]).exit_code == 2
+assert loaded() == [], loaded()
+result = CliRunner().invoke(main, ["validate", {str(toy.write_config())!r}, "--device", "cuda:7"])
+assert result.exit_code == 0, result.output
+print("torch" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "False\n"
 
 
 def test_real_process_prints_no_traceback(toy):

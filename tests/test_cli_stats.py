@@ -29,7 +29,16 @@ from analysis.cli import main
 from analysis.likelihood import Workspace
 from tests.conftest import reference_path
 
-FIT_KEYS = {"labels", "bestfit", "uncertainty", "corr_mat", "twice_nll", "minos", "converged"}
+FIT_KEYS = {
+    "labels",
+    "bestfit",
+    "uncertainty",
+    "corr_mat",
+    "twice_nll",
+    "minos",
+    "converged",
+    "at_bound",
+}
 RANKING_KEYS = {
     "name",
     "bestfit",
@@ -486,21 +495,6 @@ BAD_INPUTS = {
         "diffana hypotest needs a parameter of interest",
     ),
     "POI missing, limit": (_no_poi, ["limit"], "diffana limit needs a parameter of interest"),
-    "singular Hessian, product": (
-        _product,
-        ["fit"],
-        "ws.json: the Hessian of twice_nll at the best fit is singular",
-    ),
-    "singular Hessian, product, hypotest": (
-        _product,
-        ["hypotest", "--poi-value", "1"],
-        "degenerate parameters k, mu",
-    ),
-    "singular Hessian, sum, scan": (
-        _sum,
-        ["scan", "--parameter", "mu", "--steps", "3"],
-        "degenerate parameters mu, b1[0], b1[1], b2[0], b2[1]",
-    ),
     "non-finite start, --fix": (
         None,
         ["fit", "--fix", "mu=-100"],
@@ -603,11 +597,10 @@ def test_missing_input_file(tmp_path):
 
 
 def test_real_process_prints_one_line_and_no_traceback(tmp_path):
-    spec = _two_bin()
-    _product(spec)
-    path = _write(tmp_path / "ws.json", spec)
+    path = _write(tmp_path / "ws.json", _two_bin())
     proc = subprocess.run(
-        [sys.executable, "-m", "analysis.cli", "significance", str(path), "--device", "cpu"],
+        [sys.executable, "-m", "analysis.cli", "fit", str(path), "--device", "cpu"]
+        + ["--fix", "mu=-100"],
         capture_output=True,
         text=True,
         check=False,
@@ -616,8 +609,38 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"Error: {path}: the Hessian of twice_nll at the best fit is")
-    assert lines[0].endswith("degenerate parameters k, mu")
+    assert lines[0].startswith(f"Error: {path}: twice_nll is nan at the start point")
+
+
+@pytest.mark.parametrize(
+    ("change", "degenerate"),
+    [(_product, ["k", "mu"]), (_sum, ["mu", "b1[0]", "b1[1]", "b2[0]", "b2[1]"])],
+)
+def test_degenerate_directions_are_warnings_not_refusals(tmp_path, change, degenerate):
+    """mu * k, or two normalizations that only enter as their sum: fit names the degenerate
+    parameters in a warning and reports their uncertainties as null (with a reason); the
+    hypotest, significance, limit and scan need only profiled likelihood values and run."""
+    spec = _two_bin()
+    change(spec)
+    path = _write(tmp_path / "ws.json", spec)
+    result = run("fit", path)
+    assert result.exit_code == 0, result.stderr
+    assert "degenerate parameters " + ", ".join(degenerate) in result.stderr
+    out = json.loads(result.stdout)
+    unc = _by_label(out, "uncertainty")
+    assert all(unc[name] is None for name in degenerate)
+    assert all(unc[n] is not None for n in out["labels"] if n not in degenerate)
+    assert "not finite" in out["uncertainty_reason"]
+    for args in (
+        ["hypotest", "--poi-value", "1"],
+        ["significance"],
+        ["scan", "--parameter", "mu", "--steps", "3", "--range", "0", "2"],
+    ):
+        assert run(*args[:1], path, *args[1:]).exit_code == 0, args
+    # the default scan range is +-2 parabolic sigma, which a degenerate mu does not have
+    result = run("scan", path, "--parameter", "mu", "--steps", "3")
+    assert result.exit_code == 2
+    assert "'mu' has no parabolic uncertainty" in result.stderr.strip().splitlines()[-1]
 
 
 def test_fit_finds_the_global_minimum_of_a_kinked_model():

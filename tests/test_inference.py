@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyhf
@@ -398,3 +399,97 @@ def test_batches_with_mixed_convergence_and_per_row_masks(monkeypatch):
         )
         assert float(fun[i]) == pytest.approx(float(alone_fun), rel=1e-10, abs=1e-8)
         torch.testing.assert_close(x[i], alone_x, rtol=1e-6, atol=1e-6)
+
+
+def test_normal_cdf_keeps_its_tails():
+    """Phi(x) against scipy's ndtr from 0 down to x = -37 (p = 5.7e-300) and up to 8."""
+    import scipy.special
+
+    x = np.linspace(-37.0, 8.0, 2001)
+    got = inference.normal_cdf(torch.tensor(x, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(got, scipy.special.ndtr(x), rtol=1e-12)
+
+
+def _signal_only_bin() -> dict:
+    """Background-only pseudo-data and a bin holding (almost) only signal: its background MC is
+    1e-3 events and no event is observed there, so mu sits on its lower bound."""
+    sample = {"name": "background", "data": [50.0, 30.0, 1e-3], "modifiers": []}
+    sample["modifiers"] = [
+        {"name": "staterror_SR", "type": "staterror", "data": [3.0, 2.0, 0.0]},
+        {"name": "bkg_norm", "type": "normsys", "data": {"hi": 1.1, "lo": 0.9}},
+    ]
+    signal = {
+        "name": "signal",
+        "data": [1.0, 5.0, 10.0],
+        "modifiers": [
+            {"name": "mu", "type": "normfactor", "data": None},
+            {"name": "staterror_SR", "type": "staterror", "data": [0.3, 0.8, 1.5]},
+        ],
+    }
+    return {
+        "channels": [{"name": "SR", "samples": [signal, sample]}],
+        "observations": [{"name": "SR", "data": [50.0, 30.0, 0.0]}],
+        "measurements": [{"name": "meas", "config": {"poi": "mu", "parameters": []}}],
+        "version": "1.0.0",
+    }
+
+
+def test_poi_on_its_bound_gives_pyhf_statistics_and_a_profile_uncertainty():
+    """mu = 0 on its bound with an indefinite Hessian of the full space: the fit returns its
+    minimum, flags mu at_bound and gives it the one-sided profile-likelihood error (where
+    pyhf's profiled twice NLL has risen by 1, found here with pyhf's own fits); significance
+    (Z_exp = 11.2 = sqrt(q0_A), finite), CLs and limits equal pyhf's (tight MINUIT)."""
+    import scipy.optimize
+    import scipy.special
+
+    spec = _signal_only_bin()
+    ws = Workspace.load(spec)
+    model = ws.model()
+    data = ws.data(model)
+    result = fitting.fit(
+        lambda p: model.twice_nll(p, data),
+        model.suggested_init(),
+        bounds=model.suggested_bounds(),
+        fixed=model.suggested_fixed(),
+        labels=model.par_names,
+        poi="mu",
+    )
+    assert result.at_bound == (True, False, False, False, False) and float(result.bestfit[0]) == 0
+
+    pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-6))
+    ref_ws = pyhf.Workspace(spec)
+    ref_model = ref_ws.model()
+    ref_data = ref_ws.data(ref_model)
+    init, bounds = ref_model.config.suggested_init(), ref_model.config.suggested_bounds()
+
+    def twice_nll_at(mu: float) -> float:
+        _, value = pyhf.infer.mle.fixed_poi_fit(
+            mu, ref_data, ref_model, init, bounds, return_fitted_val=True
+        )
+        return float(value)
+
+    minimum = twice_nll_at(0.0)
+    crossing = scipy.optimize.brentq(lambda mu: twice_nll_at(mu) - minimum - 1.0, 1e-4, 1.0)
+    assert float(result.uncertainty[0]) == pytest.approx(crossing, rel=1e-4)
+
+    z = inference.significance(model, data)
+    p_obs, p_exp = pyhf.infer.hypotest(
+        0.0, ref_data, ref_model, test_stat="q0", return_expected=True
+    )
+    assert z.expected_significance == pytest.approx(-scipy.special.ndtri(float(p_exp)), rel=1e-5)
+    assert z.expected_significance > 8 and math.isfinite(z.expected_significance)
+    assert z.expected_p_value == pytest.approx(float(p_exp), rel=1e-4)
+    assert z.observed_significance == pytest.approx(0.0, abs=1e-4)
+
+    ours = inference.hypotest(model, data, 1.0)
+    obs, exp = pyhf.infer.hypotest(1.0, ref_data, ref_model, return_expected_set=True)
+    assert float(ours.cls_obs) == pytest.approx(float(obs), rel=1e-5)
+    np.testing.assert_allclose(ours.cls_exp.numpy(), np.array(exp, dtype=float), rtol=1e-5)
+
+    limits = inference.upper_limits(model, data)
+    ref_obs, ref_exp = pyhf.infer.intervals.upper_limits.toms748_scan(
+        ref_data, ref_model, 0.0, 10.0, rtol=1e-8
+    )[:2]
+    np.testing.assert_allclose(
+        limits.detach().numpy(), [float(ref_obs), *np.asarray(ref_exp, dtype=float)], rtol=1e-4
+    )

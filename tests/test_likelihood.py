@@ -681,6 +681,79 @@ def test_schema_errors_name_file_and_json_path(tmp_path):
         Workspace.load(_write(tmp_path / "ws4.json", spec))
 
 
+def _pyhf_first_error(instance, schema: str):
+    try:
+        pyhf.schema.validate(instance, schema)
+    except pyhf.exceptions.InvalidSpecification as exc:
+        return exc.parent
+    return None
+
+
+def test_schema_check_judges_as_pyhf():
+    """``pyhf_schema`` (pyhf's schema files without importing pyhf) finds the same first error
+    as ``pyhf.schema.validate``, and accepts what it accepts (bools count as numbers there)."""
+    from analysis.likelihood.workspace import _inline_refs, pyhf_schema
+
+    def mutated(change):
+        spec = small_spec()
+        change(spec)
+        return spec
+
+    cases = [
+        small_spec(),
+        mutated(lambda s: s["channels"][0]["samples"][0]["data"].__setitem__(0, True)),
+        mutated(lambda s: s["channels"][0]["samples"][1]["modifiers"][0].pop("type")),
+        mutated(lambda s: s["channels"][0]["samples"][1]["modifiers"][0]["data"].pop("hi")),
+        mutated(lambda s: s["observations"][1].__setitem__("data", "many")),
+        mutated(lambda s: s.pop("version")),
+        mutated(lambda s: s["measurements"][0]["config"].__setitem__("poi", 3)),
+        mutated(lambda s: s.__setitem__("extra", 1)),
+    ]
+    for spec in cases:
+        ours = next(pyhf_schema("workspace.json").iter_errors(spec), None)
+        theirs = _pyhf_first_error(spec, "workspace.json")
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            assert (ours.message, list(ours.absolute_path)) == (
+                theirs.message,
+                list(theirs.absolute_path),
+            )
+    assert cases[1] and next(pyhf_schema("workspace.json").iter_errors(cases[1]), None) is None
+    for ops in ([{"op": "remove", "path": "/channels/0"}], [{"op": "add"}], {"op": "add"}):
+        ours = next(pyhf_schema("jsonpatch.json").iter_errors(ops), None)
+        assert (ours is None) == (_pyhf_first_error(ops, "jsonpatch.json") is None)
+    loop = {"a.json": {"definitions": {"x": {"items": {"$ref": "#/definitions/x"}}}}}
+    with pytest.raises(ValueError, match=r"a\.json#/definitions/x refers to itself"):
+        _inline_refs({"$ref": "a.json#/definitions/x"}, "a.json", loop, ())
+
+
+def test_validation_runs_once_per_content(tmp_path, monkeypatch):
+    """The schema check of a workspace runs once per content in a process (seconds on a
+    published likelihood): again for other content, and every time for an invalid one."""
+    from analysis.likelihood import workspace as ws
+
+    checks = []
+    check = ws._check_semantics
+    monkeypatch.setattr(ws, "_check_semantics", lambda *a: (checks.append(a[1]), check(*a)))
+    monkeypatch.setattr(ws, "_VALIDATED", {})
+    spec = small_spec()
+    path = _write(tmp_path / "ws.json", spec)
+    first = Workspace.load(path)
+    assert Workspace.load(path) == first == Workspace.from_spec(copy.deepcopy(spec))
+    assert checks == [str(path)]
+    tensors = copy.deepcopy(spec)
+    tensors["observations"][0]["data"] = torch.tensor(spec["observations"][0]["data"])
+    Workspace.from_spec(tensors)  # the same numbers
+    assert len(checks) == 1
+    spec["observations"][0]["data"][0] += 1.0
+    Workspace.from_spec(spec)
+    assert len(checks) == 2
+    del spec["version"]
+    for name in ("a.json", "b.json"):
+        with pytest.raises(ConfigError, match=rf"{name}: 'version' is a required property"):
+            Workspace.from_spec(spec, source=name)
+
+
 def test_unknown_modifier_type_lists_valid_types(tmp_path):
     spec = small_spec()
     spec["channels"][1]["samples"][0]["modifiers"][0]["type"] = "normsyst"

@@ -300,7 +300,9 @@ def test_resume_refuses_an_unreadable_checkpoint(toy, toy_config, tmp_path):
         ),
         (
             torch_bytes({"model": {"w": torch.zeros(2)}, "epoch": 3}),
-            invalid.format(r"not written by this version of diffana optimize: keys epoch, model"),
+            invalid.format(
+                r"not written by this version of diffana optimize: keys 'epoch', 'model'"
+            ),
         ),
         (
             torch_bytes([1, 2]),

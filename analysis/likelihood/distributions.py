@@ -13,8 +13,12 @@ import torch
 def poisson_logpdf(n: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     r"""Continuous Poisson log-density :math:`n \log\lambda - \lambda - \log\Gamma(n + 1)`.
 
-    ``n`` need not be an integer (Asimov data); :math:`0 \log 0 = 0` (``torch.xlogy``), so
-    :math:`\lambda = 0` with :math:`n = 0` gives 0 as pyhf does. Reproduces the Poisson p.m.f.
-    exactly for integer ``n``.
+    ``n`` need not be an integer (Asimov data); :math:`0 \log 0 = 0`, so :math:`\lambda = 0`
+    with :math:`n = 0` gives 0 as pyhf does. Reproduces the Poisson p.m.f. exactly for integer
+    ``n``. Where :math:`n = 0` the term is :math:`-\lambda` with its plain derivatives, also at
+    :math:`\lambda = 0` (a bin that holds only signal, fitted at mu = 0): the log is masked on
+    both sides of the ``where`` (``torch.xlogy``'s gradient there is 0 * (0/0) = NaN).
     """
-    return torch.xlogy(n, lam) - lam - torch.lgamma(n + 1.0)
+    counted = n > 0
+    log_lam = torch.log(torch.where(counted, lam, torch.ones_like(lam)))
+    return torch.where(counted, n * log_lam, torch.zeros_like(lam)) - lam - torch.lgamma(n + 1.0)
