@@ -27,6 +27,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check analysis tests benchmarks
+	$(BIN)/mypy analysis
 
 clean:
 	rm -rf results data/generated .snakemake

@@ -18,7 +18,7 @@ import re
 import sys
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
@@ -290,7 +290,7 @@ def generate(
     """Generate the demo dimuon-resonance ROOT files."""
     from analysis import generate as generator
 
-    kwargs = {} if lumi is None else {"lumi": lumi}
+    kwargs: dict[str, Any] = {} if lumi is None else {"lumi": lumi}
     paths = generator.generate(out_dir, events=events, seed=seed, **kwargs)
     emit({"files": [str(p) for p in paths]}, output)
 
@@ -723,7 +723,7 @@ def hypotest(
     workspace: Any,
     model: Any,
     poi_value: float,
-    test_stat: str,
+    test_stat: Literal["q", "qtilde", "q0"],
     asimov: bool,
     calctype: str,
     n_toys: int,
@@ -1015,7 +1015,7 @@ def scan_cuts(
     config: Any,
     cache_dir: pathlib.Path | None,
     out_dir: pathlib.Path,
-    method: str,
+    method: Literal["grid", "random"],
     budget: int,
     objective: str | None,
     seed: int | None,

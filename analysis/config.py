@@ -37,7 +37,7 @@ import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jsonschema
 import yaml
@@ -775,7 +775,10 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
                     variable=c["Variable"],
                     direction=c["Direction"],
                     value=float(c["Value"]),
-                    bounds=tuple(float(b) for b in c.get("Bounds", (c["Value"], c["Value"]))),
+                    bounds=cast(  # the schema requires two bounds
+                        "tuple[float, float]",
+                        tuple(float(b) for b in c.get("Bounds", (c["Value"], c["Value"]))),
+                    ),
                     trainable=c.get("Trainable", True),
                 )
                 for c in r.get("Cuts", [])

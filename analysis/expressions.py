@@ -71,7 +71,7 @@ import operator
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn, cast
 
 import awkward as ak
 import numpy as np
@@ -389,7 +389,7 @@ class _Checker:
         self.source, self.where, self.fields = source, where, fields
         self.names: set[str] = set()
 
-    def fail(self, node: ast.AST, what: str) -> None:
+    def fail(self, node: ast.AST, what: str) -> NoReturn:
         piece = ast.get_source_segment(self.source.strip(), node) or type(node).__name__
         if len(piece) > 60:
             piece = piece[:57] + "..."
@@ -510,6 +510,7 @@ class _Checker:
 
     def _call(self, node: ast.Call) -> None:
         func = node.func
+        name: str | None
         if isinstance(func, ast.Name):
             name = func.id
             entry = FUNCTIONS.get(name)
@@ -684,7 +685,8 @@ class _Interpreter:
     def call(self, node: ast.Call) -> Any:
         func = node.func
         args = [self.argument(a) for a in node.args]
-        kwargs = {k.arg: self.argument(k.value) for k in node.keywords}
+        # '**' arguments (arg None) are refused when the expression is checked
+        kwargs = {cast(str, k.arg): self.argument(k.value) for k in node.keywords}
         if isinstance(func, ast.Attribute) and _dotted(func) is None:  # a vector method
             target = self.value(func.value)
             if not isinstance(target, ak.Array | ak.Record):

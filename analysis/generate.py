@@ -53,6 +53,7 @@ import pathlib
 import types
 import zlib
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import awkward as ak
 import numpy as np
@@ -630,7 +631,7 @@ def _jagged_sorted(
     return ok.sum(1).astype(np.int32), flat
 
 
-def _nominal_columns(ev: _Events, first_event: int) -> dict[str, object]:
+def _nominal_columns(ev: _Events, first_event: int) -> dict[str, Any]:
     """Columns of the nominal tree: numpy arrays and flat jagged content (see module docstring).
 
     Stored values are float32; ``MET_pt``/``MET_phi`` come from the float64 MET vector.
@@ -666,7 +667,7 @@ def _nominal_columns(ev: _Events, first_event: int) -> dict[str, object]:
     }
 
 
-def _scale_muons(cols: dict[str, object], direction: float) -> dict[str, object]:
+def _scale_muons(cols: dict[str, Any], direction: float) -> dict[str, Any]:
     """Columns with every muon pt scaled by (1 + direction * MUON_SCALE), MET recomputed.
 
     Computed from the stored (float32) nominal values in float64: pt' = pt (1 + d s), and
@@ -692,7 +693,7 @@ def _scale_muons(cols: dict[str, object], direction: float) -> dict[str, object]
     return out
 
 
-def _efficiency_uncertainty(cols: dict[str, object]) -> np.ndarray:
+def _efficiency_uncertainty(cols: dict[str, Any]) -> np.ndarray:
     """Relative per-event muon-efficiency scale-factor uncertainty.
 
     delta = 0.01 + 0.02 exp(-pt_sub / 30 GeV), pt_sub the nominal sub-leading muon pt:
@@ -704,7 +705,7 @@ def _efficiency_uncertainty(cols: dict[str, object]) -> np.ndarray:
     return 0.01 + 0.02 * np.exp(-pt_sub / 30.0)
 
 
-def _to_uproot(cols: dict[str, object], weights: dict[str, np.ndarray] | None) -> dict:
+def _to_uproot(cols: dict[str, Any], weights: dict[str, np.ndarray] | None) -> dict:
     """Arrays for ``WritableTree.extend``: records of jagged arrays give nMuon/Muon_* etc."""
     muon = ak.zip({k: ak.unflatten(v, cols["n_mu"]) for k, v in cols["mu"].items()})
     jet = ak.zip({k: ak.unflatten(v, cols["n_jet"]) for k, v in cols["jet"].items()})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -354,7 +355,7 @@ class _KDEWindow:
         if j is not None:
             index, edge = None, self.padded[j : j + 2 * self.reach, None]
         else:
-            index = self.rows + bin_of[None, :]
+            index = self.rows + cast(torch.Tensor, bin_of)[None, :]  # given when j is None
             edge = self.padded.index_select(0, index.reshape(-1)).view(index.shape)
         x = torch.sub(edge, y[None, :]).abs_().mul_(self.scale)
         return torch.nan_to_num_(x, nan=self.x_max).clamp_max_(self.x_max), index

@@ -34,7 +34,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -136,7 +136,10 @@ class LimitResult:
         return cls(
             float(payload["cl"]),
             float(payload["observed"]),
-            tuple(float(x) for x in payload["expected"]),
+            cast(
+                "tuple[float, float, float, float, float]",
+                tuple(float(x) for x in payload["expected"]),
+            ),
         )
 
 
@@ -659,8 +662,8 @@ def toy_hypotest(
         band = clsb_toys if test_stat == "q0" else clsb_toys / clb_toys
         cls_exp = torch.quantile(band, levels)
     cls = clsb if test_stat == "q0" else clsb / clb
-    poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
-    return HypotestResult(poi_value, test_stat, q_obs, cls, cls_exp, clsb, clb)
+    poi = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
+    return HypotestResult(poi, test_stat, q_obs, cls, cls_exp, clsb, clb)
 
 
 def significance(model, data, *, init=None, bounds=None, fixed=None) -> SignificanceResult:
@@ -674,7 +677,8 @@ def significance(model, data, *, init=None, bounds=None, fixed=None) -> Signific
     """
     result = hypotest(model, data, 0.0, "q0", init=init, bounds=bounds, fixed=fixed)
     z_obs = torch.sqrt(result.teststat.clamp_min(0.0))
-    z_exp = torch.sqrt(result.teststat_asimov.clamp_min(0.0))
+    # hypotest (asymptotic) always sets teststat_asimov
+    z_exp = torch.sqrt(cast(torch.Tensor, result.teststat_asimov).clamp_min(0.0))
     return SignificanceResult(
         float(normal_cdf(-z_obs)), float(z_obs), float(normal_cdf(-z_exp)), float(z_exp)
     )
@@ -729,11 +733,11 @@ def upper_limits(
         values = torch.log(torch.clamp(curves, min=1e-300)) - math.log(alpha)
         below = values < 0
         names = ["observed", "-2 sigma", "-1 sigma", "median", "+1 sigma", "+2 sigma"]
-        for bad, where, value in [(~below[-1], "upper", high), (below[0], "lower", low)]:
+        for bad, where, end in [(~below[-1], "upper", high), (below[0], "lower", low)]:
             if bool(bad.any()):
                 which = ", ".join(n for n, b in zip(names, bad.tolist(), strict=True) if b)
                 raise InferenceError(
-                    f"CLs at the {where} end of the bracket ({value:g}) does not bracket "
+                    f"CLs at the {where} end of the bracket ({end:g}) does not bracket "
                     f"CLs = {alpha:g} for the {which} limit; widen the bracket or the POI bounds"
                 )
         first = below.to(torch.int64).argmax(0)  # first grid point below alpha, per curve

@@ -306,17 +306,17 @@ def _read_group(
             )
     result = []
     for cols, weights in out:
-        exprs = cols[0].keys() if cols else ()
-        columns = {e: np.concatenate([c[e] for c in cols]) for e in exprs}
+        keys = cols[0].keys() if cols else ()
+        merged = {e: np.concatenate([c[e] for c in cols]) for e in keys}
         weight = np.concatenate(weights) if weights else np.zeros(0)
-        for expr, values in list(columns.items()) + [("Weight", weight)]:
+        for expr, values in list(merged.items()) + [("Weight", weight)]:
             bad = int(np.count_nonzero(~np.isfinite(values)))
             if bad:
                 raise DataError(
                     f"{_where(paths, tree)}: {expr!r} is not finite for {bad} selected event(s)"
                     f"{_noted(notes)}"
                 )
-        result.append((columns, weight))
+        result.append((merged, weight))
     cache.store(key, result)
     return result
 

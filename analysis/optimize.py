@@ -89,7 +89,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -559,6 +559,7 @@ def _optimize(
                     "bandwidth": bandwidth,
                     "cuts": pipeline.cut_values(),
                 }
+                failure: str | None
                 try:
                     model, data = pipeline.model(tau, bandwidth)
                     loss = objective_fn.loss(model, data)
@@ -619,7 +620,7 @@ def _optimize(
         except NUMERICAL_ERRORS as err:
             log.warning("relaxed evaluation of the final point failed: %s", err)
             relaxed = math.nan
-        final = {
+        final: dict[str, Any] = {
             "cuts": pipeline.cut_values(),
             "relaxed": _finite_or_none(relaxed),
             "hard": _evaluate_hard(pipeline, objective_fn)[0],
@@ -629,11 +630,12 @@ def _optimize(
             final["hard"], None if best is None else best["hard"], objective_fn.maximize
         ):
             best = dict(final)
+    # initial: set by the first step or read from the checkpoint
     if best is None:  # no finite hard value anywhere: report the initial point
-        best = dict(initial)
+        best = dict(cast(dict[str, Any], initial))
     result = OptimizationResult(
         objective=objective_fn.name,
-        initial=_as_point(initial),
+        initial=_as_point(cast(dict[str, Any], initial)),
         final=_as_point(final),
         best=_as_point(best),
         history=tuple(history),

@@ -96,6 +96,13 @@ class AnalysisPipeline(torch.nn.Module):
       tensor, :meth:`cut_values` as a ``cuts.json`` dictionary.
     """
 
+    # buffers (register_buffer), declared for the type checker
+    cut_low: torch.Tensor
+    cut_high: torch.Tensor
+    cut_trainable: torch.Tensor
+    cut_fixed_values: torch.Tensor
+    cut_spread: torch.Tensor
+
     def __init__(
         self,
         config: Config,
@@ -147,8 +154,8 @@ class AnalysisPipeline(torch.nn.Module):
                 )
             r = region_index[key[0]]
             observable = events[key].observable.to(dtype)
-            for region, other, members in groups:
-                if region == r and torch.equal(other, observable):
+            for group_region, other, members in groups:
+                if group_region == r and torch.equal(other, observable):
                     members.append(j)
                     break
             else:

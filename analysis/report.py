@@ -405,7 +405,7 @@ def analysis_report(results: str | os.PathLike[str], config_path: str | os.PathL
             ("optimization time [s]", optimization["seconds"]),
             ("device", optimization["device"]),
         ]
-    sections = [
+    candidates = [
         _results_section(per_set),
         _optimization_section(found, optimization),
         _cutflow_section(found, config),
@@ -420,7 +420,7 @@ def analysis_report(results: str | os.PathLike[str], config_path: str | os.PathL
             ],
         ),
     ]
-    sections = [section for section in sections if section is not None]
+    sections = [section for section in candidates if section is not None]
     if found.missing:
         summary.append(("not available", ", ".join(sorted(found.missing))))
     return build_report(
@@ -618,8 +618,8 @@ def _templates_section(found: _ResultFiles) -> Section | None:
     """Systematic templates at the optimized cuts (``plots/optimized/templates/``)."""
     paths = sorted((found.folder / "plots" / "optimized" / "templates").glob("templates_*.png"))
     names = [path.name for path in paths]
-    figures = [found.image(f"optimized/templates/{n}", n[len("templates_") : -4]) for n in names]
-    figures = [figure for figure in figures if figure is not None]
+    images = [found.image(f"optimized/templates/{n}", n[len("templates_") : -4]) for n in names]
+    figures = [figure for figure in images if figure is not None]
     if not figures:
         return None
     return Section(

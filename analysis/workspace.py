@@ -37,7 +37,7 @@ bin stays 0). The same function builds the relaxed pipeline's model, so at ``tau
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import pyhf
 import torch
@@ -92,8 +92,9 @@ def region_floors(
     ``YieldFloor`` times the totals of the region's nominal prediction templates, detached.
     Raises DataError when the region has no prediction left (nothing to scale a floor by)."""
     nominals = [histograms[(region.name, s.name, "nominal")] for s in config.samples_in(region)]
-    total_n = sum(h.yields.detach().abs().sum() for h in nominals)
-    total_s = sum(h.sumw2.detach().abs().sum() for h in nominals)
+    # sum() gives 0 (an int) only without nominals, which raises below
+    total_n = cast(torch.Tensor, sum(h.yields.detach().abs().sum() for h in nominals))
+    total_s = cast(torch.Tensor, sum(h.sumw2.detach().abs().sum() for h in nominals))
     if not total_n > 0:
         raise DataError(
             f"region '{region.name}': no predicted events left (total yield of the samples "
@@ -174,11 +175,15 @@ def _systematic_modifiers(
 ) -> list[dict[str, Any]]:
     name = syst.modifier_name
     if syst.type == "Normalization":
+        # the config loader requires both Normalization values for this type
         return [
             {
                 "name": name,
                 "type": "normsys",
-                "data": {"hi": 1 + syst.up.normalization, "lo": 1 + syst.down.normalization},
+                "data": {
+                    "hi": 1 + cast(float, syst.up.normalization),
+                    "lo": 1 + cast(float, syst.down.normalization),
+                },
             }
         ]
     total = nominal.yields.sum()

@@ -34,7 +34,7 @@ import copy
 import math
 import types
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -43,7 +43,7 @@ from analysis.likelihood import modifiers as modifier_registry
 from analysis.likelihood._tensors import as_tensor
 from analysis.likelihood.distributions import poisson_logpdf
 from analysis.likelihood.modifiers import Block, Layout, Modifier
-from analysis.likelihood.modifiers.base import SlotTable, gather_product, with_ones
+from analysis.likelihood.modifiers.base import Factor, SlotTable, gather_product, with_ones
 from analysis.likelihood.parameters import ParamSet, merge
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -223,7 +223,7 @@ class Model:
         their per-bin parameters (staterror, shapesys, shapefactor), rows of
         ``[x; block products; 1]``.
         """
-        self._unit_factors = []  # multiplicative types with their own unit values
+        self._unit_factors: list[Factor] = []  # multiplicative types with their own unit values
         block_table = SlotTable(len(blocks))
         cell_table = SlotTable(layout.ncells)
         offset = self.npars
@@ -231,6 +231,7 @@ class Model:
         for mod in self._modifiers:
             if mod.op != "multiply":
                 continue
+            mod = cast(Factor, mod)  # the multiplicative types are Factors
             shift = 0 if mod.on_pars else offset
             if not mod.on_pars:
                 self._unit_factors.append(mod)
@@ -271,15 +272,16 @@ class Model:
             par_index = list(range(first, first + ps.n))
             positions = list(range(position, position + ps.n))
             position += ps.n
-            aux.append(ps.auxdata)
+            # constrained sets have auxdata, normal ones sigmas, Poisson ones factors
+            aux.append(cast(torch.Tensor, ps.auxdata))
             aux_par += par_index
             if ps.constraint == "normal":
                 gauss_pos += positions
-                gauss_sigma.append(ps.sigmas)
+                gauss_sigma.append(cast(torch.Tensor, ps.sigmas))
                 aux_scale.append(torch.ones(ps.n, dtype=dt, device=dev))
             else:
                 pois_pos += positions
-                aux_scale.append(ps.factors)
+                aux_scale.append(cast(torch.Tensor, ps.factors))
 
         def index(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=dev)
@@ -340,9 +342,9 @@ class Model:
         parts = []
         for ps in self._param_sets:
             if ps.constraint == "normal":
-                width = ps.sigmas
+                width = cast(torch.Tensor, ps.sigmas)
             elif ps.constraint == "poisson":
-                width = torch.sqrt(1.0 / ps.factors)
+                width = torch.sqrt(1.0 / cast(torch.Tensor, ps.factors))
             else:
                 width = torch.zeros(ps.n, dtype=self.dtype, device=self.device)
             fixed = torch.tensor(ps.fixed, dtype=torch.bool, device=self.device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -168,8 +168,8 @@ def merge(
         n=req.n,
         is_scalar=req.is_scalar,
         constraint=req.constraint,
-        inits=tensor("inits"),
-        bounds=bounds,
+        inits=cast(torch.Tensor, tensor("inits")),  # needed: checked above
+        bounds=cast(torch.Tensor, bounds),
         fixed=fixed,
         auxdata=tensor("auxdata") if req.constraint else None,
         sigmas=sigmas,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Sequence
+from typing import IO, Any
 
 from matplotlib.figure import Figure
 
@@ -44,5 +45,9 @@ def save_figure(
             fmt = fmt.lower().lstrip(".")
             targets.append((path.with_name(f"{path.name}.{fmt}"), fmt))
     for target, fmt in targets:
-        write_atomically(target, lambda handle, f=fmt: figure.savefig(handle, format=f, dpi=dpi))
+
+        def write(handle: IO[Any], f: str = fmt) -> None:
+            figure.savefig(handle, format=f, dpi=dpi)
+
+        write_atomically(target, write)
     return [target for target, _ in targets]
