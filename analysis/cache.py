@@ -130,7 +130,7 @@ class ColumnCache:
             "requests": [[f, w, list(exprs)] for f, w, exprs in listed],
         }
         return CacheKey(
-            payload=json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            payload=json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False),
             expressions=tuple(exprs for _, _, exprs in listed),
         )
 

@@ -635,16 +635,7 @@ def _global_fit(
     from analysis import inference
 
     def migrad(start: torch.Tensor) -> Any:
-        return fitting.fit(
-            lambda p: model.twice_nll(p, data),
-            start,
-            bounds=model.suggested_bounds(),
-            fixed=fixed,
-            labels=model.par_names,
-            minos=minos,
-            poi=model.poi_name,
-            method="minuit",
-        )
+        return fitting.fit_model(model, data, init=start, fixed=fixed, minos=minos)
 
     result = migrad(init)
     newton, newton_nll = inference.free_fit(model, data, init=init, fixed=fixed)

@@ -177,6 +177,11 @@ def _cartesian(function: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _concatenate(arrays: Any, axis: Any = 0) -> Any:
+    _too_many(float(sum(getattr(a, "nbytes", 8) // 8 for a in arrays)), "ak.concatenate")
+    return ak.concatenate(arrays, axis=axis)
+
+
 _REDUCE_NP = frozenset({"axis", "keepdims"})
 _REDUCE_AK = frozenset({"axis", "keepdims", "mask_identity"})
 _AXIS = frozenset({"axis"})
@@ -189,6 +194,7 @@ hypot maximum minimum fmax fmin power mod fmod remainder copysign logical_and lo
 logical_xor heaviside""".split()
 
 _AK_REDUCERS = "count count_nonzero sum prod mean std var min max any all argmin argmax".split()
+_NP_REDUCERS = "sum prod mean std var min max amin amax any all count_nonzero argmin argmax".split()
 
 
 class Function(NamedTuple):
@@ -199,11 +205,6 @@ class Function(NamedTuple):
     call: Callable[..., Any]
     positional: int
     keywords: frozenset[str]
-
-
-def _concatenate(arrays: Any, axis: Any = 0) -> Any:
-    _too_many(float(sum(getattr(a, "nbytes", 8) // 8 for a in arrays)), "ak.concatenate")
-    return ak.concatenate(arrays, axis=axis)
 
 
 #: the functions whose first argument is a list or dict of arrays (or a dict for a zip)
@@ -217,9 +218,7 @@ def _function_table() -> dict[str, Function]:
     for name in _UFUNCS:
         ufunc = getattr(np, name)
         table[f"np.{name}"] = Function(ufunc, ufunc.nin, _NONE)
-    for name in "sum prod mean std var min max amin amax any all count_nonzero".split():
-        table[f"np.{name}"] = Function(getattr(np, name), 2, _REDUCE_NP)
-    for name in ("argmin", "argmax"):
+    for name in _NP_REDUCERS:
         table[f"np.{name}"] = Function(getattr(np, name), 2, _REDUCE_NP)
     table["np.where"] = Function(np.where, 3, _NONE)
     table["np.clip"] = Function(np.clip, 3, frozenset({"a_min", "a_max", "min", "max"}))

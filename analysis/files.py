@@ -40,9 +40,7 @@ def write_atomically(
     path = pathlib.Path(path)
     tmp: str | None = None
     try:
-        if path.parent.exists() and not path.parent.is_dir():  # mkdir would say "File exists"
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             if isinstance(content, str):
@@ -64,6 +62,14 @@ def write_atomically(
     return path
 
 
+def _make_folder(folder: pathlib.Path) -> None:
+    """``folder.mkdir(parents=True, exist_ok=True)``, but a regular file in its place is
+    ENOTDIR ("Not a directory"), not mkdir's misleading "File exists"."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def check_writable(path: str | os.PathLike[str]) -> None:
     """Raise :class:`~analysis.errors.OutputError` unless a file can be written at ``path``:
     its folder is created if missing, then a temporary file named as
@@ -73,9 +79,7 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     path = pathlib.Path(path)
     folder = path.parent
     try:
-        if folder.exists() and not folder.is_dir():  # mkdir would say "File exists"
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
-        folder.mkdir(parents=True, exist_ok=True)
+        _make_folder(folder)
     except OSError as err:
         raise OutputError.from_os_error(folder, err, "cannot create the folder") from err
     tmp: str | None = None

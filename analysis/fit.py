@@ -765,7 +765,7 @@ def _newton_result(
     cov = _covariance(result.hessian, ~fixed & ~at_bound, labels)
     cov = torch.where(at_bound.unsqueeze(0) | at_bound.unsqueeze(1), math.nan, cov)
     cov.diagonal()[fixed] = 0.0
-    uncertainty = cov.diagonal().clamp_min(0.0).where(~cov.diagonal().isnan(), math.nan).sqrt()
+    uncertainty = cov.diagonal().clamp_min(0.0).sqrt()  # NaN (no error) stays NaN
 
     def interval(index: int, name: str) -> tuple[float, float]:
         return _profile_interval(
@@ -876,8 +876,10 @@ def fit_model(
     """:func:`fit` of a likelihood model to ``data``, with the model's suggested settings.
 
     Uses only ``model.twice_nll(pars, data)``, ``model.suggested_init()``,
-    ``model.suggested_bounds()``, ``model.suggested_fixed()`` and ``model.par_names``;
-    ``init``, ``bounds`` and ``fixed`` override the suggestions. ``options`` go to :func:`fit`.
+    ``model.suggested_bounds()``, ``model.suggested_fixed()``, ``model.par_names`` and, when
+    the model has one, ``model.poi_name`` (the ``poi`` of :func:`fit`: its uncertainty on a
+    bound is one-sided from the profile); ``init``, ``bounds`` and ``fixed`` override the
+    suggestions. ``options`` go to :func:`fit`.
     """
     init = model.suggested_init() if init is None else init
     bounds = model.suggested_bounds() if bounds is None else bounds
@@ -890,7 +892,7 @@ def fit_model(
         labels=tuple(model.par_names),
         minos=minos,
         method=method,
-        **options,
+        **{"poi": getattr(model, "poi_name", None), **options},
     )
 
 

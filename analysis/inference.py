@@ -671,9 +671,9 @@ def significance(model, data, *, init=None, bounds=None, fixed=None) -> Signific
 
     ``Z = sqrt(q0)`` on the data and ``Z_A = sqrt(q0_A)`` on the Asimov data with mu = 1
     (Cowan, Cranmer, Gross, Vitells, Eur. Phys. J. C 71 (2011) 1554, eqs. 53 and 57), and
-    ``p = Phi(-Z)`` from ``ndtr``: Z stays finite and exact however large it is (a p-value below
-    1e-308 is reported as 0, the significance still as sqrt(q0)); inverting a p-value that has
-    rounded to 0 would give an infinite Z.
+    ``p = Phi(-Z)`` (:func:`normal_cdf`): Z stays finite and exact however large it is (a
+    p-value below 1e-308 is reported as 0, the significance still as sqrt(q0)); inverting a
+    p-value that has rounded to 0 would give an infinite Z.
     """
     result = hypotest(model, data, 0.0, "q0", init=init, bounds=bounds, fixed=fixed)
     z_obs = torch.sqrt(result.teststat.clamp_min(0.0))

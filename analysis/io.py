@@ -128,6 +128,7 @@ def read_events(
         groups.setdefault((template.paths, template.tree), []).append(template)
 
     result: dict[TemplateKey, Events] = {}
+    fields = analysis_fields(config)  # record fields, from every expression of the analysis
     cache = ColumnCache(cache_dir)  # one per call: file digests, one warning on a failed write
     bar = progress_bar(len(groups), "reading", enabled=progress, unit="tree")
     try:
@@ -138,7 +139,9 @@ def read_events(
                     _Request(t.filter, t.weight, template_expressions(t)) for t in members
                 )
             )
-            arrays = _read_group(config, paths, tree, requests, members[0], cache, step_size)
+            arrays = _read_group(
+                config, fields, paths, tree, requests, members[0], cache, step_size
+            )
             for template in members:
                 request = _Request(template.filter, template.weight, template_expressions(template))
                 columns, weight = arrays[requests.index(request)]
@@ -196,6 +199,7 @@ def _where(paths: tuple[pathlib.Path, ...], tree: str) -> str:
 # ----------------------------------------------------------------------------- reading
 def _read_group(
     config: Config,
+    fields: frozenset[str],
     paths: tuple[pathlib.Path, ...],
     tree: str,
     requests: list[_Request],
@@ -211,7 +215,6 @@ def _read_group(
                 f"InputPath '{config.general.input_path}')"
             )
     # parse everything first: a bad expression fails before any file is opened
-    fields = analysis_fields(config)
     sample = example.sample.name
     parsed: list[tuple[Expression | None, Expression | None, list[Expression]]] = []
     names: set[str] = set()
@@ -250,7 +253,7 @@ def _read_group(
         for name in sorted(names - branches):
             raise MissingObjectError(
                 f"{path}:{tree}: no branch '{name}'{_suggest(name, branches)} "
-                f"(used by {_user_of(name, config, requests)})"
+                f"(used by {_user_of(name, config, fields, requests)})"
             )
         try:
             chunks = ttree.iterate(filter_name=sorted(names), step_size=step_size, library="ak")
@@ -347,9 +350,8 @@ def _suggest(name: str, candidates: Iterable[str]) -> str:
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
-def _user_of(name: str, config: Config, requests: list[_Request]) -> str:
+def _user_of(name: str, config: Config, fields: frozenset[str], requests: list[_Request]) -> str:
     """Which expression uses ``name``, for the missing-branch message."""
-    fields = analysis_fields(config)
     for definition in config.definitions:
         if name in parse(definition.expression, definition.name, fields).names:
             return f"Definition '{definition.name}'"

@@ -288,7 +288,7 @@ def claim_output_folder(out_dir: str | os.PathLike[str]) -> Iterator[pathlib.Pat
         }
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+            os.pwrite(fd, json_text(holder, indent=None).encode("utf-8"), 0)
             for name in (RESULT, CUTS, CHECKPOINT):  # left by a killed write_atomically
                 for stale in out.glob(f".{name}.*.tmp"):
                     _remove(stale)

@@ -446,14 +446,7 @@ def test_poi_on_its_bound_gives_pyhf_statistics_and_a_profile_uncertainty():
     ws = Workspace.load(spec)
     model = ws.model()
     data = ws.data(model)
-    result = fitting.fit(
-        lambda p: model.twice_nll(p, data),
-        model.suggested_init(),
-        bounds=model.suggested_bounds(),
-        fixed=model.suggested_fixed(),
-        labels=model.par_names,
-        poi="mu",
-    )
+    result = fitting.fit_model(model, data)  # the model's POI, mu
     assert result.at_bound == (True, False, False, False, False) and float(result.bestfit[0]) == 0
 
     pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-6))

@@ -282,7 +282,7 @@ def _content_digest(plain: Any) -> str | None:
     """SHA-256 of the canonical JSON text (sorted keys, no spaces) of ``plain``; ``None`` when
     it is not JSON (then it is validated every time, and the schema names the problem)."""
     try:
-        text = json.dumps(plain, sort_keys=True, separators=(",", ":"))
+        text = json.dumps(plain, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError):
         return None
     return hashlib.sha256(text.encode()).hexdigest()
