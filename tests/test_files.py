@@ -166,3 +166,28 @@ def test_cli_generate_into_read_only_folder(tmp_path):
         folder.chmod(0o755)
     assert "Permission denied" in one_error_line(run)
     assert list(folder.iterdir()) == []
+
+
+def test_json_text_is_strict_and_says_what_was_not_finite():
+    """NaN and infinities become null with a "<key>_reason"; the text parses as strict JSON
+    (Python's reader would otherwise accept NaN and Infinity tokens)."""
+    import json
+    import math
+
+    from analysis.files import json_text
+
+    def refuse(token):
+        raise ValueError(token)
+
+    text = json_text(
+        {"z": math.inf, "band": [1.0, math.nan, -math.inf], "inner": {"p": 0.5}, "n": 3}
+    )
+    out = json.loads(text, parse_constant=refuse)
+    assert out == {
+        "z": None,
+        "z_reason": "not finite (+inf)",
+        "band": [1.0, None, None],
+        "band_reason": "not finite at [1] nan, [2] -inf",
+        "inner": {"p": 0.5},
+        "n": 3,
+    }

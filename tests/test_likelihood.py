@@ -1002,3 +1002,19 @@ def test_xml_fits_like_pyhf(name):
     assert float(newton.twice_nll) <= float(twice_nll_init) + 1e-8
     np.testing.assert_array_less(np.abs(newton.bestfit.numpy() - from_ours), 1e-5 * sigma + 1e-12)
     assert float(newton.twice_nll) == pytest.approx(float(twice_nll_ours), abs=1e-8)
+
+
+def test_poisson_term_at_zero_count_has_plain_derivatives():
+    """n = 0: the term is -lambda, with derivative -1 also at lambda = 0 (a signal-only bin
+    fitted at mu = 0; xlogy's gradient there is NaN); values equal scipy's Poisson log-pmf."""
+    import scipy.stats
+
+    from analysis.likelihood.distributions import poisson_logpdf
+
+    n = torch.tensor([0.0, 0.0, 3.0, 7.0], dtype=torch.float64)
+    lam = torch.tensor([0.0, 2.5, 1.5, 7.0], dtype=torch.float64, requires_grad=True)
+    value = poisson_logpdf(n, lam)
+    expected = scipy.stats.poisson.logpmf(n.numpy(), lam.detach().numpy())
+    np.testing.assert_allclose(value.detach().numpy(), expected, rtol=1e-14)
+    (grad,) = torch.autograd.grad(value.sum(), lam)
+    np.testing.assert_allclose(grad.numpy(), [-1.0, -1.0, 3.0 / 1.5 - 1.0, 0.0], rtol=1e-14)
