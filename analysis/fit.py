@@ -884,8 +884,10 @@ def fit_model(
     init = model.suggested_init() if init is None else init
     bounds = model.suggested_bounds() if bounds is None else bounds
     fixed = model.suggested_fixed() if fixed is None else fixed
+    from analysis.likelihood.model import TwiceNLL
+
     return fit(
-        lambda pars: model.twice_nll(pars, data),
+        TwiceNLL(model, data),
         init,
         bounds=bounds,
         fixed=fixed,

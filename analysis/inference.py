@@ -40,6 +40,7 @@ import torch
 
 from analysis.errors import AnalysisError, ConfigError
 from analysis.fit import newton_minimize, value_grad_hessian, with_implicit_gradient
+from analysis.likelihood.model import TwiceNLL
 from analysis.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -283,16 +284,6 @@ GRID_POINTS = 21
 KINK_STARTS = (0.5, -0.5)
 
 
-class _Objective:
-    """Twice the NLL of ``model`` for ``data``, as a batched objective of the parameters."""
-
-    def __init__(self, model, data) -> None:
-        self.model, self.data = model, data
-
-    def __call__(self, pars: torch.Tensor) -> torch.Tensor:
-        return self.model.twice_nll(pars, self.data)
-
-
 def minimize(model, data, start, *, bounds, fixed, what: str = "fit"):
     """Batched Newton fits of ``model`` to ``data`` from ``start`` (..., P).
 
@@ -308,7 +299,7 @@ def minimize(model, data, start, *, bounds, fixed, what: str = "fit"):
     from: the parameters by the implicit function theorem
     (:func:`~analysis.fit.with_implicit_gradient`), the minimum value by the envelope theorem.
     """
-    objective = _Objective(model, data)
+    objective = TwiceNLL(model, data)
     x, fun = _best_minimum(model, objective, start, bounds, fixed, what)
     if not torch.is_grad_enabled():
         return x, fun
@@ -341,7 +332,7 @@ def _newton(model, data, start, bounds, fixed):
     the ones that have not converged, on their own slice of the data (a few stragglers would
     otherwise keep the whole batch iterating)."""
     result = newton_minimize(
-        lambda p: model.twice_nll(p, data),
+        TwiceNLL(model, data),
         start,
         bounds=bounds,
         fixed=fixed,
@@ -351,7 +342,7 @@ def _newton(model, data, start, bounds, fixed):
     if bool(converged.all()) or start.dim() == 1:
         if not bool(converged.all()):  # a single fit: just keep going
             more = newton_minimize(
-                lambda p: model.twice_nll(p, data), x, bounds=bounds, fixed=fixed
+                TwiceNLL(model, data), x, bounds=bounds, fixed=fixed
             )
             return more.x, more.fun, more.converged
         return x, fun, converged
@@ -359,7 +350,7 @@ def _newton(model, data, start, bounds, fixed):
     todo, batch = ~converged, start.shape[:-1]
     rest = data.expand(*batch, data.shape[-1])[todo]
     more = newton_minimize(
-        lambda p: model.twice_nll(p, rest),
+        TwiceNLL(model, rest),
         x[todo],
         bounds=bounds.expand(*batch, *bounds.shape[-2:])[todo],
         fixed=fixed.expand(*batch, fixed.shape[-1])[todo],
@@ -793,7 +784,7 @@ def poi_uncertainty(model, data, *, init=None, bounds=None, fixed=None) -> torch
     init, bounds, fixed = _settings(model, init, bounds, fixed)
     x, _ = free_fit(model, data, init=init, bounds=bounds, fixed=fixed)
     _, _, hessian = value_grad_hessian(
-        lambda p: model.twice_nll(p, data), x, create_graph=torch.is_grad_enabled()
+        TwiceNLL(model, data), x, create_graph=torch.is_grad_enabled()
     )
     scale = 1e-10 * torch.clamp(x.detach().abs(), min=1.0)
     on_bound = ((x.detach() - bounds[:, 0]).abs() <= scale) | (
@@ -835,7 +826,7 @@ def scan(
     init, bounds, fixed = _settings(model, init, bounds, fixed)
     data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
     best = single_fit(
-        lambda p: model.twice_nll(p, data),
+        TwiceNLL(model, data),
         init,
         bounds=bounds,
         fixed=fixed,

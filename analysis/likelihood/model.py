@@ -594,6 +594,17 @@ class Model:
         )
 
 
+class TwiceNLL:
+    """:math:`-2\\log L` of ``model`` for fixed ``data``: a batched objective of the parameters
+    (``pars`` ``(..., P)`` -> ``(...)``), what :mod:`analysis.fit` minimises."""
+
+    def __init__(self, model: Model, data: Any) -> None:
+        self.model, self.data = model, data
+
+    def __call__(self, pars: torch.Tensor) -> torch.Tensor:
+        return self.model.twice_nll(pars, self.data)
+
+
 def _check_settings(settings: Any, source: str) -> dict[str, dict[str, Any]]:
     if not isinstance(settings, Mapping):
         raise ConfigError(f"{source}: modifier_settings must be a mapping, got {settings!r}")
