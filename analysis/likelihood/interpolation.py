@@ -152,3 +152,69 @@ def code4_factor(
     for c in coefficients[-2::-1]:
         poly = torch.addcmul(c, alpha, poly)
     return torch.where(inside, poly, outer)
+
+
+# --------------------------------------------------------------------------------------------
+# First and second derivatives in alpha (exact Hessians, analysis.likelihood.derivatives)
+# --------------------------------------------------------------------------------------------
+# Each returns (d/dalpha, d^2/dalpha^2) of the function above, elementwise, with the same
+# branch at the kinks as autograd of that function (the side its torch.where picks).
+
+
+def code0_weight_derivatives(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Derivatives of :func:`code0_weights`: ``(2, *alpha.shape)`` each."""
+    first = torch.stack([alpha > 0, alpha <= 0]).to(alpha.dtype)
+    return first, torch.zeros_like(first)
+
+
+def code4p_weight_derivatives(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Derivatives of :func:`code4p_weights`: inside, :math:`w^\pm{}' = 1/2 \pm t'/16`,
+    :math:`w^\pm{}'' = \pm t''/16` with :math:`t' = 30\alpha - 40\alpha^3 + 18\alpha^5`,
+    :math:`t'' = 30 - 120\alpha^2 + 90\alpha^4`; outside, 1 on the linear piece's side."""
+    signs = torch.tensor([1.0, -1.0], dtype=alpha.dtype, device=alpha.device)
+    signs = signs.reshape((2,) + (1,) * alpha.ndim)
+    a2 = alpha * alpha
+    t1 = alpha * (30.0 + a2 * (-40.0 + 18.0 * a2))
+    t2 = 30.0 + a2 * (-120.0 + 90.0 * a2)
+    inside = alpha.abs() <= 1.0
+    first = torch.where(inside, 0.5 + signs * t1 / 16.0, (signs * alpha > 1.0).to(alpha.dtype))
+    second = torch.where(inside, signs * t2 / 16.0, 0.0)
+    return first, second
+
+
+def code1_factor_derivatives(
+    alpha: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, factor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Derivatives of :func:`code1_factor` (``factor`` its value): :math:`\ln\kappa^+ f`,
+    :math:`(\ln\kappa^+)^2 f` for :math:`\alpha > 0`, :math:`-\ln\kappa^- f`,
+    :math:`(\ln\kappa^-)^2 f` otherwise."""
+    positive = alpha > 0
+    log_base = torch.log(torch.where(positive, hi, lo))
+    slope = torch.where(positive, log_base, -log_base)
+    return slope * factor, log_base * log_base * factor
+
+
+def code4_factor_derivatives(
+    alpha: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    coefficients: Sequence[torch.Tensor],
+    factor: torch.Tensor,
+    alpha0: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Derivatives of :func:`code4_factor` (``factor`` its value): those of the polynomial
+    inside :math:`|\\alpha| < \\alpha_0`, of the exponentials outside."""
+    inside = alpha.abs() < alpha0
+    upper = alpha >= alpha0
+    log_base = torch.log(torch.where(upper, hi, lo))
+    outer1 = torch.where(upper, log_base, -log_base) * factor
+    outer2 = log_base * log_base * factor
+    # Horner for p' = sum i a_i alpha^(i-1) and p'' = sum i (i-1) a_i alpha^(i-2)
+    degree = len(coefficients) - 1
+    poly1 = degree * coefficients[degree]
+    for i in range(degree - 1, 0, -1):
+        poly1 = torch.addcmul(i * coefficients[i], alpha, poly1)
+    poly2 = degree * (degree - 1) * coefficients[degree]
+    for i in range(degree - 1, 1, -1):
+        poly2 = torch.addcmul(i * (i - 1) * coefficients[i], alpha, poly2)
+    return torch.where(inside, poly1, outer1), torch.where(inside, poly2, outer2)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
@@ -142,6 +142,9 @@ class Model:
         self._nominal_column = torch.cat([b.nominal for b in blocks])[:, None]
         self._cell_bin = torch.cat(
             [torch.arange(b.bins.start, b.bins.stop, device=self.device) for b in blocks]
+        )
+        self._cell_block = torch.cat(
+            [torch.full((b.nbins,), b.index, device=self.device) for b in blocks]
         )
         sample_of = {s: i for i, s in enumerate(self.samples)}
         self._cell_sample = torch.cat(
@@ -546,16 +549,24 @@ class Model:
         return self._constraint(expected, aux)
 
     def _constraint(self, expected: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-        r"""Constraint log-density for expected aux data ``(..., A)`` and aux data ``(..., A)``.
+        """Constraint log-density for expected aux data ``(..., A)`` and aux data ``(..., A)``:
+        the sum of :meth:`_constraint_terms` and the Gaussian normalisation."""
+        if not self.naux:  # no constrained parameters
+            batch = torch.broadcast_shapes(expected.shape[:-1], aux.shape[:-1])
+            return expected.new_zeros(batch)
+        return self._constraint_terms(expected, aux).sum(-1) + self._gauss_log_norm
 
-        Gaussian entries: :math:`-\tfrac12 ((a - \theta)/\sigma)^2 - \log(\sigma\sqrt{2\pi})`
-        (pyhf's ``normal_logpdf``, normalisation kept; the constants are summed at build time and
+    def _constraint_terms(self, expected: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        r"""Log-density of each constraint term, ``(..., A)``, without the Gaussian constants.
+
+        Gaussian entries: :math:`-\tfrac12 ((a - \theta)/\sigma)^2` (pyhf's ``normal_logpdf``;
+        the constants :math:`-\log(\sigma\sqrt{2\pi})` are summed at build time and
         :math:`1/\sigma = 0` on Poisson entries). Poisson entries: :func:`poisson_logpdf`.
         """
-        total = None
+        terms = expected.new_zeros(torch.broadcast_shapes(expected.shape, aux.shape))
         if self._has_gauss:
             z = (aux - expected) * self._inv_sigma
-            total = (z * z).sum(-1) * -0.5 + self._gauss_log_norm
+            terms = (z * z) * -0.5
         if self._has_poisson:
             if self._all_poisson:
                 terms = poisson_logpdf(aux, expected)
@@ -563,12 +574,8 @@ class Model:
                 mask = self._pois_mask
                 n = torch.where(mask, aux, 1.0)
                 lam = torch.where(mask, expected, 1.0)
-                terms = torch.where(mask, poisson_logpdf(n, lam), 0.0)
-            total = terms.sum(-1) if total is None else total + terms.sum(-1)
-        if total is None:  # no constrained parameters
-            batch = torch.broadcast_shapes(expected.shape[:-1], aux.shape[:-1])
-            total = expected.new_zeros(batch)
-        return total
+                terms = torch.where(mask, poisson_logpdf(n, lam), terms)
+        return terms
 
     def logpdf(self, pars: Any, data: Any) -> torch.Tensor:
         """Full log-likelihood (pyhf's ``model.logpdf``), shape: broadcast of the batch dims."""
@@ -603,6 +610,20 @@ class TwiceNLL:
 
     def __call__(self, pars: torch.Tensor) -> torch.Tensor:
         return self.model.twice_nll(pars, self.data)
+
+    @property
+    def value_grad_hessian(
+        self,
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+        """``pars -> (value, gradient, Hessian)``, exact and detached, from the model's
+        structure (:mod:`analysis.likelihood.derivatives`); ``None`` for a duck-typed model that
+        only has ``twice_nll`` (then :func:`analysis.fit.value_grad_hessian` uses autograd)."""
+        if not isinstance(self.model, Model):
+            return None
+        from analysis.likelihood.derivatives import twice_nll_derivatives
+
+        model, data = self.model, self.data
+        return lambda pars: twice_nll_derivatives(model, pars, data)
 
 
 def _check_settings(settings: Any, source: str) -> dict[str, dict[str, Any]]:

@@ -195,7 +195,8 @@ class Factor(Modifier):
     block, or a single ``int`` for all of them when ``per_block`` (the factor is constant over
     a block: normfactor, lumi, normsys); ``values(x)`` gives the units' factors,
     ``(n_units, batch)``. When ``on_pars`` is true the units are the parameters themselves
-    (``values(x)`` is ``x``).
+    (``values(x)`` is ``x``); otherwise unit ``u`` is a function of one parameter,
+    ``unit_parameters[u]``, through :meth:`factor` (what exact derivatives need).
     """
 
     op = "multiply"
@@ -206,9 +207,23 @@ class Factor(Modifier):
         super().__init__(layout, interpcode)
         self.entries: list[tuple[Block, Any]] = []
         self.n_units = 0
+        self.unit_parameters = torch.zeros(0, dtype=torch.long, device=layout.device)
         self._slots: torch.Tensor | None = None
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
+        """The units' factors ``f_u(x[unit_parameters[u]])``, ``(n_units, batch)``."""
+        return self.factor(x.index_select(0, self.unit_parameters))
+
+    def factor(self, alpha: torch.Tensor) -> torch.Tensor:
+        """Elementwise factor of each unit from its parameter's values ``alpha``
+        (``(n_units, batch)``); types with ``on_pars`` have none (the factor is the parameter)."""
+        raise NotImplementedError
+
+    def factor_derivatives(
+        self, alpha: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`factor` and its first and second derivatives in ``alpha``, detached (for
+        exact Hessians, :mod:`analysis.likelihood.derivatives`)."""
         raise NotImplementedError
 
     def cell_units(self, block: Block, units: Any) -> list[int]:

@@ -52,7 +52,7 @@ class HistoSys(Modifier):
     def finalize(self, par_slices: Mapping[str, slice], npars: int) -> None:
         device = self.layout.device
         rows_of = {name: row for row, name in enumerate(self._names)}
-        self._par_index = torch.tensor(
+        self.parameters = torch.tensor(
             [par_slices[name].start for name in self._names], dtype=torch.long, device=device
         )
         rows, cols, ups, dns = [], [], [], []
@@ -67,13 +67,15 @@ class HistoSys(Modifier):
         zeros = torch.zeros(shape, dtype=self.layout.dtype, device=device)
         delta_up = zeros.index_put(index, torch.cat(ups))
         delta_dn = zeros.index_put(index, torch.cat(dns))
-        self._deltas = torch.cat([delta_up, delta_dn]).T.contiguous()  # (n_cells, 2 M)
-        self._weights = (
-            interpolation.code4p_weights
-            if self.interpcode == "code4p"
-            else interpolation.code0_weights
+        self.deltas = torch.cat([delta_up, delta_dn]).T.contiguous()  # (n_cells, 2 M)
+        code4p = self.interpcode == "code4p"
+        self.weights = interpolation.code4p_weights if code4p else interpolation.code0_weights
+        self.weight_derivatives = (
+            interpolation.code4p_weight_derivatives
+            if code4p
+            else interpolation.code0_weight_derivatives
         )
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = x.index_select(0, self._par_index)
-        return self._deltas @ self._weights(alpha).reshape(-1, alpha.shape[1])
+        alpha = x.index_select(0, self.parameters)
+        return self.deltas @ self.weights(alpha).reshape(-1, alpha.shape[1])

@@ -49,7 +49,7 @@ class NormSys(Factor):
         # one unit per (name, block): its factor is the same for all the block's bins
         self.n_units = len(self._uses)
         self.entries = [(block, unit) for unit, (_, block, _, _) in enumerate(self._uses)]
-        self._par_index = torch.tensor(
+        self.unit_parameters = torch.tensor(
             [par_slices[name].start for name, _, _, _ in self._uses],
             dtype=torch.long,
             device=self.layout.device,
@@ -61,8 +61,19 @@ class NormSys(Factor):
             coefficients = interpolation.code4_coefficients(lo, hi)
             self._coefficients = [torch.ones_like(self._lo)] + [c[:, None] for c in coefficients]
 
-    def values(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = x.index_select(0, self._par_index)
+    def factor(self, alpha: torch.Tensor) -> torch.Tensor:
         if self.interpcode == "code4":
             return interpolation.code4_factor(alpha, self._lo, self._hi, self._coefficients)
         return interpolation.code1_factor(alpha, self._lo, self._hi)
+
+    def factor_derivatives(
+        self, alpha: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`factor` and its first and second derivatives in ``alpha``, detached."""
+        lo, hi = self._lo.detach(), self._hi.detach()
+        if self.interpcode == "code4":
+            coefficients = [c.detach() for c in self._coefficients]
+            f = interpolation.code4_factor(alpha, lo, hi, coefficients)
+            return f, *interpolation.code4_factor_derivatives(alpha, lo, hi, coefficients, f)
+        f = interpolation.code1_factor(alpha, lo, hi)
+        return f, *interpolation.code1_factor_derivatives(alpha, lo, hi, f)

@@ -1,0 +1,355 @@
+r"""Exact gradient and Hessian of :math:`-2\log L` from the HistFactory structure (no autograd).
+
+Autograd gives the Hessian of a P-parameter likelihood as P backward passes through the whole
+model (219 parameters of a published ATLAS likelihood: about 1.5 s). The model's structure
+gives it in a few vectorised passes instead (a few ms). With cells ``c`` (one per channel,
+sample and bin), main bins ``b`` and
+
+.. math::
+
+    r_c = A_c\,M_c, \qquad A_c = \nu^0_c + \sum_m \delta_{cm}(\alpha_m), \qquad
+    M_c = Q_{\beta(c)}\,R_c, \qquad \lambda_b = \sum_{c \in b} r_c,
+
+where :math:`Q_\beta = \prod_k f_k(\theta_{p_k})` is the product of the factors that are
+constant over the cell's block :math:`\beta(c)` (normfactor, lumi, normsys) and
+:math:`R_c = \prod_j \theta_{q_j}` that of the per-bin parameters (staterror, shapesys,
+shapefactor), the objective :math:`F = \sum_b g_b(\lambda_b) + \sum_a h_a(\theta_{p_a})`
+(:math:`g_b = -2 \log \mathrm{Pois}(n_b|\lambda_b)`, :math:`h_a` the constraint terms, each of
+one parameter) has
+
+.. math::
+
+    \nabla F = \sum_b g'_b\,\nabla\lambda_b + \sum_a h'_a e_{p_a}, \qquad
+    \nabla^2 F = J^T \mathrm{diag}(g'') J
+        + \sum_c w_c \big(M_c \nabla^2 A_c + \nabla A_c \nabla M_c^T + \nabla M_c \nabla A_c^T
+        + A_c \nabla^2 M_c\big) + \sum_a h''_a e_{p_a} e_{p_a}^T,
+
+with :math:`J = \partial\lambda/\partial\theta` and :math:`w_c = g'_{b(c)}` (the first term
+alone is the Gauss-Newton / Fisher-scoring matrix; the second is what makes it exact away from
+:math:`n = \lambda`). :math:`\nabla^2 A_c` is diagonal (each histosys term has one parameter),
+and the product rule gives
+
+.. math::
+
+    \nabla^2 M_c = R_c \nabla^2 Q + Q \nabla^2 R_c + \nabla Q \nabla R_c^T + \nabla R_c \nabla Q^T,
+    \qquad
+    \partial_{p_k}\partial_{p_l} Q = f'_k f'_l \prod_{m \ne k, l} f_m \;(k \ne l), \quad
+    \partial^2_{p_k} Q \ni f''_k \prod_{m \ne k} f_m ,
+
+with the "all but one" and "all but two" products taken from prefix, suffix and in-between
+cumulative products, exact when a factor is 0 (a normfactor at its bound). Sums over factor
+pairs are scattered into the ``(P, P)`` matrix, so a parameter that acts twice on a cell (a
+name that is both histosys and normsys) gets every term. The elementwise derivatives
+:math:`f', f''` of the interpolation codes, :math:`g', g''` and :math:`h', h''` are taken by
+autograd of the model's own elementwise functions (one cheap pass each), so they match
+:meth:`Model.twice_nll` to rounding, kinks included (the branch conventions of
+:mod:`analysis.likelihood.interpolation`).
+
+The results are detached (no graph to the model's inputs): the fits' Newton steps and
+covariances. Differentiable Hessians (gradients through fits) keep using autograd
+(:func:`analysis.fit.value_grad_hessian` with ``create_graph=True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import torch
+
+from analysis.likelihood.distributions import poisson_logpdf_derivatives
+from analysis.likelihood.modifiers.histosys import HistoSys
+
+if TYPE_CHECKING:
+    from analysis.likelihood.model import Model
+
+#: elements of the largest intermediate tensor per batch chunk (float64: 8 bytes each)
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """Index tables of one model's products, built once per model."""
+
+    block_slots: torch.Tensor  # (Kb, n_blocks) rows of [x; unit values; 1]
+    row_parameter: torch.Tensor  # (P + U + 1,) parameter of each row (P for the ones row)
+    cell_slots: torch.Tensor  # (Kc, C) parameters of the per-bin factors (P: none)
+    cell_block: torch.Tensor  # (C,)
+    cell_bin: torch.Tensor  # (C,)
+
+
+def _structure(model: Model) -> _Structure:
+    cached = model.__dict__.get("_derivative_structure")
+    if cached is not None:
+        return cast(_Structure, cached)
+    n_par, device = model.npars, model.device
+    n_blocks = int(model._cell_block.max()) + 1 if model._cell_block.numel() else 0
+    units = [mod.unit_parameters for mod in model._unit_factors]
+    n_units = sum(int(u.numel()) for u in units)
+    row_parameter = torch.cat(
+        [
+            torch.arange(n_par, device=device),
+            *units,
+            torch.full((1,), n_par, dtype=torch.long, device=device),
+        ]
+    )
+    if model._block_slots.numel():
+        block_slots = model._block_slots
+    else:  # no block-level factors: one slot of the ones row
+        block_slots = torch.full((1, n_blocks), n_par + n_units, dtype=torch.long, device=device)
+    cell_slots = model._cell_slots
+    if cell_slots.numel():  # drop the block-product entries (Q is applied per block)
+        cell_slots = torch.where(cell_slots < n_par, cell_slots, n_par)
+        cell_slots = cell_slots[(cell_slots < n_par).any(1)]
+    if not cell_slots.numel():
+        cell_slots = torch.full((1, model._cell_bin.numel()), n_par, device=device)
+    structure = _Structure(
+        block_slots, row_parameter, cell_slots, model._cell_block, model._cell_bin
+    )
+    model.__dict__["_derivative_structure"] = structure
+    return structure
+
+
+def _constraint_derivatives(
+    model: Model, theta: torch.Tensor, aux: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""First and second derivatives of each constraint term of :math:`-2\log L` in its
+    parameter, ``(A, B)`` for its values ``theta`` and aux data ``aux`` (columns): Gaussian
+    :math:`((a - \theta)/\sigma)^2` gives :math:`2(\theta - a)/\sigma^2` and
+    :math:`2/\sigma^2`; Poisson :math:`-2\log\mathrm{Pois}(a|\theta\tau)` gives
+    :math:`\tau` and :math:`\tau^2` times those of :func:`poisson_logpdf` in its mean, times -2."""
+    scale = model._aux_scale.detach()
+    inv_sigma2 = (model._inv_sigma.detach() ** 2).unsqueeze(-1)
+    first = 2.0 * (theta * scale - aux) * inv_sigma2 * scale
+    second = (2.0 * inv_sigma2 * scale * scale).expand_as(first)
+    if model._has_poisson:
+        mask = model._pois_mask.unsqueeze(-1)
+        p1, p2 = poisson_logpdf_derivatives(
+            torch.where(mask, aux, 1.0), torch.where(mask, theta * scale, 1.0)
+        )
+        first = torch.where(mask, -2.0 * p1 * scale, first)
+        second = torch.where(mask, -2.0 * p2 * scale * scale, second)
+    return first, second
+
+
+def _all_but_one(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Product ``(n, B)`` and all-but-one products ``(K, n, B)`` of ``factors`` ``(K, n, B)``
+    over K, from prefix and suffix products (no division: exact with zeros)."""
+    ones = torch.ones_like(factors[:1])
+    before = torch.cat([ones, factors[:-1]]).cumprod(0)  # prod_{m < k}
+    after = torch.cat([factors[1:], ones]).flip(0).cumprod(0).flip(0)  # prod_{m > k}
+    return before[-1] * factors[-1], before * after
+
+
+def _all_but_two(factors: torch.Tensor) -> torch.Tensor:
+    """All-but-two products ``(K, K, n, B)`` (zero diagonal) of ``factors`` ``(K, n, B)``:
+    prefix x in-between x suffix products, O(K^2) memory (for few factors)."""
+    k = factors.shape[0]
+    ones = torch.ones_like(factors[:1])
+    before = torch.cat([ones, factors[:-1]]).cumprod(0)
+    after = torch.cat([factors[1:], ones]).flip(0).cumprod(0).flip(0)
+    index = torch.arange(k, device=factors.device)
+    later = (index[None, :] > index[:, None]).reshape(k, k, *([1] * (factors.ndim - 1)))
+    # between[k, l] = prod_{k < m < l} f_m for l > k
+    running = torch.where(later, factors.unsqueeze(0), 1.0).cumprod(1)
+    between = torch.cat([torch.ones_like(running[:, :1]), running[:, :-1]], 1)
+    upper = torch.where(later, before.unsqueeze(1) * between * after.unsqueeze(0), 0.0)
+    return upper + upper.transpose(0, 1)
+
+
+def _add_block_curvature(
+    hessian: torch.Tensor,
+    f: torch.Tensor,
+    f1: torch.Tensor,
+    f2: torch.Tensor,
+    par: torch.Tensor,
+    q: torch.Tensor,
+    weight: torch.Tensor,
+) -> None:
+    r"""``hessian`` ``(P+1, P+1, B)`` += :math:`\sum_\beta u_\beta \nabla^2 Q_\beta` for block
+    products :math:`Q = \prod_k f_k` (factors ``f`` and derivatives ``(K, n, B)`` of parameters
+    ``par`` ``(K, n)``, weights ``u`` ``(n, B)``).
+
+    Where no factor of a block is 0 the all-but-two products are :math:`Q/(f_k f_l)`, so
+    :math:`\nabla^2 Q = Q\,(s s^T + \mathrm{diag}(f''/f - s^2))` with
+    :math:`s = \sum_k (f'_k/f_k) e_{p_k}`: one weighted product of the ``(n, P+1)`` matrix of
+    the :math:`s` (O(K) per block, where the pairs would be O(K^2)). Blocks with a zero
+    factor (a normfactor at 0) take the exact pairwise products of :func:`_all_but_two`.
+    """
+    size, width = hessian.shape[0], f.shape[-1]
+    n_blocks = f.shape[1]
+    zero = f.abs() < torch.finfo(f.dtype).tiny
+    has_zero = zero.any(0)  # (n, B)
+    safe = torch.where(zero, 1.0, f)
+    ratio = torch.where(has_zero, 0.0, f1 / safe)  # (K, n, B)
+    s = q.new_zeros((n_blocks * size, width))
+    blocks = torch.arange(n_blocks, device=f.device)
+    s.index_add_(0, (blocks * size + par).reshape(-1), ratio.reshape(-1, width))
+    s = s.view(n_blocks, size, width).permute(2, 0, 1)  # (B, n, P+1)
+    uq = torch.where(has_zero, 0.0, weight * q).T.unsqueeze(-1)  # (B, n, 1)
+    hessian += (s.transpose(1, 2) @ (s * uq)).permute(1, 2, 0)
+    diagonal = torch.where(has_zero, 0.0, f2 / safe - ratio * ratio) * (weight * q)
+    flat = hessian.view(size * size, width)
+    flat.index_add_(0, (par * (size + 1)).reshape(-1), diagonal.reshape(-1, width))
+    if bool(has_zero.any()):
+        picked = torch.nonzero(has_zero.any(1)).squeeze(1)
+        fz, f1z, f2z, pz = f[:, picked], f1[:, picked], f2[:, picked], par[:, picked]
+        uz = torch.where(has_zero[picked], weight[picked], 0.0)
+        _, but_one = _all_but_one(fz)
+        pairs = f1z.unsqueeze(1) * f1z.unsqueeze(0) * _all_but_two(fz) * uz
+        _scatter_pairs(flat, pz.unsqueeze(1), pz.unsqueeze(0), pairs)
+        _scatter_pairs(flat, pz, pz, but_one * f2z * uz)
+
+
+def _scatter_pairs(
+    hessian: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor
+) -> None:
+    """``hessian[rows, cols] += values`` (flat ``((P+1)^2, B)``), indices broadcast with values'
+    leading dimensions."""
+    size = int(round(hessian.shape[0] ** 0.5))
+    flat = (rows * size + cols).expand(values.shape[:-1]).reshape(-1)
+    hessian.index_add_(0, flat, values.reshape(-1, values.shape[-1]))
+
+
+def twice_nll_derivatives(
+    model: Model, pars: torch.Tensor, data: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Value ``(...)``, gradient ``(..., P)`` and Hessian ``(..., P, P)`` of
+    :meth:`Model.twice_nll` at ``pars`` (``(..., P)``) for ``data`` (``(..., N + A)``), exact
+    and detached; batch dimensions broadcast (a yield-batched model needs ``(B, P)``)."""
+    with torch.no_grad():
+        pars, data = model._pars(pars).detach(), model._data(data).detach()
+        batch = torch.broadcast_shapes(pars.shape[:-1], data.shape[:-1])
+        value = model.twice_nll(pars, data).expand(batch)
+        x = pars.expand(*batch, model.npars).reshape(-1, model.npars).T
+        d = data.expand(*batch, data.shape[-1]).reshape(-1, data.shape[-1]).T
+        structure = _structure(model)
+        n_cells, n_par = structure.cell_bin.numel(), model.npars
+        kb, kc = structure.block_slots.shape[0], structure.cell_slots.shape[0]
+        per_column = max(
+            n_cells * (n_par + 1),
+            kb * kb * structure.block_slots.shape[1],
+            kc * (kb + kc) * n_cells,
+            (n_par + 1) ** 2,
+        )
+        step = max(1, CHUNK_ELEMENTS // per_column)
+        nominal = model._nominal_column.detach()
+        grads, hessians = [], []
+        for start in range(0, x.shape[1], step):
+            columns = slice(start, start + step)
+            nominal_part = nominal if nominal.shape[1] == 1 else nominal[:, columns]
+            g, h = _chunk(model, structure, x[:, columns], d[:, columns], nominal_part)
+            grads.append(g)
+            hessians.append(h)
+        grad = torch.cat(grads, -1).T.reshape(*batch, n_par)
+        hessian = torch.cat(hessians, -1).permute(2, 0, 1).reshape(*batch, n_par, n_par)
+    return value, grad, 0.5 * (hessian + hessian.transpose(-1, -2))
+
+
+def _chunk(
+    model: Model,
+    structure: _Structure,
+    x: torch.Tensor,
+    data: torch.Tensor,
+    nominal: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient ``(P, B)`` and Hessian ``(P, P, B)`` for parameter columns ``x`` ``(P, B)``."""
+    n_par, width = x.shape
+    size = n_par + 1  # one extra index for "no parameter", dropped at the end
+    device = x.device
+    n_cells = structure.cell_bin.numel()
+
+    # rows [x; unit values; 1] with elementwise first and second derivatives
+    values, firsts, seconds = [x], [torch.ones_like(x)], [torch.zeros_like(x)]
+    for mod in model._unit_factors:
+        f, f1, f2 = mod.factor_derivatives(x.index_select(0, mod.unit_parameters))
+        values.append(f)
+        firsts.append(f1)
+        seconds.append(f2)
+    ones = x.new_ones((1, width))
+    rows = torch.cat([*values, ones])
+    rows1 = torch.cat([*firsts, torch.zeros_like(ones)])
+    rows2 = torch.cat([*seconds, torch.zeros_like(ones)])
+
+    # block products Q, per-bin products R
+    slots = structure.block_slots
+    par_k = structure.row_parameter[slots]  # (Kb, n_blocks)
+    f_k = rows[slots]
+    f1_k, f2_k = rows1[slots], rows2[slots]
+    q, q_but_one = _all_but_one(f_k)
+    grad_q = q_but_one * f1_k  # (Kb, n_blocks, B)
+    x_ones = torch.cat([x, ones])
+    par_j = structure.cell_slots  # (Kc, C)
+    cell_factors = x_ones[par_j]  # the factors are parameters: f' = 1, f'' = 0
+    r, r_but_one = _all_but_one(cell_factors)
+    r_but_two = _all_but_two(cell_factors)
+    block = structure.cell_block
+    q_cell = q.index_select(0, block)
+    m = q_cell * r
+
+    # additive part A (histosys): dA/dalpha_m (C, M, B) and the diagonal d2A/dalpha_m^2
+    a = nominal.expand(n_cells, width)
+    additive = []
+    for additive_type in model._additive:
+        if not isinstance(additive_type, HistoSys):
+            raise NotImplementedError(f"no exact Hessian for {additive_type.type} modifiers")
+        histosys = additive_type
+        alpha = x.index_select(0, histosys.parameters)
+        n_sys = alpha.shape[0]
+        weights = histosys.weights(alpha)
+        w1, w2 = histosys.weight_derivatives(alpha)
+        up, down = histosys.deltas[:, :n_sys].detach(), histosys.deltas[:, n_sys:].detach()
+        a = a + up @ weights[0] + down @ weights[1]
+        d1 = up.unsqueeze(-1) * w1[0].unsqueeze(0) + down.unsqueeze(-1) * w1[1].unsqueeze(0)
+        d2 = up.unsqueeze(-1) * w2[0].unsqueeze(0) + down.unsqueeze(-1) * w2[1].unsqueeze(0)
+        additive.append((histosys.parameters, d1, d2))
+
+    # dense Jacobian of M (C, P+1, B): R dQ on the block's parameters, Q dR on the cell's
+    jac_m = x.new_zeros((n_cells, size, width))
+    cells = torch.arange(n_cells, device=device)
+    flat_m = jac_m.view(n_cells * size, width)
+    block_index = (cells * size + par_k[:, block]).reshape(-1)
+    flat_m.index_add_(0, block_index, (grad_q[:, block] * r).reshape(-1, width))
+    cell_index = (cells * size + par_j).reshape(-1)
+    flat_m.index_add_(0, cell_index, (r_but_one * q_cell).reshape(-1, width))
+
+    # Poisson terms g(lambda) = -2 log Pois(n | lambda): J^T diag(g'') J, J = dlambda/dtheta
+    rates = a * m
+    lam = rates.new_zeros((model.nmain, width)).index_add_(0, structure.cell_bin, rates)
+    g1, g2 = (-2.0 * d for d in poisson_logpdf_derivatives(data[: model.nmain], lam))
+    jac_rates = a.unsqueeze(1) * jac_m
+    for parameters, d1, _ in additive:
+        jac_rates.index_add_(1, parameters, m.unsqueeze(1) * d1)
+    jac_lam = rates.new_zeros((model.nmain, size, width))
+    jac_lam.index_add_(0, structure.cell_bin, jac_rates)
+    grad = (jac_lam * g1.unsqueeze(1)).sum(0)
+    jl = jac_lam.permute(2, 0, 1)  # (B, N, P+1)
+    hessian = (jl.transpose(1, 2) @ (jl * g2.T.unsqueeze(-1))).permute(1, 2, 0).contiguous()
+    flat_h = hessian.view(size * size, width)
+
+    # sum_c w_c (M d2A + dA dM^T + dM dA^T + A d2M), w_c = g'(lambda) of the cell's bin
+    w = g1.index_select(0, structure.cell_bin)  # (C, B)
+    for parameters, d1, d2 in additive:
+        flat_h.index_add_(0, parameters * (size + 1), ((w * m).unsqueeze(1) * d2).sum(0))
+        cross = (d1 * w.unsqueeze(1)).permute(2, 1, 0) @ jac_m.permute(2, 0, 1)  # (B, M, P+1)
+        cross = cross.permute(1, 2, 0)
+        hessian.index_add_(0, parameters, cross)
+        hessian.index_add_(1, parameters, cross.transpose(0, 1))
+    # A d2M = A (R d2Q + Q d2R + dQ dR^T + dR dQ^T)
+    u = w * a
+    u_block = x.new_zeros((q.shape[0], width)).index_add_(0, block, u * r)
+    _add_block_curvature(hessian, f_k, f1_k, f2_k, par_k, q, u_block)
+    _scatter_pairs(flat_h, par_j.unsqueeze(1), par_j.unsqueeze(0), r_but_two * (u * q_cell))
+    mixed = grad_q[:, block].unsqueeze(1) * r_but_one.unsqueeze(0) * u  # (Kb, Kc, C, B)
+    par_kc = par_k[:, block].unsqueeze(1)
+    _scatter_pairs(flat_h, par_kc, par_j.unsqueeze(0), mixed)
+    _scatter_pairs(flat_h, par_j.unsqueeze(0), par_kc, mixed)
+
+    # constraint terms, one parameter each
+    if model.naux:
+        aux_par = model._aux_par
+        h1, h2 = _constraint_derivatives(model, x.index_select(0, aux_par), data[model.nmain :])
+        grad.index_add_(0, aux_par, h1)
+        flat_h.index_add_(0, aux_par * (size + 1), h2)
+    grad = grad[:n_par]
+    return grad, hessian[:n_par, :n_par]
