@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,20 @@ def as_tensor(value: Any, *, dtype: torch.dtype, device: torch.device) -> torch.
     if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
         return torch.stack([as_tensor(v, dtype=dtype, device=device) for v in value])
     return torch.as_tensor(value, dtype=dtype, device=device)
+
+
+def broadcast_shapes(*shapes: Sequence[int]) -> torch.Size:
+    """NumPy broadcasting of shapes, as ``torch.broadcast_shapes``, whose first call imports
+    sympy (about 1.5 s of start-up for every command that reaches it)."""
+    ndim = max((len(shape) for shape in shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, start=ndim - len(shape)):
+            if size != 1 and out[i] not in (1, size):
+                raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+            if size != 1:
+                out[i] = size
+    return torch.Size(out)
 
 
 def to_plain(value: Any) -> Any:

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
+from analysis.likelihood._tensors import broadcast_shapes
 from analysis.likelihood.distributions import poisson_logpdf_derivatives
 from analysis.likelihood.modifiers.histosys import HistoSys
 
@@ -73,6 +74,10 @@ class _Structure:
 
     block_slots: torch.Tensor  # (Kb, n_blocks) rows of [x; unit values; 1]
     row_parameter: torch.Tensor  # (P + U + 1,) parameter of each row (P for the ones row)
+    pair_first: torch.Tensor  # (n_pairs,) flat (slot * n_blocks + block) of ordered pairs
+    pair_second: torch.Tensor  # of factors k != l of one block (padding slots left out)
+    pair_block: torch.Tensor  # (n_pairs,) their block
+    pair_hessian_index: torch.Tensor  # (n_pairs,) p_k * (P + 1) + p_l
     cell_slots: torch.Tensor  # (Kc, C) parameters of the per-bin factors (P: none)
     cell_block: torch.Tensor  # (C,)
     cell_bin: torch.Tensor  # (C,)
@@ -97,6 +102,15 @@ def _structure(model: Model) -> _Structure:
         block_slots = model._block_slots
     else:  # no block-level factors: one slot of the ones row
         block_slots = torch.full((1, n_blocks), n_par + n_units, dtype=torch.long, device=device)
+    # ordered pairs (k, l), k != l, of the real factors of each block
+    real = block_slots != n_par + n_units  # (Kb, n_blocks)
+    n_slots = real.shape[0]
+    distinct = ~torch.eye(n_slots, dtype=torch.bool, device=device).unsqueeze(-1)
+    pairs = real.unsqueeze(1) & real.unsqueeze(0) & distinct  # (Kb, Kb, n_blocks)
+    first, second, b = torch.nonzero(pairs, as_tuple=True)
+    pair_first, pair_second = first * n_blocks + b, second * n_blocks + b
+    slot_parameter = row_parameter[block_slots].reshape(-1)
+    pair_hessian_index = slot_parameter[pair_first] * (n_par + 1) + slot_parameter[pair_second]
     cell_slots = model._cell_slots
     if cell_slots.numel():  # drop the block-product entries (Q is applied per block)
         cell_slots = torch.where(cell_slots < n_par, cell_slots, n_par)
@@ -104,7 +118,15 @@ def _structure(model: Model) -> _Structure:
     if not cell_slots.numel():
         cell_slots = torch.full((1, model._cell_bin.numel()), n_par, device=device)
     structure = _Structure(
-        block_slots, row_parameter, cell_slots, model._cell_block, model._cell_bin
+        block_slots,
+        row_parameter,
+        pair_first,
+        pair_second,
+        pair_first % n_blocks,
+        pair_hessian_index,
+        cell_slots,
+        model._cell_block,
+        model._cell_bin,
     )
     model.__dict__["_derivative_structure"] = structure
     return structure
@@ -158,47 +180,50 @@ def _all_but_two(factors: torch.Tensor) -> torch.Tensor:
 
 
 def _add_block_curvature(
-    hessian: torch.Tensor,
+    flat_hessian: torch.Tensor,
+    structure: _Structure,
     f: torch.Tensor,
     f1: torch.Tensor,
     f2: torch.Tensor,
     par: torch.Tensor,
-    q: torch.Tensor,
     weight: torch.Tensor,
 ) -> None:
-    r"""``hessian`` ``(P+1, P+1, B)`` += :math:`\sum_\beta u_\beta \nabla^2 Q_\beta` for block
-    products :math:`Q = \prod_k f_k` (factors ``f`` and derivatives ``(K, n, B)`` of parameters
-    ``par`` ``(K, n)``, weights ``u`` ``(n, B)``).
+    r"""``flat_hessian`` ``((P+1)^2, B)`` += :math:`\sum_\beta u_\beta \nabla^2 Q_\beta` for
+    block products :math:`Q = \prod_k f_k` (factors ``f`` and derivatives ``(K, n, B)`` of
+    parameters ``par`` ``(K, n)``, weights ``u`` ``(n, B)``):
 
-    Where no factor of a block is 0 the all-but-two products are :math:`Q/(f_k f_l)`, so
-    :math:`\nabla^2 Q = Q\,(s s^T + \mathrm{diag}(f''/f - s^2))` with
-    :math:`s = \sum_k (f'_k/f_k) e_{p_k}`: one weighted product of the ``(n, P+1)`` matrix of
-    the :math:`s` (O(K) per block, where the pairs would be O(K^2)). Blocks with a zero
-    factor (a normfactor at 0) take the exact pairwise products of :func:`_all_but_two`.
+    .. math::
+
+        \nabla^2 Q = \sum_{k \ne l} f'_k f'_l \prod_{m \ne k,l} f_m \, e_{p_k} e_{p_l}^T
+            + \sum_k f''_k \prod_{m \ne k} f_m \, e_{p_k} e_{p_k}^T .
+
+    With :math:`\bar Q` the product of the non-zero factors, :math:`\prod_{m \ne k,l} f_m` is
+    :math:`\bar Q / (\bar f_k \bar f_l)` (:math:`\bar f = f`, or 1 where :math:`f = 0`) when
+    no zero factor is left outside :math:`\{k, l\}`, else 0: exact with zero factors (a
+    normfactor at 0), one gather per pair of real factors (padding slots are left out).
     """
-    size, width = hessian.shape[0], f.shape[-1]
-    n_blocks = f.shape[1]
+    width = f.shape[-1]
     zero = f.abs() < torch.finfo(f.dtype).tiny
-    has_zero = zero.any(0)  # (n, B)
+    n_zero = zero.sum(0)  # (n, B)
     safe = torch.where(zero, 1.0, f)
-    ratio = torch.where(has_zero, 0.0, f1 / safe)  # (K, n, B)
-    s = q.new_zeros((n_blocks * size, width))
-    blocks = torch.arange(n_blocks, device=f.device)
-    s.index_add_(0, (blocks * size + par).reshape(-1), ratio.reshape(-1, width))
-    s = s.view(n_blocks, size, width).permute(2, 0, 1)  # (B, n, P+1)
-    uq = torch.where(has_zero, 0.0, weight * q).T.unsqueeze(-1)  # (B, n, 1)
-    hessian += (s.transpose(1, 2) @ (s * uq)).permute(1, 2, 0)
-    diagonal = torch.where(has_zero, 0.0, f2 / safe - ratio * ratio) * (weight * q)
-    flat = hessian.view(size * size, width)
-    flat.index_add_(0, (par * (size + 1)).reshape(-1), diagonal.reshape(-1, width))
-    if bool(has_zero.any()):
-        picked = torch.nonzero(has_zero.any(1)).squeeze(1)
-        fz, f1z, f2z, pz = f[:, picked], f1[:, picked], f2[:, picked], par[:, picked]
-        uz = torch.where(has_zero[picked], weight[picked], 0.0)
-        _, but_one = _all_but_one(fz)
-        pairs = f1z.unsqueeze(1) * f1z.unsqueeze(0) * _all_but_two(fz) * uz
-        _scatter_pairs(flat, pz.unsqueeze(1), pz.unsqueeze(0), pairs)
-        _scatter_pairs(flat, pz, pz, but_one * f2z * uz)
+    uq = weight * safe.prod(0)  # u times the product of the non-zero factors
+    scaled = (f1 / safe).reshape(-1, width)  # f'_k / fbar_k, flat (K * n, B)
+    first, second = structure.pair_first, structure.pair_second
+    block = structure.pair_block
+    values = scaled.index_select(0, first) * scaled.index_select(0, second)
+    values *= uq.index_select(0, block)
+    if bool(zero.any()):  # keep the pairs with no zero factor left outside them
+        zero_flat = zero.reshape(-1, width).to(n_zero.dtype)
+        outside = n_zero.index_select(0, block) - zero_flat.index_select(0, first)
+        outside -= zero_flat.index_select(0, second)
+        values = torch.where(outside == 0, values, 0.0)
+    size = int(round(flat_hessian.shape[0] ** 0.5))
+    par_flat = par.reshape(-1)
+    flat_hessian.index_add_(0, structure.pair_hessian_index, values)
+    # diagonal: f''_k prod_{m != k} f_m
+    alone = (n_zero - zero.to(n_zero.dtype)) == 0
+    diagonal = torch.where(alone, f2 / safe * uq, 0.0)
+    flat_hessian.index_add_(0, par_flat * (size + 1), diagonal.reshape(-1, width))
 
 
 def _scatter_pairs(
@@ -219,7 +244,7 @@ def twice_nll_derivatives(
     and detached; batch dimensions broadcast (a yield-batched model needs ``(B, P)``)."""
     with torch.no_grad():
         pars, data = model._pars(pars).detach(), model._data(data).detach()
-        batch = torch.broadcast_shapes(pars.shape[:-1], data.shape[:-1])
+        batch = broadcast_shapes(pars.shape[:-1], data.shape[:-1])
         value = model.twice_nll(pars, data).expand(batch)
         x = pars.expand(*batch, model.npars).reshape(-1, model.npars).T
         d = data.expand(*batch, data.shape[-1]).reshape(-1, data.shape[-1]).T
@@ -338,7 +363,7 @@ def _chunk(
     # A d2M = A (R d2Q + Q d2R + dQ dR^T + dR dQ^T)
     u = w * a
     u_block = x.new_zeros((q.shape[0], width)).index_add_(0, block, u * r)
-    _add_block_curvature(hessian, f_k, f1_k, f2_k, par_k, q, u_block)
+    _add_block_curvature(flat_h, structure, f_k, f1_k, f2_k, par_k, u_block)
     _scatter_pairs(flat_h, par_j.unsqueeze(1), par_j.unsqueeze(0), r_but_two * (u * q_cell))
     mixed = grad_q[:, block].unsqueeze(1) * r_but_one.unsqueeze(0) * u  # (Kb, Kc, C, B)
     par_kc = par_k[:, block].unsqueeze(1)

@@ -40,7 +40,7 @@ import torch
 
 from analysis.errors import ConfigError, DataError
 from analysis.likelihood import modifiers as modifier_registry
-from analysis.likelihood._tensors import as_tensor
+from analysis.likelihood._tensors import as_tensor, broadcast_shapes
 from analysis.likelihood.distributions import poisson_logpdf
 from analysis.likelihood.modifiers import Block, Layout, Modifier
 from analysis.likelihood.modifiers.base import Factor, SlotTable, gather_product, with_ones
@@ -552,7 +552,7 @@ class Model:
         """Constraint log-density for expected aux data ``(..., A)`` and aux data ``(..., A)``:
         the sum of :meth:`_constraint_terms` and the Gaussian normalisation."""
         if not self.naux:  # no constrained parameters
-            batch = torch.broadcast_shapes(expected.shape[:-1], aux.shape[:-1])
+            batch = broadcast_shapes(expected.shape[:-1], aux.shape[:-1])
             return expected.new_zeros(batch)
         return self._constraint_terms(expected, aux).sum(-1) + self._gauss_log_norm
 
@@ -563,7 +563,7 @@ class Model:
         the constants :math:`-\log(\sigma\sqrt{2\pi})` are summed at build time and
         :math:`1/\sigma = 0` on Poisson entries). Poisson entries: :func:`poisson_logpdf`.
         """
-        terms = expected.new_zeros(torch.broadcast_shapes(expected.shape, aux.shape))
+        terms = expected.new_zeros(broadcast_shapes(expected.shape, aux.shape))
         if self._has_gauss:
             z = (aux - expected) * self._inv_sigma
             terms = (z * z) * -0.5
