@@ -16,6 +16,7 @@ from analysis import fit as fitting
 from analysis import inference
 from analysis import workspace as builder
 from analysis.histograms import hard_histograms
+from analysis.inference import mle
 from analysis.likelihood import Workspace
 from tests.conftest import REFERENCE, reference_path
 
@@ -368,7 +369,7 @@ def test_batches_with_mixed_convergence_and_per_row_masks(monkeypatch):
     first pass and some not (the second pass fits only the stragglers, with their own rows of
     every batched setting): each row equals the same fit done alone. The first pass is cut to
     two iterations so that the rows started far from the minimum are stragglers."""
-    monkeypatch.setattr(inference, "FIRST_PASS_ITERATIONS", 2)
+    monkeypatch.setattr(mle, "FIRST_PASS_ITERATIONS", 2)
     spec = json.loads(reference_path("cabinetry", "example_workspace.json").read_text())
     ws = Workspace.load(spec)
     model = ws.model()
@@ -389,7 +390,7 @@ def test_batches_with_mixed_convergence_and_per_row_masks(monkeypatch):
         starts,
         bounds=row_bounds,
         fixed=fixed,
-        max_iter=inference.FIRST_PASS_ITERATIONS,
+        max_iter=mle.FIRST_PASS_ITERATIONS,
     )
     assert bool(first.converged.any()) and not bool(first.converged.all())  # mixed, as meant
     x, fun = inference.minimize(model, data, starts, bounds=row_bounds, fixed=fixed)

@@ -1,0 +1,250 @@
+"""The analysis commands, from events to optimized cuts and the report: ``generate``,
+``validate``, ``histograms``, ``workspace``, ``cutflow``, ``optimize``, ``scan-cuts`` and
+``report``."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+import click
+
+from analysis.cli._common import (
+    _json_file,
+    _setup_logging,
+    common_options,
+    config_options,
+    emit,
+)
+from analysis.files import check_writable, write_atomically
+
+if TYPE_CHECKING:
+    import torch
+
+
+@click.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=pathlib.Path),
+    default=pathlib.Path("data/generated"),
+    show_default=True,
+    help="Output folder.",
+)
+@click.option(
+    "--events",
+    type=click.IntRange(min=1),
+    default=200_000,
+    show_default=True,
+    help="Number of MC events, shared among the samples.",
+)
+@click.option("--seed", type=int, default=1, show_default=True, help="Random seed.")
+@click.option(
+    "--lumi",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Integrated luminosity in fb^-1 (default: the generator's).",
+)
+@common_options
+def generate(
+    out_dir: pathlib.Path,
+    events: int,
+    seed: int,
+    lumi: float | None,
+    output: pathlib.Path | None,
+) -> None:
+    """Generate the demo dimuon-resonance ROOT files."""
+    from analysis import generate as generator
+
+    kwargs: dict[str, Any] = {} if lumi is None else {"lumi": lumi}
+    paths = generator.generate(out_dir, events=events, seed=seed, **kwargs)
+    emit({"files": [str(p) for p in paths]}, output)
+
+
+@click.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=pathlib.Path))
+@common_options
+def validate(config_path: pathlib.Path, output: pathlib.Path | None) -> None:
+    """Validate an analysis configuration (schema and semantics)."""
+    from analysis import config as configuration
+
+    configuration.load(config_path)
+    emit({"valid": True}, output)
+
+
+@click.command()
+@config_options
+@common_options
+def histograms(
+    config: Any, cache_dir: pathlib.Path | None, output: pathlib.Path | None, device: torch.device
+) -> None:
+    """Hard histograms (edges, yields, sumw2) per region, sample and variation."""
+    from analysis.histograms import hard_histograms, histograms_to_dict
+
+    emit(histograms_to_dict(hard_histograms(config, device=device, cache_dir=cache_dir)), output)
+
+
+@click.command()
+@config_options
+@common_options
+def workspace(
+    config: Any, cache_dir: pathlib.Path | None, output: pathlib.Path | None, device: torch.device
+) -> None:
+    """Build the pyhf JSON workspace of an analysis (hard cuts)."""
+    from analysis import workspace as ws
+    from analysis.histograms import hard_histograms
+
+    emit(ws.build(config, hard_histograms(config, device=device, cache_dir=cache_dir)), output)
+
+
+def _out_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--out",
+        "out_dir",
+        type=click.Path(file_okay=False, path_type=pathlib.Path),
+        required=True,
+        help="Folder for result.json and cuts.json (and checkpoint.pt).",
+    )(func)
+
+
+@click.command()
+@config_options
+@common_options
+def cutflow(
+    config: Any,
+    start_config: Any,
+    cache_dir: pathlib.Path | None,
+    output: pathlib.Path | None,
+    device: torch.device,
+) -> None:
+    """Hard cut flow per region and sample: events, yields and their uncertainty after each cut.
+
+    Output: ``start`` (region -> cut flow at the configured cuts) and, with ``--cuts``,
+    ``optimized`` (the same at those cuts) and ``cuts`` (starting against optimized values).
+    """
+    from analysis import cutflow as flows
+    from analysis.io import read_events
+
+    templates = [t for t in start_config.templates() if t.variation == "nominal"]
+    events = read_events(start_config, templates, device=device, cache_dir=cache_dir)
+    result: dict[str, Any] = {
+        "start": {r: f.to_dict() for r, f in flows.cut_flow(start_config, events).items()}
+    }
+    if config is not start_config:
+        result["optimized"] = {r: f.to_dict() for r, f in flows.cut_flow(config, events).items()}
+        result["cuts"] = flows.cut_comparison(start_config, config.cut_values())
+    emit(result, output)
+
+
+def _report_outputs(out_dir: pathlib.Path) -> None:
+    from analysis.optimize import CUTS, RESULT
+
+    click.echo(f"wrote {out_dir / RESULT} and {out_dir / CUTS}", err=True)
+
+
+@click.command()
+@config_options
+@common_options
+@_out_option
+@click.option("--objective", default=None, help="Objective name (default: the config's).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Number of Adam steps.")
+@click.option("--seed", type=int, default=None, help="Random seed (default: the config's).")
+@click.option("--resume", is_flag=True, help="Continue from DIR/checkpoint.pt.")
+def optimize(
+    config: Any,
+    cache_dir: pathlib.Path | None,
+    out_dir: pathlib.Path,
+    objective: str | None,
+    steps: int | None,
+    seed: int | None,
+    resume: bool,
+    output: pathlib.Path | None,
+    device: torch.device,
+) -> None:
+    """Optimize the trainable cuts by gradient descent (writes DIR/result.json, DIR/cuts.json).
+
+    Fails at once (exit 2) when DIR or --output cannot be written or another run is using DIR.
+    DIR/result.json is written last: while it is absent the run has not finished.
+    """
+    from analysis import optimize as optimization
+
+    if output is not None:
+        check_writable(output)
+    result = optimization.optimize(
+        config,
+        out_dir=out_dir,
+        objective=objective,
+        steps=steps,
+        seed=seed,
+        resume=resume,
+        device=device,
+        cache_dir=cache_dir,
+    )
+    _report_outputs(out_dir)
+    emit(result.to_dict(), output)
+
+
+@click.command("scan-cuts")
+@config_options
+@common_options
+@_out_option
+@click.option("--method", type=click.Choice(["grid", "random"]), required=True)
+@click.option("--budget", type=click.IntRange(min=1), required=True, help="Hard evaluations.")
+@click.option("--objective", default=None, help="Objective name (default: the config's).")
+@click.option("--seed", type=int, default=None, help="Random seed (default: the config's).")
+def scan_cuts(
+    config: Any,
+    cache_dir: pathlib.Path | None,
+    out_dir: pathlib.Path,
+    method: Literal["grid", "random"],
+    budget: int,
+    objective: str | None,
+    seed: int | None,
+    output: pathlib.Path | None,
+    device: torch.device,
+) -> None:
+    """Grid or random search of the trainable cuts, hard evaluations only (the baseline).
+
+    Fails at once (exit 2) when DIR or --output cannot be written or another run is using DIR.
+    DIR/result.json is written last: while it is absent the run has not finished.
+    """
+    from analysis import optimize as optimization
+
+    if output is not None:
+        check_writable(output)
+    result = optimization.scan_cuts(
+        config,
+        method=method,
+        budget=budget,
+        out_dir=out_dir,
+        objective=objective,
+        seed=seed,
+        device=device,
+        cache_dir=cache_dir,
+    )
+    _report_outputs(out_dir)
+    emit(result.to_dict(), output)
+
+
+@click.command()
+@click.argument(
+    "results", metavar="RESULTS", type=click.Path(file_okay=False, path_type=pathlib.Path)
+)
+@click.option("--config", "config_path", type=_json_file, required=True, help="Analysis YAML.")
+@click.option("--output", "-o", type=_json_file, required=True, help="The HTML file to write.")
+@click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logging.")
+def report(
+    results: pathlib.Path, config_path: pathlib.Path, output: pathlib.Path, verbose: int
+) -> None:
+    """One self-contained HTML report of a workflow run from its RESULTS folder
+    (results/<analysis>): summary, results before and after optimization, every plot and
+    table, software versions and the configuration."""
+    from analysis.errors import InputFileError
+    from analysis.report import analysis_report
+
+    _setup_logging(verbose)
+    if not results.is_dir():
+        raise InputFileError(f"{results}: results folder not found")
+    write_atomically(output, analysis_report(results, config_path))
+    click.echo(f"wrote {output}", err=True)

@@ -1,0 +1,286 @@
+"""Hypothesis tests: asymptotic CLs, toy-based CLs and the discovery significance (pyhf's
+``infer.calculators`` and ``infer.hypotest``).
+
+Asymptotics (Cowan, Cranmer, Gross, Vitells, arXiv:1007.1727, Wald approximation, sec. 3): the
+Asimov dataset is the model's expectation at the parameters fitted to the *observed* data with
+the POI fixed at 0 (at 1 for q0), as pyhf does. With ``s = sqrt(q)`` and ``s_A = sqrt(q_A)`` the
+test statistic in ``-mu_hat/sigma`` space is ``t = s - s_A`` (q, q0), and for q~
+``t = s - s_A`` if ``s <= s_A`` else ``(q - q_A) / (2 s_A)`` (eq. 65-66). Then
+``CLs+b = Phi(-(t + s_A))``, ``CLb = Phi(-t)``, ``CLs = CLs+b / CLb``; the expected band uses
+``t = n`` for ``n = 2, 1, 0, -1, -2`` (pyhf's order, i.e. CLs from the -2 sigma to the +2 sigma
+band). For q0 the p-value is CLs+b.
+
+Toys (:func:`toy_hypotest`): pyhf's ToyCalculator semantics, every toy fitted in batched calls.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+
+from analysis.errors import ConfigError
+from analysis.inference.mle import fixed_poi_fit, free_fit, minimize
+from analysis.inference.results import HypotestResult, SignificanceResult
+from analysis.inference.test_statistics import TestStat, statistic_from_fits, test_statistic
+from analysis.inference.utils import _settings, require_poi
+from analysis.progress import progress_bar
+
+#: order of the expected band in pyhf: -mu_hat/sigma = +2 ... -2, i.e. CLs from -2 to +2 sigma
+BAND_NSIGMA = (2.0, 1.0, 0.0, -1.0, -2.0)
+
+
+def normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Phi(x), the standard normal CDF, accurate in both tails: ``exp(log_ndtr(x))``.
+
+    ``torch.special.ndtr`` itself rounds to 0 below x = -8.3 (Phi(-11.2) = 1.8e-29 came out
+    as 0), where ``log_ndtr`` keeps full relative precision down to the smallest doubles
+    (x = -38.5); above 0 both agree to the last bit.
+    """
+    return torch.exp(torch.special.log_ndtr(x))
+
+
+def asimov_data(
+    model, data, asimov_poi: float, *, init=None, bounds=None, fixed=None
+) -> torch.Tensor:
+    """pyhf's Asimov dataset: expected data at the fit to ``data`` with the POI fixed."""
+    pars, _ = fixed_poi_fit(model, data, asimov_poi, init=init, bounds=bounds, fixed=fixed)
+    return model.expected_data(pars)
+
+
+def asymptotic_cls(sqrt_q: torch.Tensor, sqrt_q_asimov: torch.Tensor, test_stat: TestStat):
+    """(CLs+b, CLb, CLs) and the expected (..., 5) CLs+b and CLs from the Wald approximation."""
+    if test_stat == "qtilde":
+        safe = torch.where(sqrt_q_asimov > 0, sqrt_q_asimov, torch.ones_like(sqrt_q_asimov))
+        t = torch.where(
+            sqrt_q <= sqrt_q_asimov,
+            sqrt_q - sqrt_q_asimov,
+            (sqrt_q**2 - sqrt_q_asimov**2) / (2 * safe),
+        )
+    else:
+        t = sqrt_q - sqrt_q_asimov
+    clsb, clb = normal_cdf(-(t + sqrt_q_asimov)), normal_cdf(-t)
+    n = torch.tensor(BAND_NSIGMA, dtype=t.dtype, device=t.device)
+    clsb_exp = normal_cdf(-(n + sqrt_q_asimov.unsqueeze(-1)))
+    clb_exp = normal_cdf(-n).expand_as(clsb_exp)
+    return clsb, clb, clsb / clb, clsb_exp, clsb_exp / clb_exp
+
+
+class AsymptoticCalculator:
+    """Asymptotic hypothesis tests of one model and dataset at any POI values (pyhf's name).
+
+    The fits that do not depend on the tested POI value are done once here, in two batched
+    calls: the free fit to the data together with the fit that defines the Asimov dataset
+    (POI fixed at 0, or at 1 for q0), then the free fit to the Asimov data. Each
+    :meth:`hypotest` needs one more batched call: the fixed-POI fits to the data and to the
+    Asimov data, at every tested value at once.
+    """
+
+    def __init__(
+        self, model, data, test_stat: TestStat = "qtilde", *, init=None, bounds=None, fixed=None
+    ) -> None:
+        if test_stat not in ("q", "qtilde", "q0"):
+            raise ConfigError(f"unknown test statistic '{test_stat}'; expected q, qtilde or q0")
+        self.model, self.test_stat = model, test_stat
+        self.poi = require_poi(model)
+        self.init, self.bounds, self.fixed = _settings(model, init, bounds, fixed)
+        kwargs = {"init": self.init, "bounds": self.bounds, "fixed": self.fixed}
+        self.data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
+        batch = self.data.shape[:-1]
+        asimov_poi = 1.0 if test_stat == "q0" else 0.0
+        if model.nominal_batch > 1:  # a batched model takes exactly its own batch of fits
+            self.free = free_fit(model, self.data, **kwargs)
+            self.asimov = asimov_data(model, self.data, asimov_poi, **kwargs)
+        else:  # row 0: free fit to the data; row 1: POI fixed at the Asimov value
+            start = self.init.expand(2, *batch, model.npars).clone()
+            start[1, ..., self.poi] = asimov_poi
+            fixed_rows = self.fixed.expand(2, *([1] * len(batch)), model.npars).clone()
+            fixed_rows[1, ..., self.poi] = True
+            x, fun = minimize(
+                model, self.data, start, bounds=self.bounds, fixed=fixed_rows, what="fit to data"
+            )
+            self.free = (x[0], fun[0])
+            self.asimov = model.expected_data(x[1])
+        self.free_asimov = free_fit(
+            model, self.asimov, init=self.init, bounds=self.bounds, fixed=self.fixed
+        )
+
+    def hypotest(self, poi_value) -> HypotestResult:
+        """CLs (or the q0 p-value) at ``poi_value``: a number or a 1-D tensor of values."""
+        model, poi = self.model, self.poi
+        poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
+        if model.nominal_batch > 1:  # one call per dataset: the batch must stay the model's
+            kwargs = {"bounds": self.bounds, "fixed": self.fixed}
+            q, q_asimov = (
+                test_statistic(model, d, poi_value, self.test_stat, free=f, **kwargs)
+                for d, f in ((self.data, self.free), (self.asimov, self.free_asimov))
+            )
+            return self._result(poi_value, q, q_asimov)
+        batch = torch.broadcast_shapes(self.data.shape[:-1], poi_value.shape)
+        data = torch.stack([d.expand(*batch, d.shape[-1]) for d in (self.data, self.asimov)])
+        fits = (self.free, self.free_asimov)
+        free_x = torch.stack([f[0].detach().expand(*batch, model.npars) for f in fits])
+        free_nll = torch.stack([f[1].expand(batch) for f in fits])
+        mu = poi_value.expand(batch)
+        start = free_x.clone()
+        start[..., poi] = mu.detach()
+        fixed = self.fixed.clone()
+        fixed[poi] = True
+        x, nll = minimize(model, data, start, bounds=self.bounds, fixed=fixed, what="fixed-POI fit")
+        if poi_value.requires_grad:  # the POI column carries the tested value's gradient
+            is_poi = torch.arange(model.npars, device=x.device) == poi
+            x = torch.where(is_poi, mu.unsqueeze(-1), x)
+            nll = model.twice_nll(x, data)
+        q_pair = statistic_from_fits(nll, free_nll, free_x[..., poi], mu, self.test_stat)
+        return self._result(poi_value, q_pair[0], q_pair[1])
+
+    def _result(self, poi_value, q, q_asimov) -> HypotestResult:
+        clsb, clb, cls, clsb_exp, cls_exp = asymptotic_cls(
+            torch.sqrt(q), torch.sqrt(q_asimov), self.test_stat
+        )
+        if self.test_stat == "q0":
+            cls, cls_exp = clsb, clsb_exp
+        return HypotestResult(poi_value, self.test_stat, q, cls, cls_exp, clsb, clb, q_asimov)
+
+
+def hypotest(
+    model, data, poi_value, test_stat: TestStat = "qtilde", *, init=None, bounds=None, fixed=None
+) -> HypotestResult:
+    """Asymptotic hypothesis test(s) at ``poi_value`` (a number or a 1-D tensor of values).
+
+    For one dataset (no batch dimensions) the seven kinds of fit run as two batched calls:
+    on the data the free fit, the fit that defines the Asimov dataset and the fixed-POI fits;
+    on the Asimov data its free fit and fixed-POI fits. Otherwise see
+    :class:`AsymptoticCalculator`, which also serves many calls on one dataset.
+    """
+    data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
+    poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
+    if test_stat not in ("q", "qtilde", "q0"):
+        raise ConfigError(f"unknown test statistic '{test_stat}'; expected q, qtilde or q0")
+    if data.dim() != 1 or poi_value.dim() > 1 or poi_value.requires_grad:
+        calculator = AsymptoticCalculator(
+            model, data, test_stat, init=init, bounds=bounds, fixed=fixed
+        )
+        return calculator.hypotest(poi_value)
+    poi = require_poi(model)
+    init, bounds, fixed = _settings(model, init, bounds, fixed)
+    mus = poi_value.reshape(-1)
+    n_mu = mus.shape[0]
+    # call 1, on the data: free fit, POI at the Asimov value, POI at each tested value
+    asimov_poi = torch.full(
+        (1,), 1.0 if test_stat == "q0" else 0.0, dtype=mus.dtype, device=mus.device
+    )
+    start = init.expand(2 + n_mu, model.npars).clone()
+    start[1:, poi] = torch.cat([asimov_poi, mus])
+    fixed_rows = fixed.expand(2 + n_mu, model.npars).clone()
+    fixed_rows[1:, poi] = True
+    x, nll = minimize(model, data, start, bounds=bounds, fixed=fixed_rows, what="fit to data")
+    asimov = model.expected_data(x[1])
+    # call 2, on the Asimov data: free fit and POI at each tested value
+    start_a = init.expand(1 + n_mu, model.npars).clone()
+    start_a[1:, poi] = mus
+    fixed_a = fixed.expand(1 + n_mu, model.npars).clone()
+    fixed_a[1:, poi] = True
+    x_a, nll_a = minimize(
+        model, asimov, start_a, bounds=bounds, fixed=fixed_a, what="fit to Asimov data"
+    )
+
+    q = statistic_from_fits(nll[2:], nll[0], x[0, poi].detach(), mus, test_stat)
+    q_asimov = statistic_from_fits(nll_a[1:], nll_a[0], x_a[0, poi].detach(), mus, test_stat)
+    clsb, clb, cls, clsb_exp, cls_exp = asymptotic_cls(
+        torch.sqrt(q), torch.sqrt(q_asimov), test_stat
+    )
+    if test_stat == "q0":
+        cls, cls_exp = clsb, clsb_exp
+    shape = poi_value.shape
+    return HypotestResult(
+        poi_value,
+        test_stat,
+        q.reshape(shape),
+        cls.reshape(shape),
+        cls_exp.reshape(*shape, 5),
+        clsb.reshape(shape),
+        clb.reshape(shape),
+        q_asimov.reshape(shape),
+    )
+
+
+def toy_hypotest(
+    model,
+    data,
+    poi_value: float,
+    test_stat: TestStat = "qtilde",
+    *,
+    n_toys: int = 2000,
+    seed: int = 0,
+    init=None,
+    bounds=None,
+    fixed=None,
+    batch_size: int = 1000,
+    progress: bool = False,
+) -> HypotestResult:
+    """Hypothesis test at ``poi_value`` with pseudo-experiments instead of asymptotics.
+
+    pyhf's ToyCalculator semantics: toys are drawn (:meth:`Model.sample`) at the fits to the
+    data with the POI fixed at ``poi_value`` (signal + background) and at 0 (background only;
+    for q0 the roles are mu = 0 and mu = 1), every toy's test statistic at ``poi_value`` comes
+    from one batched free fit and one batched fixed-POI fit of all toys, and
+    ``CLs+b = P(q >= q_obs | s+b)``, ``CLb = P(q >= q_obs | b)``, ``CLs = CLs+b / CLb``. The
+    expected band is the 2.3, 15.9, 50, 84.1 and 97.7 percentiles of CLs (CLs+b for q0)
+    evaluated at each background-only toy (linear interpolation, as pyhf).
+
+    The toys are fitted ``batch_size`` at a time (both hypotheses in each batched call; fits
+    are independent per toy, so the batch size changes nothing but memory and the steps of
+    the ``progress`` bar, shown on a terminal).
+    """
+    kwargs = {"init": init, "bounds": bounds, "fixed": fixed}
+    data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        q_obs = test_statistic(model, data, poi_value, test_stat, **kwargs)
+        other = 1.0 if test_stat == "q0" else 0.0
+        pars_sb, _ = fixed_poi_fit(model, data, poi_value, **kwargs)
+        pars_b, _ = fixed_poi_fit(model, data, other, **kwargs)
+        toys = model.sample(torch.stack([pars_sb, pars_b]), n_toys, generator=generator)
+        bar = progress_bar(n_toys, "toys", enabled=progress, unit="toy")
+        try:
+            batches = []
+            for batch in torch.split(toys, max(1, int(batch_size))):
+                batches.append(test_statistic(model, batch, poi_value, test_stat, **kwargs))
+                bar.update(batch.shape[0])
+        finally:
+            bar.close()
+        q_toys = torch.cat(batches)  # (n_toys, 2)
+        q_sb, q_b = q_toys[:, 0], q_toys[:, 1]
+
+        def pvalues(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            clsb = (q_sb.unsqueeze(-1) >= q.reshape(1, -1)).to(q.dtype).mean(0)
+            clb = (q_b.unsqueeze(-1) >= q.reshape(1, -1)).to(q.dtype).mean(0)
+            return clsb.reshape(q.shape), clb.reshape(q.shape)
+
+        clsb, clb = pvalues(q_obs)
+        clsb_toys, clb_toys = pvalues(q_b)  # p-values at every background-only toy
+        levels = normal_cdf(-torch.tensor(BAND_NSIGMA, dtype=q_obs.dtype, device=q_obs.device))
+        band = clsb_toys if test_stat == "q0" else clsb_toys / clb_toys
+        cls_exp = torch.quantile(band, levels)
+    cls = clsb if test_stat == "q0" else clsb / clb
+    poi = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
+    return HypotestResult(poi, test_stat, q_obs, cls, cls_exp, clsb, clb)
+
+
+def significance(model, data, *, init=None, bounds=None, fixed=None) -> SignificanceResult:
+    """Discovery significance and p-value from q0: observed, and median expected for mu = 1.
+
+    ``Z = sqrt(q0)`` on the data and ``Z_A = sqrt(q0_A)`` on the Asimov data with mu = 1
+    (Cowan, Cranmer, Gross, Vitells, Eur. Phys. J. C 71 (2011) 1554, eqs. 53 and 57), and
+    ``p = Phi(-Z)`` (:func:`normal_cdf`): Z stays finite and exact however large it is (a
+    p-value below 1e-308 is reported as 0, the significance still as sqrt(q0)); inverting a
+    p-value that has rounded to 0 would give an infinite Z.
+    """
+    result = hypotest(model, data, 0.0, "q0", init=init, bounds=bounds, fixed=fixed)
+    z_obs = torch.sqrt(result.teststat.clamp_min(0.0))
+    # hypotest (asymptotic) always sets teststat_asimov
+    z_exp = torch.sqrt(cast(torch.Tensor, result.teststat_asimov).clamp_min(0.0))
+    return SignificanceResult(
+        float(normal_cdf(-z_obs)), float(z_obs), float(normal_cdf(-z_exp)), float(z_exp)
+    )
