@@ -79,9 +79,10 @@ def cabinetry() -> tuple[pathlib.Path, dict]:
 
 @pytest.fixture(scope="module")
 def cabinetry_fit(cabinetry) -> dict:
-    """``diffana fit`` of cabinetry's example workspace with MINOS on the POI (default device)."""
+    """``diffana fit --method minuit`` (MIGRAD + HESSE, cabinetry's own fit) of cabinetry's
+    example workspace with MINOS on the POI (default device)."""
     workspace, _ = cabinetry
-    return ok("fit", workspace, "--minos", "Signal_norm")
+    return ok("fit", workspace, "--minos", "Signal_norm", "--method", "minuit")
 
 
 @contextlib.contextmanager
@@ -245,7 +246,9 @@ def test_fit_of_analysis_yaml_equals_fit_of_its_workspace(cabinetry_fit, tmp_pat
             config["General"].pop("YieldFloor")
         path = tmp_path / "cabinetry.yml"
         path.write_text(yaml.safe_dump(config))
-        fits[floor] = ok("fit", path, "--cache-dir", tmp_path / "cache", "--device", "cpu")
+        fits[floor] = ok(
+            "fit", path, "--cache-dir", tmp_path / "cache", "--device", "cpu", "--method", "minuit"
+        )
     for out, rtol in ((fits[0.0], 1e-6), (fits[None], 5e-5)):
         assert out["labels"] == cabinetry_fit["labels"]
         for key in ("bestfit", "uncertainty"):

@@ -193,16 +193,31 @@ def _fixed_settings(
     multiple=True,
     help="Fix a parameter (or every parameter of a set, e.g. a staterror): NAME=VALUE; repeatable.",
 )
+@click.option(
+    "--method",
+    type=click.Choice(["newton", "minuit"]),
+    default="newton",
+    show_default=True,
+    help="newton: exact minimum and Hessian errors; minuit: MIGRAD + HESSE (cabinetry's numbers).",
+)
 def fit(
     workspace: Any,
     model: Any,
     asimov: bool,
     minos: tuple[str, ...],
     fix: tuple[str, ...],
+    method: Literal["newton", "minuit"],
     output: pathlib.Path | None,
     device: torch.device,
 ) -> None:
-    """Maximum-likelihood fit (MIGRAD + HESSE, optional MINOS)."""
+    """Maximum-likelihood fit with uncertainties, optional MINOS.
+
+    ``--method newton`` (default): the exact minimum by batched Newton steps and the errors of
+    the exact Hessian; a parameter held on a bound is flagged in ``at_bound`` and has no
+    parabolic error, except the POI, whose error is then one-sided from the profile likelihood.
+    ``--method minuit``: MIGRAD + HESSE with cabinetry's settings (HESSE's errors go through
+    Minuit's limit transformation), checked against the Newton minimum.
+    """
     from analysis import inference
     from analysis.errors import ConfigError
 
@@ -214,7 +229,7 @@ def fit(
                 f"--minos {name}: the parameter is fixed (by --fix or the measurement)"
             )
     inference.check_start(workspace, model, data, init, asimov=asimov, fixed_values=fixed_values)
-    result = inference.global_fit(model, data, init, fixed, minos)
+    result = inference.global_fit(model, data, init, fixed, minos, method=method)
     emit(result.to_dict(), output)
 
 

@@ -24,6 +24,7 @@ from analysis.inference.mle import fixed_poi_fit, free_fit, minimize
 from analysis.inference.results import HypotestResult, SignificanceResult
 from analysis.inference.test_statistics import TestStat, statistic_from_fits, test_statistic
 from analysis.inference.utils import _settings, require_poi
+from analysis.likelihood._tensors import broadcast_shapes
 from analysis.progress import progress_bar
 
 #: order of the expected band in pyhf: -mu_hat/sigma = +2 ... -2, i.e. CLs from -2 to +2 sigma
@@ -67,13 +68,18 @@ def asymptotic_cls(sqrt_q: torch.Tensor, sqrt_q_asimov: torch.Tensor, test_stat:
 
 
 class AsymptoticCalculator:
-    """Asymptotic hypothesis tests of one model and dataset at any POI values (pyhf's name).
+    """Asymptotic hypothesis tests of one model and dataset at any POI values (pyhf's name);
+    :func:`hypotest`, :func:`significance` and the limits all go through it.
 
-    The fits that do not depend on the tested POI value are done once here, in two batched
-    calls: the free fit to the data together with the fit that defines the Asimov dataset
-    (POI fixed at 0, or at 1 for q0), then the free fit to the Asimov data. Each
-    :meth:`hypotest` needs one more batched call: the fixed-POI fits to the data and to the
-    Asimov data, at every tested value at once.
+    Fits: the free fit to the data, the fit that defines the Asimov dataset (POI fixed at 0, or
+    at 1 for q0), the free fit to the Asimov data, and per tested value the fixed-POI fits to
+    the data and to the Asimov data. They do not depend on the tested value except the last
+    two, so they are done once, on the first :meth:`hypotest`, together with that test's own
+    fits: one batched call on the data (free, Asimov-defining and fixed-POI rows), one on the
+    Asimov data (free and fixed-POI rows). Later calls need one batched call, the fixed-POI
+    fits to both datasets at every tested value at once. (A yield-batched model, whose fits
+    must keep exactly its own batch, and a tested value that requires grad take the same fits
+    in separate calls.)
     """
 
     def __init__(
@@ -84,29 +90,64 @@ class AsymptoticCalculator:
         self.model, self.test_stat = model, test_stat
         self.poi = require_poi(model)
         self.init, self.bounds, self.fixed = _settings(model, init, bounds, fixed)
-        kwargs = {"init": self.init, "bounds": self.bounds, "fixed": self.fixed}
         self.data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
+        self.asimov_poi = 1.0 if test_stat == "q0" else 0.0
+        self._fits: tuple | None = None  # (free fit, Asimov data, free fit to the Asimov data)
+
+    @property
+    def free(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The free fit to the data: (parameters, twice NLL)."""
+        return self._poi_independent_fits()[0]
+
+    @property
+    def asimov(self) -> torch.Tensor:
+        """The Asimov dataset (main and auxiliary data)."""
+        return self._poi_independent_fits()[1]
+
+    @property
+    def free_asimov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The free fit to the Asimov data."""
+        return self._poi_independent_fits()[2]
+
+    def _poi_independent_fits(self) -> tuple:
+        if self._fits is None:
+            model = self.model
+            kwargs = {"init": self.init, "bounds": self.bounds, "fixed": self.fixed}
+            if model.nominal_batch > 1:  # a batched model takes exactly its own batch of fits
+                free = free_fit(model, self.data, **kwargs)
+                asimov = asimov_data(model, self.data, self.asimov_poi, **kwargs)
+                self._fits = (free, asimov, free_fit(model, asimov, **kwargs))
+            else:
+                self._fused_fits(self.init.new_zeros((0,)))
+        assert self._fits is not None
+        return self._fits
+
+    def _fused_fits(self, mus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The POI-independent fits together with the fixed-POI fits at ``mus`` (1-D), in two
+        batched calls; returns the twice NLL of the fixed-POI fits to the data and to the
+        Asimov data, ``(len(mus), *batch)`` each (every tested value for every dataset)."""
+        model, poi = self.model, self.poi
         batch = self.data.shape[:-1]
-        asimov_poi = 1.0 if test_stat == "q0" else 0.0
-        if model.nominal_batch > 1:  # a batched model takes exactly its own batch of fits
-            self.free = free_fit(model, self.data, **kwargs)
-            self.asimov = asimov_data(model, self.data, asimov_poi, **kwargs)
-        else:  # row 0: free fit to the data; row 1: POI fixed at the Asimov value
-            start = self.init.expand(2, *batch, model.npars).clone()
-            start[1, ..., self.poi] = asimov_poi
-            fixed_rows = self.fixed.expand(2, *([1] * len(batch)), model.npars).clone()
-            fixed_rows[1, ..., self.poi] = True
-            x, fun = minimize(
-                model, self.data, start, bounds=self.bounds, fixed=fixed_rows, what="fit to data"
-            )
-            self.free = (x[0], fun[0])
-            self.asimov = model.expected_data(x[1])
-        self.free_asimov = free_fit(
-            model, self.asimov, init=self.init, bounds=self.bounds, fixed=self.fixed
-        )
+
+        def rows(n_fixed: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            start = self.init.expand(1 + n_fixed, *batch, model.npars).clone()
+            start[1:, ..., poi] = values.reshape(-1, *([1] * len(batch)))
+            fixed = self.fixed.expand(1 + n_fixed, *([1] * len(batch)), model.npars).clone()
+            fixed[1:, ..., poi] = True
+            return start, fixed
+
+        values = torch.cat([mus.new_full((1,), self.asimov_poi), mus])
+        start, fixed = rows(1 + mus.numel(), values)
+        x, nll = minimize(model, self.data, start, bounds=self.bounds, fixed=fixed, what="fit")
+        asimov = model.expected_data(x[1])
+        start, fixed = rows(mus.numel(), mus)
+        x_a, nll_a = minimize(model, asimov, start, bounds=self.bounds, fixed=fixed, what="fit")
+        self._fits = ((x[0], nll[0]), asimov, (x_a[0], nll_a[0]))
+        return nll[2:], nll_a[1:]
 
     def hypotest(self, poi_value) -> HypotestResult:
-        """CLs (or the q0 p-value) at ``poi_value``: a number or a 1-D tensor of values."""
+        """CLs (or the q0 p-value) at ``poi_value``: a number or a 1-D tensor of values (or any
+        shape that broadcasts with the data's batch)."""
         model, poi = self.model, self.poi
         poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
         if model.nominal_batch > 1:  # one call per dataset: the batch must stay the model's
@@ -116,23 +157,32 @@ class AsymptoticCalculator:
                 for d, f in ((self.data, self.free), (self.asimov, self.free_asimov))
             )
             return self._result(poi_value, q, q_asimov)
-        batch = torch.broadcast_shapes(self.data.shape[:-1], poi_value.shape)
-        data = torch.stack([d.expand(*batch, d.shape[-1]) for d in (self.data, self.asimov)])
-        fits = (self.free, self.free_asimov)
-        free_x = torch.stack([f[0].detach().expand(*batch, model.npars) for f in fits])
-        free_nll = torch.stack([f[1].expand(batch) for f in fits])
+        batch = broadcast_shapes(self.data.shape[:-1], poi_value.shape)
+        fused = self.data.dim() == 1 and poi_value.dim() <= 1 and not poi_value.requires_grad
+        if self._fits is None and fused:
+            nll = torch.stack(self._fused_fits(poi_value.reshape(-1))).reshape(2, *batch)
+        else:
+            data = torch.stack([d.expand(*batch, d.shape[-1]) for d in (self.data, self.asimov)])
+            start = torch.stack(
+                [f[0].detach().expand(*batch, model.npars) for f in self._free_fits]
+            )
+            start[..., poi] = poi_value.expand(batch).detach()
+            fixed = self.fixed.clone()
+            fixed[poi] = True
+            x, nll = minimize(model, data, start, bounds=self.bounds, fixed=fixed, what="fit")
+            if poi_value.requires_grad:  # the POI column carries the tested value's gradient
+                is_poi = torch.arange(model.npars, device=x.device) == poi
+                x = torch.where(is_poi, poi_value.expand(batch).unsqueeze(-1), x)
+                nll = model.twice_nll(x, data)
+        free_x = torch.stack([f[0].expand(*batch, model.npars) for f in self._free_fits])
+        free_nll = torch.stack([f[1].expand(batch) for f in self._free_fits])
         mu = poi_value.expand(batch)
-        start = free_x.clone()
-        start[..., poi] = mu.detach()
-        fixed = self.fixed.clone()
-        fixed[poi] = True
-        x, nll = minimize(model, data, start, bounds=self.bounds, fixed=fixed, what="fixed-POI fit")
-        if poi_value.requires_grad:  # the POI column carries the tested value's gradient
-            is_poi = torch.arange(model.npars, device=x.device) == poi
-            x = torch.where(is_poi, mu.unsqueeze(-1), x)
-            nll = model.twice_nll(x, data)
-        q_pair = statistic_from_fits(nll, free_nll, free_x[..., poi], mu, self.test_stat)
+        q_pair = statistic_from_fits(nll, free_nll, free_x[..., poi].detach(), mu, self.test_stat)
         return self._result(poi_value, q_pair[0], q_pair[1])
+
+    @property
+    def _free_fits(self) -> tuple:
+        return self.free, self.free_asimov
 
     def _result(self, poi_value, q, q_asimov) -> HypotestResult:
         clsb, clb, cls, clsb_exp, cls_exp = asymptotic_cls(
@@ -146,63 +196,11 @@ class AsymptoticCalculator:
 def hypotest(
     model, data, poi_value, test_stat: TestStat = "qtilde", *, init=None, bounds=None, fixed=None
 ) -> HypotestResult:
-    """Asymptotic hypothesis test(s) at ``poi_value`` (a number or a 1-D tensor of values).
-
-    For one dataset (no batch dimensions) the seven kinds of fit run as two batched calls:
-    on the data the free fit, the fit that defines the Asimov dataset and the fixed-POI fits;
-    on the Asimov data its free fit and fixed-POI fits. Otherwise see
-    :class:`AsymptoticCalculator`, which also serves many calls on one dataset.
-    """
-    data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
-    poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
-    if test_stat not in ("q", "qtilde", "q0"):
-        raise ConfigError(f"unknown test statistic '{test_stat}'; expected q, qtilde or q0")
-    if data.dim() != 1 or poi_value.dim() > 1 or poi_value.requires_grad:
-        calculator = AsymptoticCalculator(
-            model, data, test_stat, init=init, bounds=bounds, fixed=fixed
-        )
-        return calculator.hypotest(poi_value)
-    poi = require_poi(model)
-    init, bounds, fixed = _settings(model, init, bounds, fixed)
-    mus = poi_value.reshape(-1)
-    n_mu = mus.shape[0]
-    # call 1, on the data: free fit, POI at the Asimov value, POI at each tested value
-    asimov_poi = torch.full(
-        (1,), 1.0 if test_stat == "q0" else 0.0, dtype=mus.dtype, device=mus.device
-    )
-    start = init.expand(2 + n_mu, model.npars).clone()
-    start[1:, poi] = torch.cat([asimov_poi, mus])
-    fixed_rows = fixed.expand(2 + n_mu, model.npars).clone()
-    fixed_rows[1:, poi] = True
-    x, nll = minimize(model, data, start, bounds=bounds, fixed=fixed_rows, what="fit to data")
-    asimov = model.expected_data(x[1])
-    # call 2, on the Asimov data: free fit and POI at each tested value
-    start_a = init.expand(1 + n_mu, model.npars).clone()
-    start_a[1:, poi] = mus
-    fixed_a = fixed.expand(1 + n_mu, model.npars).clone()
-    fixed_a[1:, poi] = True
-    x_a, nll_a = minimize(
-        model, asimov, start_a, bounds=bounds, fixed=fixed_a, what="fit to Asimov data"
-    )
-
-    q = statistic_from_fits(nll[2:], nll[0], x[0, poi].detach(), mus, test_stat)
-    q_asimov = statistic_from_fits(nll_a[1:], nll_a[0], x_a[0, poi].detach(), mus, test_stat)
-    clsb, clb, cls, clsb_exp, cls_exp = asymptotic_cls(
-        torch.sqrt(q), torch.sqrt(q_asimov), test_stat
-    )
-    if test_stat == "q0":
-        cls, cls_exp = clsb, clsb_exp
-    shape = poi_value.shape
-    return HypotestResult(
-        poi_value,
-        test_stat,
-        q.reshape(shape),
-        cls.reshape(shape),
-        cls_exp.reshape(*shape, 5),
-        clsb.reshape(shape),
-        clb.reshape(shape),
-        q_asimov.reshape(shape),
-    )
+    """Asymptotic hypothesis test(s) at ``poi_value`` (a number or a 1-D tensor of values):
+    :meth:`AsymptoticCalculator.hypotest` (for one dataset the seven kinds of fit run as two
+    batched calls), the one path of every asymptotic test."""
+    calculator = AsymptoticCalculator(model, data, test_stat, init=init, bounds=bounds, fixed=fixed)
+    return calculator.hypotest(poi_value)
 
 
 def toy_hypotest(

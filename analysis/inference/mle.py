@@ -16,6 +16,7 @@ import torch
 
 from analysis.fit import newton_minimize, with_implicit_gradient
 from analysis.inference.utils import _settings, require_poi
+from analysis.likelihood._tensors import broadcast_shapes
 from analysis.likelihood.model import TwiceNLL
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def fixed_poi_fit(model, data, poi_value, *, init=None, bounds=None, fixed=None)
     init, bounds, fixed = _settings(model, init, bounds, fixed)
     poi = require_poi(model)
     poi_value = torch.as_tensor(poi_value, dtype=init.dtype, device=init.device)
-    batch = torch.broadcast_shapes(data.shape[:-1], poi_value.shape)
+    batch = broadcast_shapes(data.shape[:-1], poi_value.shape)
     start = init.expand(*batch, init.shape[-1]).clone()
     start[..., poi] = poi_value
     fixed = fixed.clone()
