@@ -93,6 +93,7 @@ class AsymptoticCalculator:
         self.data = torch.as_tensor(data, dtype=model.dtype, device=model.device)
         self.asimov_poi = 1.0 if test_stat == "q0" else 0.0
         self._fits: tuple | None = None  # (free fit, Asimov data, free fit to the Asimov data)
+        self._fits_with_grad = False
 
     @property
     def free(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,13 +111,14 @@ class AsymptoticCalculator:
         return self._poi_independent_fits()[2]
 
     def _poi_independent_fits(self) -> tuple:
-        if self._fits is None:
+        if self._fits is None or self._stale():
             model = self.model
             kwargs = {"init": self.init, "bounds": self.bounds, "fixed": self.fixed}
             if model.nominal_batch > 1:  # a batched model takes exactly its own batch of fits
                 free = free_fit(model, self.data, **kwargs)
                 asimov = asimov_data(model, self.data, self.asimov_poi, **kwargs)
                 self._fits = (free, asimov, free_fit(model, asimov, **kwargs))
+                self._fits_with_grad = torch.is_grad_enabled()
             else:
                 self._fused_fits(self.init.new_zeros((0,)))
         assert self._fits is not None
@@ -143,7 +145,13 @@ class AsymptoticCalculator:
         start, fixed = rows(mus.numel(), mus)
         x_a, nll_a = minimize(model, asimov, start, bounds=self.bounds, fixed=fixed, what="fit")
         self._fits = ((x[0], nll[0]), asimov, (x_a[0], nll_a[0]))
+        self._fits_with_grad = torch.is_grad_enabled()
         return nll[2:], nll_a[1:]
+
+    def _stale(self) -> bool:
+        """Whether the cached fits were made without grad mode and gradients are wanted now
+        (a limit brackets its roots under ``no_grad``, then differentiates at them)."""
+        return torch.is_grad_enabled() and not self._fits_with_grad
 
     def hypotest(self, poi_value) -> HypotestResult:
         """CLs (or the q0 p-value) at ``poi_value``: a number or a 1-D tensor of values (or any
@@ -159,7 +167,7 @@ class AsymptoticCalculator:
             return self._result(poi_value, q, q_asimov)
         batch = broadcast_shapes(self.data.shape[:-1], poi_value.shape)
         fused = self.data.dim() == 1 and poi_value.dim() <= 1 and not poi_value.requires_grad
-        if self._fits is None and fused:
+        if (self._fits is None or self._stale()) and fused:
             nll = torch.stack(self._fused_fits(poi_value.reshape(-1))).reshape(2, *batch)
         else:
             data = torch.stack([d.expand(*batch, d.shape[-1]) for d in (self.data, self.asimov)])
