@@ -24,10 +24,11 @@ import numbers
 import os
 import pathlib
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+import fastjsonschema
 import jsonpatch
 import jsonpointer
 import jsonschema
@@ -204,15 +205,21 @@ def validate(spec: Mapping[str, Any], source: str) -> None:
     workspace takes seconds (1.5 to 2.5 s for 44 channels and 219 parameters on a 2-core
     machine), against about 0.1 s for the canonical JSON text and its hash. Only successes
     are remembered, in :data:`_VALIDATED` (SHA-256 of the canonical text).
+
+    The schema check itself runs first through a validator compiled to Python code
+    (``fastjsonschema``, 0.6 s there); only a spec it rejects goes through jsonschema, whose
+    verdict is final and whose first error is the message (so the outcome and the messages are
+    jsonschema's, the compiled validator only makes valid specs fast).
     """
     plain = to_plain(spec)
     digest = _content_digest(plain)
     if digest is not None and digest in _VALIDATED:
         return
     _check_modifier_types(plain, source)
-    error = next(pyhf_schema("workspace.json").iter_errors(plain), None)
-    if error is not None:
-        raise ConfigError(_schema_message(error, source))
+    if not _compiled_schema_accepts("workspace.json", plain):
+        error = next(pyhf_schema("workspace.json").iter_errors(plain), None)
+        if error is not None:
+            raise ConfigError(_schema_message(error, source))
     _check_semantics(plain, source)
     if digest is not None:
         _VALIDATED[digest] = None
@@ -256,6 +263,20 @@ def pyhf_schema(name: str) -> jsonschema.protocols.Validator:
     )
     validator = jsonschema.validators.extend(jsonschema.Draft6Validator, type_checker=checker)
     return validator(_inline_refs(documents[name], name, documents, ()))
+
+
+@functools.cache
+def _compiled_schema(name: str) -> Callable[[Any], Any]:
+    """pyhf's schema ``name`` (inlined, as :func:`pyhf_schema`) compiled by fastjsonschema."""
+    return cast(Callable[[Any], Any], fastjsonschema.compile(pyhf_schema(name).schema))
+
+
+def _compiled_schema_accepts(name: str, instance: Any) -> bool:
+    try:
+        _compiled_schema(name)(instance)
+    except fastjsonschema.JsonSchemaException:
+        return False
+    return True
 
 
 def _inline_refs(node: Any, document: str, documents: Mapping[str, Any], seen: tuple) -> Any:
