@@ -171,9 +171,11 @@ class AsymptoticCalculator:
             nll = torch.stack(self._fused_fits(poi_value.reshape(-1))).reshape(2, *batch)
         else:
             data = torch.stack([d.expand(*batch, d.shape[-1]) for d in (self.data, self.asimov)])
-            start = torch.stack(
-                [f[0].detach().expand(*batch, model.npars) for f in self._free_fits]
-            )
+            # from the suggested init, as in the fused first call (and pyhf's fixed_poi_fit):
+            # where the likelihood has several minima, the start picks one, and every tested
+            # value must see the same function of mu (a limit brackets on one call's values
+            # and refines on later ones)
+            start = self.init.expand(2, *batch, model.npars).clone()
             start[..., poi] = poi_value.expand(batch).detach()
             fixed = self.fixed.clone()
             fixed[poi] = True

@@ -69,7 +69,8 @@ def scan(
 
     Default ``values``: ``n_steps`` points within best fit +- 2 post-fit uncertainties
     (cabinetry's default), clipped to the parameter's bounds; the uncertainty from the inverse
-    Hessian at the best fit.
+    Hessian at the best fit, or, for a parameter held on a bound, the one-sided profile error
+    (:func:`analysis.fit.fit` with ``poi=parameter``).
     """
     from analysis.fit import fit as single_fit
 
@@ -87,6 +88,7 @@ def scan(
         fixed=fixed,
         labels=model.par_names,
         method="newton",
+        poi=parameter,  # on a bound: the one-sided profile error, not NaN
     )
     center, width = float(best.bestfit[index]), float(best.uncertainty[index])
     if values is None and not math.isfinite(width):
