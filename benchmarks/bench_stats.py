@@ -1,9 +1,11 @@
-"""Statistics engine against pyhf 0.7.6 (numpy backend, scipy optimizer) in the same process.
+"""Statistics engine against pyhf 0.7.6 (numpy backend, scipy optimizer), and NextStat.
 
-    python benchmarks/bench_stats.py [--device cpu|cuda] [--quick]
+    python benchmarks/bench_stats.py [--device cpu|cuda] [--quick] [--cases abcd]
+    OMP_NUM_THREADS=1 python benchmarks/bench_stats.py --published [--workspaces susy,validation]
+        [--repeat 3] [--tight all|small|none] [--pyhf-limit all|small|none]
 
-Prints one JSON object with, for each case, our time, pyhf's time, the ratio (pyhf / ours) and
-how well the numbers agree with pyhf's:
+Prints one JSON object. Without ``--published``, cases (a)-(d) run in this process, each with
+our time, pyhf's time, the ratio (pyhf / ours) and how well the numbers agree with pyhf's:
 
 (a) the 2-bin pyhf example: one qtilde hypotest at mu = 1 (5 fits on either side);
 (b) a generated model of 50 channels x 10 bins with ~300 parameters (every modifier type): one
@@ -22,15 +24,78 @@ inference functions add an implicit-function step per fit for gradients, reporte
 after one warm-up, with 1 and 2 intra-op threads on CPU (1 only for (b)); the faster is
 reported, with its thread count. Times are the best of up to 3 runs; pyhf's subsets are timed
 once after a warm-up call.
+
+``--published`` (cases (a)-(d) then only with ``--cases``): real workspaces, read from
+``../shared/reference`` (``--reference-dir``): the published ATLAS likelihood
+``published/ANA-SUSY-2018-16_with_signal.json`` (44 channels, 219 parameters, POI ``mu_SIG``)
+and pyhf's four biggest validation workspaces (``pyhf_validation/reference_cases/2bin_2channel_*``,
+2 channels x 2 bins, 2-5 parameters). For each, three measurements, each timed whole process
+(wall time of the command in a subprocess) and in-process (the library call, models built
+beforehand):
+
+fit       ``diffana fit WS`` vs ``pyhf fit WS --value``; in-process
+          ``analysis.inference.global_fit(model, data, init, fixed, ())`` (what ``diffana fit``
+          runs, with its default method: the batched Newton minimum, multi-started on kinked
+          parameters, and the exact-Hessian errors) vs ``pyhf.infer.mle.fit(data, model,
+          return_fitted_val=True)``;
+hypotest  ``diffana hypotest WS --poi-value 1`` vs ``pyhf cls WS`` (qtilde, mu = 1);
+          in-process ``analysis.inference.hypotest(model, data, 1.0, "qtilde")`` vs
+          ``pyhf.infer.hypotest(1.0, data, model, test_stat="qtilde", return_expected_set=True)``;
+limit     ``diffana limit WS`` (which also computes a 31-point CLs curve) vs pyhf's
+          ``pyhf.infer.intervals.upper_limits.toms748_scan(data, model, 0, upper, level=0.05)``
+          (upper 2 on SUSY, 5 elsewhere; it widens a bracket that is too small) run as
+          ``python -c`` (pyhf has no limit command): its wall time is the whole-process time,
+          the time it measures around ``toms748_scan`` the in-process one; our in-process call
+          is ``analysis.inference.upper_limit(model, data, cl=0.95)``.
+
+NextStat (optional: ``pip install -e .[bench]``; ``"nextstat": "not installed"`` otherwise) is
+timed on the same workspaces: in-process ``nextstat.from_pyhf(json_text)``, then
+``nextstat.fit(model)``, ``nextstat.hypotest(1.0, model, return_tail_probs=True)`` (observed
+CLs only) and ``nextstat.upper_limit(model, method="root", alpha=0.05, hi=upper)``; whole
+process its ``nextstat fit|hypotest --expected-set|upper-limit --expected`` commands with
+``--threads 1``. Not with ``--interp-defaults pyhf``: in nextstat-cli 0.10.1 that flag gives
+another likelihood than pyhf's (its best-fit twice NLL on the SUSY workspace 563.67, where
+pyhf's ``logpdf`` at that point is 563.97), while the command's default gives pyhf's, as
+``from_pyhf`` does (checked in every run: ``twice_nll_pyhf_logpdf_at_nextstat_cli_bestfit``).
+
+Every measurement reports ``*_s`` (best time), ``*_runs_s``, ``ratio_pyhf_over_ours`` and
+``ratio_nextstat_over_ours``, and an ``agreement`` block: twice NLL at the best fit (ours, pyhf,
+NextStat, and pyhf's own ``model.logpdf`` evaluated at our and NextStat's best fit), best-fit
+POI, observed and expected CLs and limits of every tool with relative differences. pyhf is
+timed at its defaults (numpy, scipy SLSQP); the agreement reference is pyhf with
+``minuit_optimizer(tolerance=1e-6)`` where ``--tight`` says (default: the small workspaces; on
+the SUSY workspace one tight MINUIT fit takes over half an hour, so there the reference is
+pyhf's ``logpdf`` at each tool's best fit, pyhf's defaults and NextStat).
+
+Timing: our side best of ``--repeat`` (3; 1 with ``--quick``) with one intra-op thread (the
+CLI's ``--threads 1``), under ``torch.no_grad()`` like the CLI; an in-process first call under
+1 s is a warm-up and not counted. pyhf and NextStat likewise, except that a call or command
+slower than 5 s is timed once (pyhf on the SUSY workspace: ~15 s a fit, ~75 s a hypotest on an
+idle core). NextStat gets one Rayon thread (``set_threads(1)``). Run with ``OMP_NUM_THREADS=1``
+(pyhf's numpy and torch would otherwise use every core); the load average at start and end is
+in the output, as the numbers are only as good as the machine was idle. On a 2-core machine at
+load ~2 the SUSY part took 17 minutes without pyhf's limit (``--pyhf-limit small``; mostly
+pyhf's fits and hypotests and NextStat's limit), the validation part 5; pyhf's toms748 scan of
+the SUSY workspace (``--pyhf-limit all``, the default) adds about 20 hypotests of 1-5 minutes
+each. Progress goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyhf
@@ -471,16 +536,761 @@ def case_d(device: torch.device, quick: bool, repeat: int, n_toys: int = 10_000)
     }
 
 
+# --------------------------------------------------------------------------------------------
+# --published: a published ATLAS likelihood and pyhf's validation workspaces against pyhf (and
+# NextStat when installed), whole process (the command lines) and in-process (library calls)
+# --------------------------------------------------------------------------------------------
+
+PROJECT = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE_DIR = PROJECT.parent / "shared" / "reference"
+SUSY_WORKSPACE = "published/ANA-SUSY-2018-16_with_signal.json"
+SUSY_LIMIT_BRACKET = 2.0
+"""Upper end of pyhf's toms748 bracket on the SUSY workspace (its POI bound is 5; the +2 sigma
+expected limit is ~1.1): each extra bracket doubling or toms748 step there is a ~1 minute
+hypotest. toms748_scan widens a bracket that does not hold a limit by itself."""
+VALIDATION_CASES = (
+    "2bin_2channel_coupledhistosys_mu1",
+    "2bin_2channel_couplednorm_mu1",
+    "2bin_2channel_coupledshapefactor_mu1",
+    "2bin_2channel_mu1",
+)
+"""pyhf's biggest validation workspaces (2 channels x 2 bins, 2 to 5 parameters; the
+``workspace`` of each reference case; the CLs stored with them are for the q statistic)."""
+POI_TEST = 1.0
+CL = 0.95
+WARMUP_BELOW_S = 1.0
+"""An in-process first call faster than this is a warm-up, not counted."""
+ONCE_ABOVE_S = 5.0
+"""A pyhf or NextStat call (or command) slower than this is timed once."""
+SMALL_PARAMETERS = 20
+"""Workspaces with at most this many parameters are small: pyhf's tight-MINUIT limit is run on
+them only (on the SUSY workspace it would be dozens of MINUIT hypotests of minutes each)."""
+TIGHT_WHERE = {
+    "all": "every workspace (limits: small ones only)",
+    "small": f"workspaces of at most {SMALL_PARAMETERS} parameters",
+    "none": "no workspace",
+}
+PYHF_DEFAULT = "numpy backend, scipy optimizer (SLSQP), pyhf defaults"
+PYHF_TIGHT = "numpy backend, pyhf.optimize.minuit_optimizer(tolerance=1e-6)"
+
+PYHF_LIMIT_SCRIPT = """
+import json, sys, time, warnings
+warnings.filterwarnings("ignore")
+import pyhf
+path, upper, tight = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "tight"
+pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-6) if tight else "scipy")
+with open(path) as f:
+    workspace = pyhf.Workspace(json.load(f))
+model = workspace.model()
+data = workspace.data(model)
+start = time.perf_counter()
+observed, expected = pyhf.infer.intervals.upper_limits.toms748_scan(
+    data, model, 0.0, upper, level=0.05
+)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "observed": float(observed),
+                  "expected": [float(x) for x in expected]}))
+"""
+"""pyhf has no limit command: this script, run as ``python -c``, is its whole process; the
+time it prints is its in-process time (``toms748_scan`` alone)."""
+
+
+def _measure(func: Callable[[], Any], repeat: int, once_above: float = math.inf):
+    """(best seconds, counted runs' seconds, last result) of up to ``repeat`` timed calls. A
+    first call under WARMUP_BELOW_S is a warm-up (not counted); a call over ``once_above``
+    seconds ends the timing."""
+    runs: list[float] = []
+    result, warmed = None, False
+    while len(runs) < repeat:
+        start = time.perf_counter()
+        result = func()
+        seconds = time.perf_counter() - start
+        if not warmed and not runs and seconds < WARMUP_BELOW_S:
+            warmed = True
+            continue
+        runs.append(seconds)
+        if seconds > once_above:
+            break
+    return min(runs), runs, result
+
+
+def _process(argv: list[str]) -> tuple[float, Any]:
+    """Wall seconds of one command and the JSON it printed (RuntimeError if it failed)."""
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        tail = done.stderr.strip()[-600:]
+        raise RuntimeError(f"{' '.join(argv)} exited with {done.returncode}: {tail}")
+    return seconds, json.loads(done.stdout)
+
+
+def _measure_process(argv: list[str], repeat: int, once_above: float = math.inf):
+    """(best seconds, runs' seconds, last JSON output) of up to ``repeat`` runs of a command."""
+    runs: list[float] = []
+    out = None
+    while len(runs) < repeat:
+        seconds, out = _process(argv)
+        runs.append(seconds)
+        if seconds > once_above:
+            break
+    return min(runs), runs, out
+
+
+def _executable(name: str) -> str | None:
+    """The command ``name`` next to this Python (the virtualenv's), else on PATH."""
+    here = pathlib.Path(sys.executable).with_name(name)
+    return str(here) if here.exists() else shutil.which(name)
+
+
+def _attempt(func: Callable[[], Any]) -> Any:
+    """``func()``, or ``{"error": ...}``: one failing tool does not stop the benchmark."""
+    try:
+        return func()
+    except Exception as err:  # noqa: BLE001 - reported in the JSON
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def _ok(value: Any) -> bool:
+    return not (isinstance(value, dict) and "error" in value)
+
+
+def _ratio(numerator: Any, denominator: Any) -> float | None:
+    if isinstance(numerator, dict) or isinstance(denominator, dict):
+        return None
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return float(numerator) / float(denominator)
+
+
+def _rel_diff(ours: Any, ref: Any) -> float | None:
+    """max |ours / ref - 1| over the elements (None when one side is missing)."""
+    if ours is None or ref is None or not _ok(ours) or not _ok(ref):
+        return None
+    a, b = np.asarray(ours, dtype=float), np.asarray(ref, dtype=float)
+    return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+@contextlib.contextmanager
+def _pyhf_tight():
+    """pyhf with the tight MINUIT settings of the agreement reference, scipy again after."""
+    pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-6))
+    try:
+        yield
+    finally:
+        pyhf.set_backend("numpy", "scipy")
+
+
+def _import_nextstat() -> Any:
+    """The ``nextstat`` module (optional: ``pip install diffana[bench]``), or None."""
+    try:
+        import nextstat  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return nextstat if getattr(nextstat, "from_pyhf", None) is not None else None
+
+
+def _diffana_fit_call() -> tuple[str, Callable]:
+    """What ``diffana fit`` runs: ``analysis.inference.global_fit`` with its default method
+    (``analysis.cli._global_fit``, MIGRAD checked by Newton, before the inference package was
+    split), else plain ``fit_model`` (MIGRAD + HESSE)."""
+    found = getattr(inference, "global_fit", None)
+    if found is not None:
+        return "analysis.inference.global_fit(model, data, init, fixed, ()) (diffana fit)", found
+    try:
+        from analysis.cli import _global_fit  # type: ignore[attr-defined]
+    except ImportError:
+        from analysis.fit import fit_model
+
+        def plain(model, data, init, fixed, minos):
+            return fit_model(model, data, init=init, fixed=fixed, minos=minos)
+
+        return "analysis.fit.fit_model (MIGRAD + HESSE; no global_fit found)", plain
+    return "analysis.cli._global_fit(model, data, init, fixed, ()) (diffana fit)", _global_fit
+
+
+class PublishedBench:
+    """Fit, hypotest at mu = 1 and limit of one pyhf JSON workspace with every tool."""
+
+    def __init__(self, name: str, path: pathlib.Path, limit_upper: float, args, ns: Any):
+        self.name, self.path, self.limit_upper, self.ns = name, path, limit_upper, ns
+        self.repeat, self.device = args.repeat, torch.device(args.device)
+        self.pyhf_limit = args.pyhf_limit
+        self.diffana = _executable("diffana")
+        self.pyhf_cli = _executable("pyhf")
+        self.nextstat_cli = _executable("nextstat") if ns is not None else None
+        text = path.read_text()
+        start = time.perf_counter()
+        workspace = Workspace.load(path)
+        self.model = workspace.model(device=self.device)
+        self.data = workspace.data(self.model)
+        self.ours_load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        ref_ws = pyhf.Workspace(json.loads(text))
+        self.ref_model = ref_ws.model()
+        self.ref_data = ref_ws.data(self.ref_model)
+        self.pyhf_load_s = time.perf_counter() - start
+        self.ref_names = list(self.ref_model.config.par_names)
+        self.tight = args.tight == "all" or (args.tight == "small" and self._small())
+        self.ns_model, self.ns_load_s = None, None
+        if ns is not None:
+            start = time.perf_counter()
+            self.ns_model = ns.from_pyhf(text)
+            self.ns_load_s = time.perf_counter() - start
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _ours(self, func: Callable[[], Any]):
+        """Our in-process call: no autograd graphs and one intra-op thread, as the CLI."""
+        default = torch.get_num_threads()
+
+        def call():
+            with torch.no_grad():
+                return func()
+
+        try:
+            torch.set_num_threads(1)
+            return _measure(call, self.repeat)
+        finally:
+            torch.set_num_threads(default)
+
+    def _pyhf_order(self, names: list[str], values: Any) -> np.ndarray:
+        index = {n: i for i, n in enumerate(names)}
+        values = np.asarray(values, dtype=float)
+        return np.array([values[index[n]] for n in self.ref_names])
+
+    def _pyhf_twice_nll(self, names: list[str], values: Any) -> float:
+        """-2 pyhf ``model.logpdf`` at a parameter point given in another tool's order."""
+        pars = self._pyhf_order(names, values)
+        return -2.0 * float(self.ref_model.logpdf(pars, self.ref_data)[0])
+
+    def _ours_cli(self, *args: str) -> list[str]:
+        return [self.diffana, *args, str(self.path), "--device", str(self.device)]
+
+    def _ns_cli(self, command: str, *args: str) -> list[str]:
+        return [
+            self.nextstat_cli,
+            command,
+            "--input",
+            str(self.path),
+            *args,
+            "--threads",
+            "1",
+        ]
+
+    def workspace_info(self) -> dict:
+        return {
+            "path": str(self.path),
+            "channels": len(self.model.channels),
+            "bins": int(self.model.nmain),
+            "parameters": int(self.model.npars),
+            "poi": self.model.poi_name,
+            "load_s": {
+                "ours": self.ours_load_s,
+                "pyhf": self.pyhf_load_s,
+                "nextstat": self.ns_load_s,
+            },
+        }
+
+    # --- fit -----------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        model, data = self.model, self.data
+        call, global_fit = _diffana_fit_call()
+
+        def ours_fit():
+            init, fixed = model.suggested_init().clone(), model.suggested_fixed().clone()
+            return global_fit(model, data, init, fixed, ())
+
+        ours = _attempt(lambda: self._ours(ours_fit))
+        ours_cli = _attempt(lambda: _measure_process(self._ours_cli("fit"), self.repeat))
+        pyhf_cli = _attempt(
+            lambda: _measure_process(
+                [self.pyhf_cli, "fit", str(self.path), "--value"], self.repeat, ONCE_ABOVE_S
+            )
+        )
+
+        def pyhf_fit():
+            return pyhf.infer.mle.fit(self.ref_data, self.ref_model, return_fitted_val=True)
+
+        ref = _attempt(lambda: _measure(pyhf_fit, self.repeat, ONCE_ABOVE_S))
+        tight = None
+        if self.tight:
+
+            def tight_fit():
+                with _pyhf_tight():
+                    return _measure(pyhf_fit, 1)
+
+            tight = _attempt(tight_fit)
+        ns_in = ns_cli = None
+        if self.ns is not None:
+            ns_in = _attempt(
+                lambda: _measure(lambda: self.ns.fit(self.ns_model), self.repeat, ONCE_ABOVE_S)
+            )
+            if self.nextstat_cli:
+                ns_cli = _attempt(
+                    lambda: _measure_process(self._ns_cli("fit"), self.repeat, ONCE_ABOVE_S)
+                )
+        # agreement
+        poi = self.ref_names.index(self.model.poi_name) if self.model.poi_name else None
+        agree: dict[str, Any] = {
+            "pyhf_timed": PYHF_DEFAULT,
+            "pyhf_tight": PYHF_TIGHT if self.tight else "not run here (--tight)",
+        }
+        ours_x = None
+        if _ok(ours):
+            result = ours[2]
+            ours_x = self._pyhf_order(list(result.labels), result.bestfit.cpu().numpy())
+            agree["twice_nll_ours"] = float(result.twice_nll)
+            agree["twice_nll_pyhf_logpdf_at_ours_bestfit"] = self._pyhf_twice_nll(
+                list(result.labels), result.bestfit.cpu().numpy()
+            )
+            agree["ours_converged"] = bool(result.converged)
+        if _ok(ours_cli):
+            agree["twice_nll_ours_cli"] = float(ours_cli[2]["twice_nll"])
+        if _ok(ref):
+            agree["twice_nll_pyhf"] = float(ref[2][1])
+        if _ok(pyhf_cli):
+            agree["twice_nll_pyhf_cli"] = float(pyhf_cli[2]["twice_nll"])
+        if tight is not None and _ok(tight):
+            agree["twice_nll_pyhf_tight"] = float(tight[2][1])
+            if ours_x is not None:
+                agree["twice_nll_ours_minus_pyhf_tight"] = (
+                    agree["twice_nll_pyhf_logpdf_at_ours_bestfit"] - agree["twice_nll_pyhf_tight"]
+                )
+                agree["max_abs_bestfit_diff_ours_vs_pyhf_tight"] = float(
+                    np.max(np.abs(ours_x - np.asarray(tight[2][0])))
+                )
+        elif tight is not None:
+            agree["pyhf_tight_error"] = tight["error"]
+        if ours_x is not None and _ok(ref):
+            agree["twice_nll_ours_minus_pyhf"] = (
+                agree["twice_nll_pyhf_logpdf_at_ours_bestfit"] - agree["twice_nll_pyhf"]
+            )
+            agree["max_abs_bestfit_diff_ours_vs_pyhf"] = float(
+                np.max(np.abs(ours_x - np.asarray(ref[2][0])))
+            )
+        if poi is not None:
+            agree["poi_hat"] = {
+                "ours": float(ours_x[poi]) if ours_x is not None else None,
+                "pyhf": float(ref[2][0][poi]) if _ok(ref) else None,
+                "pyhf_tight": float(tight[2][0][poi]) if tight is not None and _ok(tight) else None,
+            }
+        if ns_cli is not None and _ok(ns_cli):
+            r = ns_cli[2]
+            agree["twice_nll_nextstat_cli"] = float(r["twice_nll"])
+            agree["twice_nll_pyhf_logpdf_at_nextstat_cli_bestfit"] = self._pyhf_twice_nll(
+                list(r["parameter_names"]), r["bestfit"]
+            )
+        if ns_in is not None and _ok(ns_in):
+            r = ns_in[2]
+            names = list(self.ns_model.parameter_names())
+            agree["twice_nll_nextstat"] = float(r.twice_nll)
+            agree["twice_nll_pyhf_logpdf_at_nextstat_bestfit"] = self._pyhf_twice_nll(
+                names, r.parameters
+            )
+            agree["nextstat_converged"] = bool(r.converged)
+            if poi is not None:
+                agree["poi_hat"]["nextstat"] = float(self._pyhf_order(names, r.parameters)[poi])
+        return {
+            "whole_process": self._times(
+                ours_cli,
+                pyhf_cli,
+                ns_cli,
+                ours=f"diffana fit WS --device {self.device}",
+                pyhf="pyhf fit WS --value",
+                nextstat="nextstat fit --input WS --threads 1",
+            ),
+            "in_process": self._times(
+                ours,
+                ref,
+                ns_in,
+                ours=call,
+                pyhf="pyhf.infer.mle.fit(data, model, return_fitted_val=True)",
+                nextstat="nextstat.fit(model)",
+            ),
+            "pyhf_tight_s": tight[0] if tight is not None and _ok(tight) else None,
+            "agreement": agree,
+        }
+
+    def _times(self, ours_side, pyhf_side, ns_side, /, **calls: str) -> dict:
+        """Best times, runs and ratios (pyhf / ours, nextstat / ours) of one measurement."""
+        out: dict[str, Any] = {"calls": calls}
+        for key, side in (("ours", ours_side), ("pyhf", pyhf_side), ("nextstat", ns_side)):
+            if side is None:
+                out[f"{key}_s"] = "not installed" if key == "nextstat" and self.ns is None else None
+            elif _ok(side):
+                out[f"{key}_s"], out[f"{key}_runs_s"] = side[0], side[1]
+            else:
+                out[f"{key}_s"], out[f"{key}_error"] = None, side["error"]
+        for key in ("pyhf", "nextstat"):
+            value = out[f"{key}_s"]
+            out[f"ratio_{key}_over_ours"] = (
+                _ratio(value, out["ours_s"]) if not isinstance(value, str) else None
+            )
+        return out
+
+    # --- hypotest ----------------------------------------------------------------------------
+
+    def hypotest(self) -> dict:
+        model, data = self.model, self.data
+
+        def ours_test():
+            return inference.hypotest(model, data, POI_TEST, "qtilde")
+
+        def pyhf_test():
+            return pyhf.infer.hypotest(
+                POI_TEST,
+                self.ref_data,
+                self.ref_model,
+                test_stat="qtilde",
+                return_expected_set=True,
+            )
+
+        ours = _attempt(lambda: self._ours(ours_test))
+        ours_cli = _attempt(
+            lambda: _measure_process(
+                self._ours_cli("hypotest", "--poi-value", f"{POI_TEST:g}"), self.repeat
+            )
+        )
+        pyhf_cli = _attempt(
+            lambda: _measure_process(
+                [
+                    self.pyhf_cli,
+                    "cls",
+                    str(self.path),
+                    "--test-poi",
+                    f"{POI_TEST:g}",
+                    "--test-stat",
+                    "qtilde",
+                ],
+                self.repeat,
+                ONCE_ABOVE_S,
+            )
+        )
+        ref = _attempt(lambda: _measure(pyhf_test, self.repeat, ONCE_ABOVE_S))
+        tight = None
+        if self.tight:
+
+            def tight_test():
+                with _pyhf_tight():
+                    return _measure(pyhf_test, 1)
+
+            tight = _attempt(tight_test)
+        ns_in = ns_cli = None
+        if self.ns is not None:
+            ns_in = _attempt(
+                lambda: _measure(
+                    lambda: self.ns.hypotest(POI_TEST, self.ns_model, return_tail_probs=True),
+                    self.repeat,
+                    ONCE_ABOVE_S,
+                )
+            )
+            if self.nextstat_cli:
+                ns_cli = _attempt(
+                    lambda: _measure_process(
+                        self._ns_cli("hypotest", "--mu", f"{POI_TEST:g}", "--expected-set"),
+                        self.repeat,
+                        ONCE_ABOVE_S,
+                    )
+                )
+        cls: dict[str, Any] = {}
+        if _ok(ours):
+            cls["ours"] = [float(ours[2].cls_obs), [float(x) for x in ours[2].cls_exp]]
+        if _ok(ours_cli):
+            cls["ours_cli"] = [ours_cli[2]["cls_obs"], ours_cli[2]["cls_exp"]]
+        if _ok(ref):
+            cls["pyhf"] = [float(ref[2][0]), [float(x) for x in ref[2][1]]]
+        if _ok(pyhf_cli):
+            cls["pyhf_cli"] = [pyhf_cli[2]["CLs_obs"], pyhf_cli[2]["CLs_exp"]]
+        if tight is not None and _ok(tight):
+            cls["pyhf_tight"] = [float(tight[2][0]), [float(x) for x in tight[2][1]]]
+        if ns_in is not None and _ok(ns_in):
+            cls["nextstat"] = [float(ns_in[2][0]), None]
+        if ns_cli is not None and _ok(ns_cli):
+            cls["nextstat_cli"] = [ns_cli[2]["cls"], ns_cli[2]["expected_set"]["cls"]]
+        agree: dict[str, Any] = {
+            "pyhf_timed": PYHF_DEFAULT,
+            "pyhf_tight": PYHF_TIGHT if self.tight else "not run here (--tight)",
+            "expected_order": "-2 sigma .. +2 sigma (ascending CLs)",
+            "cls_obs": {k: v[0] for k, v in cls.items()},
+            "cls_exp": {k: v[1] for k, v in cls.items() if v[1] is not None},
+        }
+        if tight is not None and not _ok(tight):
+            agree["pyhf_tight_error"] = tight["error"]
+        if "ours" in cls:
+            for ref_key in ("pyhf", "pyhf_tight", "nextstat", "nextstat_cli"):
+                if ref_key in cls:
+                    agree[f"cls_obs_rel_diff_ours_vs_{ref_key}"] = _rel_diff(
+                        cls["ours"][0], cls[ref_key][0]
+                    )
+                    if cls[ref_key][1] is not None:
+                        agree[f"cls_exp_max_rel_diff_ours_vs_{ref_key}"] = _rel_diff(
+                            cls["ours"][1], cls[ref_key][1]
+                        )
+        return {
+            "poi_value": POI_TEST,
+            "test_stat": "qtilde",
+            "whole_process": self._times(
+                ours_cli,
+                pyhf_cli,
+                ns_cli,
+                ours=f"diffana hypotest WS --poi-value {POI_TEST:g} --device {self.device}",
+                pyhf=f"pyhf cls WS --test-poi {POI_TEST:g} --test-stat qtilde",
+                nextstat=f"nextstat hypotest --input WS --mu {POI_TEST:g} --expected-set "
+                "--threads 1",
+            ),
+            "in_process": self._times(
+                ours,
+                ref,
+                ns_in,
+                ours=f'analysis.inference.hypotest(model, data, {POI_TEST:g}, "qtilde")',
+                pyhf=f'pyhf.infer.hypotest({POI_TEST:g}, data, model, test_stat="qtilde", '
+                "return_expected_set=True)",
+                nextstat=f"nextstat.hypotest({POI_TEST:g}, model, return_tail_probs=True) "
+                "(observed CLs only; its expected set from the command)",
+            ),
+            "pyhf_tight_s": tight[0] if tight is not None and _ok(tight) else None,
+            "agreement": agree,
+        }
+
+    # --- limit -------------------------------------------------------------------------------
+
+    def limit(self) -> dict:
+        model, data = self.model, self.data
+        upper = self.limit_upper
+
+        def ours_limit():
+            return inference.upper_limit(model, data, cl=CL)
+
+        ours = _attempt(lambda: self._ours(ours_limit))
+        ours_cli = _attempt(lambda: _measure_process(self._ours_cli("limit"), self.repeat))
+        pyhf_argv = [sys.executable, "-c", PYHF_LIMIT_SCRIPT, str(self.path), f"{upper:g}"]
+        run_pyhf = self.pyhf_limit == "all" or (self.pyhf_limit == "small" and self._small())
+        pyhf_proc = tight = None
+        if run_pyhf:
+            pyhf_proc = _attempt(
+                lambda: _measure_process([*pyhf_argv, "default"], self.repeat, ONCE_ABOVE_S)
+            )
+        if run_pyhf and self.tight and self._small():  # on SUSY: dozens of minutes-long tests
+            tight = _attempt(lambda: _process([*pyhf_argv, "tight"]))
+        ns_in = ns_cli = None
+        if self.ns is not None:
+            ns_in = _attempt(
+                lambda: _measure(
+                    lambda: self.ns.upper_limit(
+                        self.ns_model, method="root", alpha=1 - CL, hi=upper
+                    ),
+                    self.repeat,
+                    ONCE_ABOVE_S,
+                )
+            )
+            if self.nextstat_cli:
+                ns_cli = _attempt(
+                    lambda: _measure_process(
+                        self._ns_cli(
+                            "upper-limit",
+                            "--expected",
+                            "--alpha",
+                            f"{1 - CL:g}",
+                            "--hi",
+                            f"{upper:g}",
+                        ),
+                        self.repeat,
+                        ONCE_ABOVE_S,
+                    )
+                )
+        limits: dict[str, Any] = {}
+        if _ok(ours):
+            limits["ours"] = [ours[2].observed, list(ours[2].expected)]
+        if _ok(ours_cli):
+            limits["ours_cli"] = [ours_cli[2]["observed"], ours_cli[2]["expected"]]
+        if pyhf_proc is not None and _ok(pyhf_proc):
+            limits["pyhf"] = [pyhf_proc[2]["observed"], pyhf_proc[2]["expected"]]
+        if tight is not None and _ok(tight):
+            limits["pyhf_tight"] = [tight[1]["observed"], tight[1]["expected"]]
+        if ns_in is not None and _ok(ns_in):
+            limits["nextstat"] = [float(ns_in[2][0]), [float(x) for x in ns_in[2][1]]]
+        if ns_cli is not None and _ok(ns_cli):
+            limits["nextstat_cli"] = [ns_cli[2]["obs_limit"], ns_cli[2]["exp_limits"]]
+        agree: dict[str, Any] = {
+            "cl": CL,
+            "pyhf_timed": f"toms748_scan(data, model, 0, {upper:g}, level={1 - CL:g}) "
+            f"(rtol 1e-4), {PYHF_DEFAULT}",
+            "expected_order": "-2 sigma .. +2 sigma",
+            "observed": {k: v[0] for k, v in limits.items()},
+            "expected": {k: v[1] for k, v in limits.items()},
+        }
+        if tight is not None:
+            agree["pyhf_tight"] = f"the same with {PYHF_TIGHT}"
+            if not _ok(tight):
+                agree["pyhf_tight_error"] = tight["error"]
+        if "ours" in limits:
+            for ref_key in ("pyhf", "pyhf_tight", "nextstat"):
+                if ref_key in limits:
+                    agree[f"observed_rel_diff_ours_vs_{ref_key}"] = _rel_diff(
+                        limits["ours"][0], limits[ref_key][0]
+                    )
+                    agree[f"expected_max_rel_diff_ours_vs_{ref_key}"] = _rel_diff(
+                        limits["ours"][1], limits[ref_key][1]
+                    )
+        # pyhf's in-process time is the one its script measured around toms748_scan
+        pyhf_in = None
+        if pyhf_proc is not None:
+            pyhf_in = (
+                (pyhf_proc[2]["seconds"], [pyhf_proc[2]["seconds"]], None)
+                if _ok(pyhf_proc)
+                else pyhf_proc
+            )
+        skipped = f"skipped (--pyhf-limit {self.pyhf_limit})" if pyhf_proc is None else None
+        whole = self._times(
+            ours_cli,
+            pyhf_proc,
+            ns_cli,
+            ours=f"diffana limit WS --device {self.device} (limits + a "
+            "31-point CLs scan for the Brazil plot)",
+            pyhf="python -c <pyhf toms748_scan script>",
+            nextstat=f"nextstat upper-limit --input WS --expected --alpha {1 - CL:g} "
+            f"--hi {upper:g} --threads 1",
+        )
+        inproc = self._times(
+            ours,
+            pyhf_in,
+            ns_in,
+            ours=f"analysis.inference.upper_limit(model, data, cl={CL:g})",
+            pyhf=f"pyhf.infer.intervals.upper_limits.toms748_scan(data, model, 0, {upper:g}, "
+            f"level={1 - CL:g}) (timed inside the script above)",
+            nextstat=f'nextstat.upper_limit(model, method="root", alpha={1 - CL:g}, hi={upper:g})',
+        )
+        if skipped:
+            whole["pyhf_s"] = inproc["pyhf_s"] = skipped
+        return {
+            "whole_process": whole,
+            "in_process": inproc,
+            "pyhf_tight_s": tight[1]["seconds"] if tight is not None and _ok(tight) else None,
+            "agreement": agree,
+        }
+
+    def _small(self) -> bool:
+        """A workspace whose pyhf limit takes seconds, not an hour (pyhf's validation ones)."""
+        return int(self.model.npars) <= SMALL_PARAMETERS
+
+    def run(self) -> dict:
+        out: dict[str, Any] = {"workspace": self.workspace_info()}
+        for case in ("fit", "hypotest", "limit"):
+            start = time.perf_counter()
+            out[case] = _attempt(getattr(self, case))
+            print(
+                f"[bench_stats] {self.name} {case}: {time.perf_counter() - start:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        return out
+
+
+def published(args) -> dict:
+    """The --published section: one entry per workspace, and what was measured how."""
+    ns = _import_nextstat()
+    if ns is not None:
+        ns.set_threads(1)  # Rayon's pool: one thread, like our side and pyhf's numpy
+    reference = pathlib.Path(args.reference_dir)
+    out: dict[str, Any] = {
+        "nextstat": getattr(ns, "__version__", "?") if ns is not None else "not installed",
+        "reference_dir": str(reference),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "load_average_start": list(os.getloadavg()),
+        "threads": "one on every side: our in-process calls torch.set_num_threads(1) (the CLI's "
+        "--threads default), NextStat set_threads(1) and --threads 1, pyhf numpy under "
+        "OMP_NUM_THREADS",
+        "timing": f"ours: best of {args.repeat} (in-process: a first call under "
+        f"{WARMUP_BELOW_S:g} s is a warm-up); pyhf and NextStat the same, but a call or "
+        f"command over {ONCE_ABOVE_S:g} s is timed once; whole process = wall time of the "
+        "command in a subprocess",
+        "pyhf_timed": PYHF_DEFAULT,
+        "pyhf_agreement_reference": f"{PYHF_TIGHT} on {TIGHT_WHERE[args.tight]} (--tight "
+        f"{args.tight}); everywhere: pyhf's model.logpdf at each tool's best fit",
+    }
+    cases: list[tuple[str, pathlib.Path, float]] = []
+    with tempfile.TemporaryDirectory(prefix="bench_stats_") as tmp:
+        if "susy" in args.workspaces:
+            cases.append(("ANA-SUSY-2018-16", reference / SUSY_WORKSPACE, SUSY_LIMIT_BRACKET))
+        chosen = [
+            c for c in VALIDATION_CASES if "validation" in args.workspaces or c in args.workspaces
+        ]
+        if chosen:
+            for case in chosen:
+                source = reference / "pyhf_validation" / "reference_cases" / f"{case}.json"
+                if not source.exists():
+                    out[f"pyhf_validation/{case}"] = {"error": f"{source} not found"}
+                    continue
+                path = pathlib.Path(tmp) / f"{case}.json"
+                path.write_text(json.dumps(json.loads(source.read_text())["workspace"]))
+                cases.append((f"pyhf_validation/{case}", path, 5.0))
+        for name, path, upper in cases:
+            if not path.exists():
+                out[name] = {"error": f"{path} not found"}
+                continue
+            bench = _attempt(lambda: PublishedBench(name, path, upper, args, ns))  # noqa: B023
+            out[name] = bench.run() if isinstance(bench, PublishedBench) else bench
+    out["load_average_end"] = list(os.getloadavg())
+    return out
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="smaller pyhf subsets, fewer runs")
     parser.add_argument(
-        "--cases", default="abcd", help="which cases to run (letters), default all: abcd"
+        "--cases",
+        default=None,
+        help="which of the cases (a)-(d) to run (letters); default abcd, none with --published",
+    )
+    published_args = parser.add_argument_group("--published")
+    published_args.add_argument(
+        "--published",
+        action="store_true",
+        help="the published SUSY likelihood and pyhf's validation workspaces against pyhf (and "
+        "NextStat), whole process and in-process",
+    )
+    published_args.add_argument(
+        "--workspaces",
+        default="susy,validation",
+        help="comma-separated: susy, validation (all four) or validation case names "
+        "(default: susy,validation)",
+    )
+    published_args.add_argument(
+        "--reference-dir",
+        default=str(REFERENCE_DIR),
+        help="the shared reference folder (default: ../shared/reference of the project)",
+    )
+    published_args.add_argument(
+        "--repeat", type=int, default=None, help="timed runs of our side (default 3, 1 --quick)"
+    )
+    published_args.add_argument(
+        "--tight",
+        choices=tuple(TIGHT_WHERE),
+        default="small",
+        help="where pyhf's tight-MINUIT agreement reference runs (fit, hypotest; limit on "
+        "small workspaces only): all, small workspaces (default; a tight MINUIT fit of the "
+        "SUSY workspace takes over half an hour), none",
+    )
+    published_args.add_argument(
+        "--pyhf-limit",
+        choices=("all", "small", "none"),
+        default="all",
+        help="where to run pyhf's toms748 limit (an hour on the SUSY workspace): all "
+        "(default), small workspaces only, none",
     )
     args = parser.parse_args()
     device = torch.device(args.device)
     repeat = 1 if args.quick else 3
+    if args.repeat is None:
+        args.repeat = repeat
+    if args.cases is None:
+        args.cases = "" if args.published else "abcd"
+    args.workspaces = {w.strip() for w in args.workspaces.split(",") if w.strip()}
     pyhf.set_backend("numpy", "scipy")
     out: dict = {
         "device": str(device),
@@ -500,6 +1310,8 @@ def main() -> None:
     for letter in args.cases:
         name, run = cases[letter]
         out[name] = run()
+    if args.published:
+        out["published"] = published(args)
     out["total_s"] = time.perf_counter() - start
     print(json.dumps(out, indent=2))
 
