@@ -253,7 +253,7 @@ def twice_nll_derivatives(
         kb, kc = structure.block_slots.shape[0], structure.cell_slots.shape[0]
         per_column = max(
             n_cells * (n_par + 1),
-            kb * kb * structure.block_slots.shape[1],
+            structure.pair_first.numel(),  # the block-factor pairs
             kc * (kb + kc) * n_cells,
             (n_par + 1) ** 2,
         )
