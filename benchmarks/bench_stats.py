@@ -76,8 +76,8 @@ idle core). NextStat gets one Rayon thread (``set_threads(1)``). Run with ``OMP_
 in the output, as the numbers are only as good as the machine was idle. On a 2-core machine at
 load ~2 the SUSY part took 17 minutes without pyhf's limit (``--pyhf-limit small``; mostly
 pyhf's fits and hypotests and NextStat's limit), the validation part 5; pyhf's toms748 scan of
-the SUSY workspace (``--pyhf-limit all``, the default) adds about 20 hypotests of 1-5 minutes
-each. Progress goes to stderr.
+the SUSY workspace (``--pyhf-limit all``, the default) adds about 40 hypotests of ~2 minutes
+each on an idle core (43 with the bracket [0, 5]). Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -546,8 +546,8 @@ REFERENCE_DIR = PROJECT.parent / "shared" / "reference"
 SUSY_WORKSPACE = "published/ANA-SUSY-2018-16_with_signal.json"
 SUSY_LIMIT_BRACKET = 2.0
 """Upper end of pyhf's toms748 bracket on the SUSY workspace (its POI bound is 5; the +2 sigma
-expected limit is ~1.1): each extra bracket doubling or toms748 step there is a ~1 minute
-hypotest. toms748_scan widens a bracket that does not hold a limit by itself."""
+expected limit is ~1.1): each toms748 step there is a ~2 minute hypotest. toms748_scan widens
+a bracket that does not hold a limit by itself."""
 VALIDATION_CASES = (
     "2bin_2channel_coupledhistosys_mu1",
     "2bin_2channel_couplednorm_mu1",
@@ -1280,7 +1280,7 @@ def main() -> None:
         "--pyhf-limit",
         choices=("all", "small", "none"),
         default="all",
-        help="where to run pyhf's toms748 limit (an hour on the SUSY workspace): all "
+        help="where to run pyhf's toms748 limit (~80 minutes on the SUSY workspace): all "
         "(default), small workspaces only, none",
     )
     args = parser.parse_args()
