@@ -154,12 +154,19 @@ def _constraint_derivatives(
     return first, second
 
 
+def _before_after(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Exclusive prefix and suffix products over K of ``factors`` ``(K, n, B)``:
+    :math:`\prod_{m < k} f_m` and :math:`\prod_{m > k} f_m`."""
+    ones = torch.ones_like(factors[:1])
+    before = torch.cat([ones, factors[:-1]]).cumprod(0)
+    after = torch.cat([factors[1:], ones]).flip(0).cumprod(0).flip(0)
+    return before, after
+
+
 def _all_but_one(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Product ``(n, B)`` and all-but-one products ``(K, n, B)`` of ``factors`` ``(K, n, B)``
     over K, from prefix and suffix products (no division: exact with zeros)."""
-    ones = torch.ones_like(factors[:1])
-    before = torch.cat([ones, factors[:-1]]).cumprod(0)  # prod_{m < k}
-    after = torch.cat([factors[1:], ones]).flip(0).cumprod(0).flip(0)  # prod_{m > k}
+    before, after = _before_after(factors)
     return before[-1] * factors[-1], before * after
 
 
@@ -167,9 +174,7 @@ def _all_but_two(factors: torch.Tensor) -> torch.Tensor:
     """All-but-two products ``(K, K, n, B)`` (zero diagonal) of ``factors`` ``(K, n, B)``:
     prefix x in-between x suffix products, O(K^2) memory (for few factors)."""
     k = factors.shape[0]
-    ones = torch.ones_like(factors[:1])
-    before = torch.cat([ones, factors[:-1]]).cumprod(0)
-    after = torch.cat([factors[1:], ones]).flip(0).cumprod(0).flip(0)
+    before, after = _before_after(factors)
     index = torch.arange(k, device=factors.device)
     later = (index[None, :] > index[:, None]).reshape(k, k, *([1] * (factors.ndim - 1)))
     # between[k, l] = prod_{k < m < l} f_m for l > k
