@@ -158,6 +158,7 @@ class Optimization:
     evaluate_every: int = 10
     checkpoint_every: int = 25
     seed: int = 0
+    min_effective_events: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -838,6 +839,7 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
         evaluate_every=int(opt.get("EvaluateEvery", defaults.evaluate_every)),
         checkpoint_every=int(opt.get("CheckpointEvery", defaults.checkpoint_every)),
         seed=int(opt.get("Seed", defaults.seed)),
+        min_effective_events=float(opt.get("MinEffectiveEvents", defaults.min_effective_events)),
     )
     return Config(
         source=source,

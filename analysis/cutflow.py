@@ -24,6 +24,12 @@ sample is included (weight 1 per event, so its yield is its event count) unless
 
 :func:`cut_comparison` and :func:`cut_flow_table` turn starting and optimized cuts into rows for
 the report (:mod:`analysis.report`).
+
+:func:`mc_statistics_summary` looks at the bins of the last step: the effective number of
+background Monte Carlo events per bin, ``n_eff = (sum w)^2 / sum w^2``, of each background sample
+and of their sum, and the bins below the guard ``Optimization.MinEffectiveEvents``
+(:mod:`analysis.mc_statistics`). A bin whose background simulation has run out is not free of
+background; this is where a cut flow shows it.
 """
 
 from __future__ import annotations
@@ -37,9 +43,10 @@ from typing import Any
 
 import torch
 
+from analysis import mc_statistics
 from analysis.config import Config, Cut, Region, load_cuts
-from analysis.histograms import hard_cut_mask, hard_histogram
-from analysis.io import Events, TemplateKey, read_events
+from analysis.histograms import hard_cut_mask, hard_histogram, hard_histograms
+from analysis.io import Events, TemplateKey, read_events, template_key
 
 __all__ = [
     "IN_RANGE_STEP",
@@ -50,6 +57,7 @@ __all__ = [
     "cut_flow",
     "cut_flow_table",
     "format_yield",
+    "mc_statistics_summary",
 ]
 
 PRESELECTION_STEP = "preselection"
@@ -255,6 +263,49 @@ def cut_flow_table(
                 row[f"{column}{suffix}"] = _cell(flow, column, i, weighted)
         rows.append(row)
     return rows
+
+
+def mc_statistics_summary(
+    config: Config,
+    events: Mapping[TemplateKey, Events] | None = None,
+    cuts: CutValues | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """The Monte Carlo statistics of the background at the last step of the cut flow.
+
+    The last step (``in histogram range``) is what the histograms hold; per region and bin of
+    its binning this gives the effective number of MC events ``n_eff = (sum w)^2 / sum w^2`` of
+    each background sample (the prediction samples the POI does not scale) and of their sum,
+    and the bins whose summed background is below the guard ``Optimization.MinEffectiveEvents``
+    of ``config`` (:func:`analysis.mc_statistics.summary`)::
+
+        {"min_effective_events": 10.0,
+         "effective_events": {region: {sample: [n_eff per bin], ..., "background": [...]}},
+         "below_guard": [{"region", "bin", "low", "high", "n_eff"}, ...]}
+
+    Args:
+        config, events, cuts, device, cache_dir: as for :func:`cut_flow`; only the nominal
+            templates of the background samples are used (and read, when ``events`` is not
+            given).
+
+    Raises:
+        KeyError: ``events`` lacks the nominal template of a background sample.
+    """
+    config = _apply_cuts(config, cuts)
+    keys = mc_statistics.background_templates(config)
+    if events is None:
+        templates = [t for t in config.templates() if template_key(t) in keys]
+        events = read_events(config, templates, device=device, cache_dir=cache_dir)
+    missing = [key for key in keys if key not in events]
+    if missing:
+        raise KeyError(
+            f"no events for {missing[0]}; mc_statistics_summary needs the nominal templates of "
+            "the background samples"
+        )
+    histograms = hard_histograms(config, {key: events[key] for key in keys})
+    return mc_statistics.summary(config, histograms, config.optimization.min_effective_events)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -11,11 +11,13 @@ accumulated in float64 and returned in the dtype of the weights.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import torch
 
 from analysis.config import Config, Cut
@@ -109,28 +111,38 @@ _KDE_UNDERFLOW = {torch.float64: 40.0, torch.float32: 15.0}
 """``|z|`` beyond which ``Q(z)`` is exactly 0 in the dtype (the dense op truncates only there)."""
 
 _KDE_CHUNK_ELEMENTS = {"cpu": 1 << 18}
-"""Window elements (events x 2K x weight rows) per chunk. CPU: a chunk's intermediates (2 MiB in
-float64) stay in cache and are reused by the allocator instead of being page-faulted in, and few
-chunks mean few OpenMP regions (each of which stalls when another process holds a core). Other
-devices (CUDA): ``_KDE_CHUNK_ELEMENTS_DEFAULT``, a bound on temporary memory (256 MiB per
-float64 array) that keeps kernel launches few."""
+"""Window elements (events x 2K, times the weight rows for unsorted values) per chunk. CPU: a
+chunk's intermediates (2 MiB in float64) are reused by the allocator instead of being
+page-faulted in, and few chunks mean few operations and OpenMP regions (each of which stalls when
+another process holds a core). Other devices (CUDA): ``_KDE_CHUNK_ELEMENTS_DEFAULT``, a bound on
+temporary memory (256 MiB per float64 array) that keeps kernel launches few."""
 
 _KDE_CHUNK_ELEMENTS_DEFAULT = 1 << 25
 
 _KDE_MIN_BIN_EVENTS = 1024
 """For sorted values, a bin with at least this many events is processed in chunks of its own
-events (same window edges, sums by a matrix product); smaller bins are processed together like
-unsorted events. About where the per-chunk overhead (some 25 tensor operations, ~50 us on a CPU)
-equals the saving (~50 ns per event: ``bucketize``, gathers and a scatter)."""
+events (same window edges: no gather); consecutive smaller bins are processed together (one
+kernel evaluation with gathered edges, then one matrix product per bin). Measured on the demo
+analysis: 256 to 1024 cost the same, smaller thresholds more (per-chunk overhead, some 15
+tensor operations)."""
+
+_KDE_ERF_MAX = 2.0
+"""Window edges that every event of a sorted chunk sees at ``x <= 2`` (``x = |z| / sqrt2``; the
+edges next to the events, for bandwidths above about 0.35 bin widths) get ``E = 1 - erf(x)``
+instead of ``erfc(x)``: ``erf`` costs half as much, and there ``E >= erfc(2) = 4.7e-3`` and
+``1 - erf`` is exact where ``erf >= 1/2`` (Sterbenz), so ``E`` carries the absolute error of
+``erf`` (about 1 ulp of 1, 1.1e-16): at most 5e-14 relative, 2e-16 of an event's unit in any
+bin's share (the far tails, where relative accuracy matters, are always ``erfc``). Measured on
+the demo analysis against ``erfc`` throughout: 3e-16 relative in every bin."""
 
 _KDE_SAVE_BYTES = 1 << 30
-"""Largest size of the window masses (events x (2K - 1), in the dtype of the values) that
-:func:`kde_histogram` keeps for the backward pass when only the weights need a gradient (the
-usual case: cut thresholds act through the weights). Above it the backward pass recomputes them
-(the kernel, ``erfc``, is most of the forward time; writing the masses, page faults included,
-costs about half of recomputing them). 1 GiB: 1.9e7 events in float64 at ``K = 4`` (bandwidth
-0.36 bin widths), 1.2e7 at ``K = 6`` (0.5 bin widths); the autograd graph of the soft cuts
-already keeps several floats per event."""
+"""Largest size of the kernel values (at most events x 2K, in the dtype of the values) that
+:func:`kde_histogram` keeps for the backward pass when the weights need a gradient (the usual
+case: cut thresholds act through the weights). Above it the backward pass recomputes them (the
+kernel, ``erfc``, is most of the forward time; keeping the values, page faults included, costs a
+small fraction of recomputing them). 1 GiB: 1.7e7 events in float64 at ``K = 4`` (bandwidth
+0.36 bin widths), 1.1e7 at ``K = 6`` (0.5 bin widths); the soft cuts keep several floats per
+event as well."""
 
 
 def kde_reach(edges: torch.Tensor, bandwidth: torch.Tensor | float, dtype: torch.dtype) -> int:
@@ -184,7 +196,8 @@ def kde_histogram(
     Several weightings of the same events (``weights`` of shape ``(W, N)``, e.g. the nominal
     weights and weight-based systematic variations, each times the same or another selection
     weight) give ``W`` histograms, ``n_vb = sum_i w_vi m_ib``, for the price of one kernel
-    evaluation: the masses ``m_ib`` depend on the values only.
+    evaluation: the masses ``m_ib`` depend on the values only. Several sets of events with the
+    same edges and bandwidth: :func:`kde_histograms` (one call, one autograd node).
 
     Hard limit: ``h = 0`` exactly gives :func:`hard_histogram` (half-open bins
     ``[e_b, e_{b+1})``: an event on an edge goes to the bin above it; events outside
@@ -202,7 +215,8 @@ def kde_histogram(
     ``K = floor(k h / smallest bin width) + 2``, so non-uniform edges work), and the ``2K - 1``
     window masses ``w_i m_ir`` are summed in float64 per (window position ``r``, event bin
     ``j``): by ``index_add_``, or, for values sorted ascending on CPU, per bin by a matrix
-    product (:class:`_KDEHistogram`); window bin ``r`` of bin ``j`` is bin ``j + r - K`` (so
+    product of the ``erfc`` values at the edges that the bin's events reach
+    (:class:`_KDEHistogram`); window bin ``r`` of bin ``j`` is bin ``j + r - K`` (so
     ``n_b = sum_r S[r, b + K - r]``, a shift-and-add of ``2K - 1`` rows of ``B + 2`` numbers at
     the end). The kernel is truncated at ``k h``: writing
     ``Phi(z) = 1[z > 0] +- Q(|z|)``, the tail ``Q(u)`` is replaced by ``Q(min(u, k)) - Q(k)``,
@@ -219,11 +233,11 @@ def kde_histogram(
     ``dPhi/de = phi/h``, ``dPhi/dh = -z phi/h``) with the truncated density ``phi(u) - phi(k)``
     for ``u < k`` (0 beyond; it differs from the derivative of the forward kernel by at most
     ``phi(k) / h``: 5e-15/h in float64, 1.1e-7/h in float32, against a peak of 0.4/h). When the
-    weights need a gradient and the window masses fit in ``_KDE_SAVE_BYTES``, the forward pass
-    keeps them (``(2K - 1) N`` numbers) and the weight gradient needs no kernel evaluation;
-    otherwise, and for the other inputs' ``exp(-z^2 / 2)``, each chunk's window is recomputed.
-    Events are processed in chunks so the intermediates stay in cache (CPU) or bounded (CUDA).
-    First derivatives only (no double backward; the dense op has them).
+    weights need a gradient and the kernel values fit in ``_KDE_SAVE_BYTES``, the forward pass
+    keeps them (at most ``2K`` numbers per event) and the weight gradient needs no kernel
+    evaluation; otherwise, and for the other inputs' ``exp(-z^2 / 2)``, each chunk's window is
+    recomputed. Events are processed in chunks so the intermediates stay in cache (CPU) or
+    bounded (CUDA). First derivatives only (no double backward; the dense op has them).
 
     Numerics: the kernel is evaluated in the dtype of ``values`` (float32 or float64; ``edges``
     and ``h`` are converted to it); tail masses are differences of ``Q`` rather than of ``Phi``
@@ -249,25 +263,69 @@ def kde_histogram(
         ``Histogram(edges, yields, sumw2)``, ``edges`` as given; ``yields`` and ``sumw2`` of
         shape ``(B,)``, or ``(W, B)`` for 2-D ``weights``.
     """
-    edges_v, h = _kde_inputs(values, weights, edges, bandwidth)
+    return kde_histograms([(values, weights)], edges, bandwidth, reach=reach)[0]
+
+
+def kde_histograms(
+    groups: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    edges: torch.Tensor,
+    bandwidth: torch.Tensor | float,
+    *,
+    reach: int | None = None,
+) -> list[Histogram]:
+    """:func:`kde_histogram` of several sets of events with the same edges and bandwidth.
+
+    ``groups``: ``(values, weights)`` pairs as :func:`kde_histogram` takes them (values
+    ``(N_g,)``, weights ``(N_g,)`` or ``(W_g, N_g)``), all values in one dtype. Returns one
+    ``Histogram`` per group, equal to ``kde_histogram(values, weights, edges, bandwidth)``
+    (the sums of each group are formed the same way), computed in one autograd node: the
+    per-call work (window constants, the final shift-and-add, the backward pass's tables) is
+    done once for all groups, which matters when there are many groups of few events.
+    """
+    if not groups:
+        return []
+    dtype = groups[0][0].dtype
+    edges_v, h = _kde_inputs(groups[0][0], groups[0][1], edges, bandwidth)
+    for values, weights in groups[1:]:
+        _kde_inputs(values, weights, edges, 0.0)
+        if values.dtype != dtype or values.device != groups[0][0].device:
+            raise ValueError(
+                f"all values must have one dtype and device, got {dtype} and {values.dtype}"
+            )
     n_bins = edges.numel() - 1
     if reach is None:
-        reach = kde_reach(edges_v, h, values.dtype)
+        reach = kde_reach(edges_v, h, dtype)
     elif not (isinstance(reach, int) and reach >= 1):
         raise ValueError(f"reach must be an integer >= 1, got {reach!r}")
     reach = min(reach, n_bins + 1)  # K = B + 1 already covers every edge from any bin
-    rows = weights if weights.ndim == 2 else weights[None]
-    save_masses = (
+    rows = [weights if weights.ndim == 2 else weights[None] for _, weights in groups]
+    n_events = sum(values.numel() for values, _ in groups)
+    save_kernels = (
         torch.is_grad_enabled()
-        and weights.requires_grad
-        and (2 * reach - 1) * values.numel() * values.element_size() <= _KDE_SAVE_BYTES
+        and any(weights.requires_grad for weights in rows)
+        and 2 * reach * n_events * groups[0][0].element_size() <= _KDE_SAVE_BYTES
     )
     yields, sumw2 = _KDEHistogram.apply(
-        values, rows, edges_v, h, reach, KDE_TAIL_CUTOFF[values.dtype], save_masses
+        edges_v,
+        h,
+        reach,
+        KDE_TAIL_CUTOFF[dtype],
+        save_kernels,
+        *[values for values, _ in groups],
+        *rows,
     )
-    if weights.ndim == 1:
-        yields, sumw2 = yields[0], sumw2[0]
-    return Histogram(edges=edges, yields=yields.to(weights.dtype), sumw2=sumw2.to(weights.dtype))
+    out, start = [], 0
+    for (_, weights), w in zip(groups, rows, strict=True):
+        n_yields, n_sumw2 = yields[start : start + w.shape[0]], sumw2[start : start + w.shape[0]]
+        start += w.shape[0]
+        if weights.ndim == 1:
+            n_yields, n_sumw2 = n_yields[0], n_sumw2[0]
+        out.append(
+            Histogram(
+                edges=edges, yields=n_yields.to(weights.dtype), sumw2=n_sumw2.to(weights.dtype)
+            )
+        )
+    return out
 
 
 def _kde_inputs(
@@ -318,74 +376,166 @@ class _KDEWindow:
     ``E_k = erfc(k / sqrt2)`` the window masses are therefore
 
         m_r = (E_{r+1} - E_r) / 2                      r < K - 1  (both edges left),
-        m_r = 1 - ((E_K - E_k) + (E_{K-1} - E_k)) / 2   r = K - 1  (the event's bin),
+        m_r = 1 - ((E_K - E_k) + (E_{K-1} - E_k)) / 2  r = K - 1  (the event's bin),
         m_r = (E_r - E_{r+1}) / 2                      r > K - 1  (both edges right):
 
     differences of ``Q`` (accurate far from the event, exactly 0 where both edges are beyond
     ``k``) and exactly 1 in the event's bin when ``h = 0``. ``h = 0`` makes every ``u = k``
     (hard histogram); NaN values also get ``u = k`` and their unit lands in a dropped bin.
+
+    ``x_r = u_r / sqrt2 = min((e_r - y) s_r, k / sqrt2)`` with the signed scale
+    ``s_r = -+1 / (sqrt2 h)`` (``-`` left, ``+`` right; ``e_r - y`` has the opposite sign, so
+    ``x_r = |e_r - y| / (sqrt2 h)`` exactly, with no ``abs``); NaN becomes ``k / sqrt2``.
     """
 
-    def __init__(self, edges: torch.Tensor, h: torch.Tensor, reach: int, cutoff: float) -> None:
+    def __init__(
+        self, edges: torch.Tensor, h: torch.Tensor, reach: int, cutoff: float, n_bins: int
+    ) -> None:
         dtype, device = edges.dtype, edges.device
+        self.reach, self.edges, self.n_bins = reach, edges, n_bins
         infinity = torch.full((reach,), torch.inf, dtype=dtype, device=device)
-        self.reach = reach
         self.padded = torch.cat([-infinity, edges, infinity])
-        self.rows = torch.arange(2 * reach, dtype=torch.int32, device=device)[:, None]
-        side = torch.ones(2 * reach, 1, dtype=dtype, device=device)
-        side[:reach] = -1.0
-        self.side = side  # sign of z = (e - y) / h per window row
-        self.half = -0.5 * side[1:]  # m_r = half_r (E_{r+1} - E_r) off the event's bin
+        self.padded_col = self.padded[:, None]
+        # sign of z = (e - y) / h per window row; m_r = half_r (E_{r+1} - E_r) off the own bin
+        self.signs = [-1.0] * reach + [1.0] * reach
+        side = torch.tensor(self.signs, dtype=dtype, device=device)[:, None]
         # x = |z| / sqrt2; h below the smallest normal number counts as 0 (x = inf, then k)
         self.normal_h = h >= torch.finfo(dtype).tiny
-        self.scale = torch.where(self.normal_h, _SQRT_HALF / h, torch.inf)
+        self.signed_scale = side * torch.where(self.normal_h, _SQRT_HALF / h, torch.inf)
         self.x_max = cutoff * _SQRT_HALF
-        # erfc(x_max) and exp(-x_max^2) as the vectorised kernels compute them (clamped entries
-        # then give exactly 0), kept on the device (no synchronisation)
-        at_max = torch.full((64,), self.x_max, dtype=dtype, device=device)
-        self.erfc_max = torch.special.erfc(at_max)[0]
-        self.exp_max = torch.exp(-(at_max * at_max))[0]
+        # erfc(x_max) as the vectorised kernel computes it (clamped entries then give exactly
+        # 0), kept on the device (no synchronisation)
+        self.erfc_max = torch.special.erfc(
+            torch.full((64,), self.x_max, dtype=dtype, device=device)
+        )[0]
+
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        """``0 .. 2K-1`` as a column (int32), for gathering the window edges of events."""
+        return torch.arange(2 * self.reach, dtype=torch.int32, device=self.edges.device)[:, None]
+
+    @functools.cached_property
+    def half(self) -> torch.Tensor:
+        """``half_r = -side_{r+1} / 2`` ``(2K-1, 1)`` in float64: ``+1/2`` left, ``-1/2`` right."""
+        half = [-0.5 * s for s in self.signs[1:]]
+        return torch.tensor(half, dtype=torch.float64, device=self.edges.device)[:, None]
+
+    @functools.cached_property
+    def exp_max(self) -> torch.Tensor:
+        """``exp(-x_max^2)`` as the vectorised kernel computes it (the truncated density)."""
+        at_max = torch.full((64,), self.x_max, dtype=self.edges.dtype, device=self.edges.device)
+        return torch.exp(-(at_max * at_max))[0]
+
+    @functools.cached_property
+    def window_index(self) -> torch.Tensor:
+        """``j + r`` for (window row ``r``, event bin ``j``), flattened ``((2K-1)(B+2),)``: the
+        padded bin of window bin ``r`` of an event in bin ``j`` (:func:`_window_sums`)."""
+        device = self.edges.device
+        bins = torch.arange(self.n_bins + 2, device=device)
+        return (torch.arange(2 * self.reach - 1, device=device)[:, None] + bins).reshape(-1)
 
     def x(
-        self, y: torch.Tensor, j: int | None, bin_of: torch.Tensor | None
+        self,
+        y: torch.Tensor,
+        j: int | None,
+        bin_of: torch.Tensor | None,
+        rows: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``x = min(|e - y| / (sqrt2 h), k / sqrt2)`` ``(2K, C)`` at the window edges of the
-        events ``y``, and the padded edge indices ``(2K, C)`` (``None`` for sorted values):
-        all events in bin ``j`` (padded edges ``j .. j+2K-1``), or each in its ``bin_of``."""
+        """``x = min(|e - y| / (sqrt2 h), k / sqrt2)`` ``(R, C)`` at the window edges ``rows``
+        (``[r0, r1)``, default all ``2K``) of the events ``y``, and the padded edge indices
+        ``(R, C)`` (``None`` when all events are in one bin): all events in bin ``j`` (padded
+        edges ``j + r``), or each in its ``bin_of``. NaN (NaN values, ``inf - inf``, ``0 * inf``
+        for ``h = 0``) becomes ``k / sqrt2``."""
+        r0, r1 = (0, 2 * self.reach) if rows is None else rows
         if j is not None:
-            index, edge = None, self.padded[j : j + 2 * self.reach, None]
+            index, edge = None, self.padded_col[j + r0 : j + r1]
         else:
-            index = self.rows + cast(torch.Tensor, bin_of)[None, :]  # given when j is None
+            index = self.rows[r0:r1] + cast(torch.Tensor, bin_of)[None, :]  # given if j is None
             edge = self.padded.index_select(0, index.reshape(-1)).view(index.shape)
-        x = torch.sub(edge, y[None, :]).abs_().mul_(self.scale)
+        x = torch.sub(edge, y).mul_(self.signed_scale[r0:r1])
         return torch.nan_to_num_(x, nan=self.x_max).clamp_max_(self.x_max), index
 
     def mass(self, x: torch.Tensor) -> torch.Tensor:
-        """Kernel mass ``(2K-1, C)`` of the window bins (class docstring)."""
+        """Kernel mass ``(2K-1, C)`` of the window bins (class docstring) from ``x (2K, C)``."""
         erfc = torch.special.erfc(x)
-        mass = torch.sub(erfc[1:], erfc[:-1]).mul_(self.half)
+        mass = torch.sub(erfc[1:], erfc[:-1]).mul_(self.half.to(erfc.dtype))
         k = self.reach
         own = (erfc[k] - self.erfc_max).add_(erfc[k - 1] - self.erfc_max)
         mass[k - 1] = own.mul_(-0.5).add_(1.0)
         return mass
 
+    def active_rows(self, values: torch.Tensor, segments: np.ndarray) -> tuple[np.ndarray, ...]:
+        """For segments ``(j, start, stop)`` (rows of an int array) of sorted values on CPU
+        (events ``start .. stop-1``, all in bin ``j``), the window rows ``r0 .. r1-1`` where
+        ``x < k / sqrt2`` for some event of the segment, and within them the rows
+        ``e0 .. e1-1`` where ``x <= _KDE_ERF_MAX`` for every event: arrays ``r0, r1, e0, e1``.
 
-def _window_sums(sums: torch.Tensor, reach: int, n_bins: int) -> torch.Tensor:
-    """Bin sums ``(..., B)`` from sums ``S (..., 2K-1, B+2)`` per (window row ``r``, event bin
+        The event nearest to a left edge is the segment's first one, to a right edge its last
+        (and the farthest the other way round), and ``x`` is monotonic in ``y`` (also after
+        rounding), so ``x`` of those two events decides each row; the rows selected are
+        contiguous around the event's bin (rows ``K-1``, ``K``), as ``x`` grows with the
+        distance of the edge. Computed with numpy on the host, with the operations of
+        :meth:`x` in the same dtype (IEEE arithmetic: the same numbers).
+        """
+        k = self.reach
+        y = values.detach().numpy()
+        padded = self.padded.detach().numpy()
+        signed = self.signed_scale.detach().reshape(-1).numpy()
+        edge = padded[segments[:, :1] + np.arange(2 * k)]  # (S, 2K)
+        left = np.arange(2 * k) < k
+        first, last = y[segments[:, 1:2]], y[segments[:, 2:] - 1]
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, as in x(): not near
+            near = (edge - np.where(left, first, last)) * signed
+            near = near < np.asarray(self.x_max, dtype=padded.dtype)
+            erf = (edge - np.where(left, last, first)) * signed <= _KDE_ERF_MAX
+        r0, r1 = k - near[:, :k].sum(1), k + near[:, k:].sum(1)
+        return r0, r1, k - erf[:, :k].sum(1), k + erf[:, k:].sum(1)
+
+    def erfc_rows(self, y: torch.Tensor, bin_j: int | None, rows: tuple[int, ...]) -> torch.Tensor:
+        """``[E_r0; ...; E_{r1-1}; 1]`` ``(r1 - r0 + 1, C)`` of sorted events ``y``: ``erfc`` at
+        the window edges ``rows = (r0, r1, e0, e1)`` (``1 - erf`` at ``e0 .. e1-1``, see
+        ``_KDE_ERF_MAX``) and a row of ones (for the sum of the weights, see
+        :class:`_KDEHistogram`). All events in bin ``bin_j`` (the rows are reached, so no NaN
+        can arise), or, for ``bin_j`` None, each in its own (``bucketize``)."""
+        r0, r1, e0, e1 = rows
+        out = y.new_empty((r1 - r0 + 1, y.shape[0]))
+        out[-1].fill_(1.0)
+        if r1 == r0:
+            return out
+        if bin_j is None:
+            bins = torch.bucketize(y, self.edges, out_int32=True, right=True)
+            x = self.x(y, None, bins, (r0, r1))[0]
+        else:  # x() for one bin, inlined: this runs once per chunk, and no NaN can arise
+            edge = self.padded_col[bin_j + r0 : bin_j + r1]
+            x = torch.sub(edge, y).mul_(self.signed_scale[r0:r1]).clamp_max_(self.x_max)
+        tail = out[:-1]
+        a, b = e0 - r0, e1 - r0
+        if a > 0:
+            torch.special.erfc(x[:a], out=tail[:a])
+        if b > a:
+            torch.special.erf(x[a:b], out=tail[a:b]).neg_().add_(1.0)
+        if r1 - r0 > b:
+            torch.special.erfc(x[b:], out=tail[b:])
+        return out
+
+
+def _window_sums(sums: torch.Tensor, window: _KDEWindow) -> torch.Tensor:
+    """Bin sums ``(R, B)`` from sums ``S (R, 2K-1, B+2)`` per (window row ``r``, event bin
     ``j``): window bin ``r`` of an event in bin ``j`` is real bin ``j + r - K``, so
-    ``n_b = sum_r S[r, b + K - r]`` (rows shifted and added; the dropped bins are cut off)."""
-    out = sums.new_zeros(sums.shape[:-2] + (n_bins + 2 * reach,))
-    for r in range(2 * reach - 1):
-        out[..., r : r + n_bins + 2] += sums[..., r, :]
-    return out[..., reach : reach + n_bins]
+    ``n_b = sum_r S[r, b + K - r]`` (one ``index_add_``; the dropped bins are cut off)."""
+    k, n_bins = window.reach, window.n_bins
+    out = sums.new_zeros((sums.shape[0], n_bins + 2 * k))
+    out.index_add_(1, window.window_index, sums.reshape(sums.shape[0], -1))
+    return out[:, k : k + n_bins]
 
 
-def _window_table(grad: torch.Tensor, reach: int) -> torch.Tensor:
-    """Upstream gradient per (window row ``r``, event bin ``j``), ``(W, 2K-1, B+2)``:
+def _window_table(grad: torch.Tensor, window: _KDEWindow) -> torch.Tensor:
+    """Upstream gradient per (window row ``r``, event bin ``j``), ``(R, 2K-1, B+2)``:
     ``T[r, j] = grad[j + r - K]``, 0 where that is not a real bin (the transpose of
     :func:`_window_sums`)."""
-    padded = torch.nn.functional.pad(grad.to(torch.float64), (reach, reach))  # (W, B + 2K)
-    return padded.unfold(-1, 2 * reach - 1, 1).transpose(-1, -2).contiguous()
+    k = window.reach
+    padded = torch.nn.functional.pad(grad.to(torch.float64), (k, k))  # (R, B + 2K)
+    return padded.index_select(1, window.window_index).view(grad.shape[0], 2 * k - 1, -1)
 
 
 def _bin_bounds(values: torch.Tensor, edges: torch.Tensor) -> list[int] | None:
@@ -405,153 +555,465 @@ def _bin_bounds(values: torch.Tensor, edges: torch.Tensor) -> list[int] | None:
     return [0, *torch.searchsorted(values, edges).tolist(), values.shape[0]]
 
 
-def _pieces(n: int, size: int, bounds: list[int] | None):
-    """``(slice, j)``: chunks of at most ``size`` events. Unsorted values (``bounds`` None):
-    ``j`` is None. Sorted values: a bin with at least ``_KDE_MIN_BIN_EVENTS`` events is cut into
-    chunks of that bin ``j``; runs of consecutive smaller bins form chunks with ``j`` None (one
-    chunk per bin would cost more in per-call overhead than it saves)."""
+def _chunks(n: int, size: int, bounds: list[int] | None) -> list[tuple[slice, list | None]]:
+    """``(slice, segments)``: chunks of at most ``size`` events (or one small bin), in order.
+
+    Unsorted values (``bounds`` None): ``segments`` is None. Sorted values: ``segments`` lists
+    ``(j, start, stop)``, the events ``start .. stop-1`` of the chunk in bin ``j``. A bin with
+    at least ``_KDE_MIN_BIN_EVENTS`` events is cut into chunks of its own (one segment: same
+    window edges for all events); consecutive smaller bins are collected into chunks of several
+    segments (one kernel evaluation for all of them; a chunk per bin would cost more in
+    per-call overhead than it saves).
+    """
     if bounds is None:
-        for start in range(0, n, size):
-            yield slice(start, min(start + size, n)), None
-        return
-    pending = 0  # first event of the run of small bins not yet yielded
+        return [(slice(start, min(start + size, n)), None) for start in range(0, n, size)]
+    chunks: list[tuple[slice, list | None]] = []
+    run: list[tuple[int, int, int]] = []  # the segments of the chunk of small bins being filled
+
+    def close_run() -> None:
+        if run:
+            chunks.append((slice(run[0][1], run[-1][2]), run.copy()))
+            run.clear()
+
     for j in range(len(bounds) - 1):
         a, b = bounds[j], bounds[j + 1]
-        if b - a < _KDE_MIN_BIN_EVENTS:
-            if b - pending >= size:
-                yield slice(pending, b), None
-                pending = b
+        if b - a >= _KDE_MIN_BIN_EVENTS:
+            close_run()
+            for start in range(a, b, size):
+                stop = min(start + size, b)
+                chunks.append((slice(start, stop), [(j, start, stop)]))
             continue
-        if a > pending:
-            yield slice(pending, a), None
         for start in range(a, b, size):
-            yield slice(start, min(start + size, b)), j
-        pending = b
-    if n > pending:
-        yield slice(pending, n), None
+            stop = min(start + size, b)
+            if run and stop - run[0][1] > size:
+                close_run()
+            run.append((j, start, stop))
+    close_run()
+    return chunks
 
 
-def _bins(
-    bin_of: torch.Tensor | None, values: torch.Tensor, edges: torch.Tensor, sl: slice
-) -> torch.Tensor:
-    """The bins (int32) of events ``sl``: from ``bin_of`` when given, else ``bucketize``d."""
-    if bin_of is not None:
-        return bin_of[sl]
-    return torch.bucketize(values[sl], edges, out_int32=True, right=True)
+def _single_bin(segments: list[tuple[int, int, int]]) -> int | None:
+    """The bin of a chunk of sorted events that lie in one bin, else None."""
+    return segments[0][0] if len(segments) == 1 else None
+
+
+class _Group:
+    """The bookkeeping of one set of events of :class:`_KDEHistogram` (values ``(N,)``,
+    weights ``(W, N)``): its weight rows ``row .. row+W-1`` among the ``R`` of all groups (the
+    stacked sums hold every group's yields, then every group's sums of squares: ``rows``), its
+    chunks (:func:`_chunks`) and, for unsorted values, the events' bins ``bin_of``."""
+
+    def __init__(
+        self, values: torch.Tensor, n_rows: int, row: int, n_rows_total: int, window: _KDEWindow
+    ) -> None:
+        self.row, self.n_rows = row, n_rows
+        yields = list(range(row, row + n_rows))
+        self.rows = yields + [n_rows_total + r for r in yields]  # of [w; w^2] in the sums
+        bounds = _bin_bounds(values, window.edges)
+        # sorted chunks hold (2K, C) arrays, unsorted ones also (2W, 2K-1, C)
+        size = _kde_chunk_size(values, window.reach, n_rows if bounds is None else 1)
+        self.chunks = _chunks(values.shape[0], size, bounds)
+        self.bin_of = (
+            None
+            if bounds is not None
+            else torch.bucketize(values, window.edges, out_int32=True, right=True)
+        )
 
 
 class _KDEHistogram(torch.autograd.Function):
-    """``(yields, sumw2)`` of shape ``(W, B)`` in float64 of :func:`kde_histogram` for weights
-    ``(W, N)``, with an analytic backward.
+    """``(yields, sumw2)`` of shape ``(R, B)`` in float64 of :func:`kde_histograms` for groups of
+    events with weights ``(W_g, N_g)``, ``R = sum_g W_g``, with an analytic backward.
 
-    The window masses ``m (2K-1, C)`` of a chunk of events are summed per (window row ``r``,
-    event bin ``j``). Unsorted values: ``index_add_`` of ``w_vi m_ri`` and ``w_vi^2 m_ri`` by the
-    event's bin (``bucketize``). Values sorted ascending, on CPU (the pipeline sorts its events
-    by the observable): chunks are cut at the bins' bounds, so all events of a chunk have the same
-    window edges (no gather) and their sums are one matrix product
-    ``m (2K-1, C) @ [w; w^2]^T (C, 2W)``; a scatter of sorted events would serialise on
-    repeated additions to the same bins.
+    The weights of a group enter as ``b = [w; w^2]`` ``(2W, N)`` (yields and sums of squares in
+    one go).
 
-    The backward pass uses ``dn_vb/dw_vi = m_ib``, ``ds_vb/dw_vi = 2 w_vi m_ib`` (the masses
-    kept by the forward pass or recomputed; for sorted values again one matrix product per
-    chunk) and, recomputing each chunk's window, ``dPhi/dy = -phi/h``, ``dPhi/de = phi/h``,
-    ``dPhi/dh = -z phi/h`` with the truncated density ``phi(u) - phi(k)`` for ``u < k`` (0
-    beyond), continuous like the forward kernel.
+    Unsorted values (the generic path, also on CUDA): the window masses ``m (2K-1, C)`` of a
+    chunk of events times ``b`` are summed per (window row ``r``, event bin ``j``) by
+    ``index_add_`` (``bucketize`` gives the bins).
+
+    Values sorted ascending, on CPU (the pipeline sorts its events by the observable): the
+    events of a bin are contiguous, so they are summed per bin by matrix products (a scatter
+    of sorted events would serialise on repeated additions to the same bins), and ``erfc`` is
+    evaluated only at the window edges ``s`` that some event of the bin (segment) reaches,
+    ``[r0, r1)`` (:meth:`_KDEWindow.active_rows`; with ``h = 0.36`` bin widths 6 of the 8, and
+    none for ``h = 0``); elsewhere ``E_s = E_k``. With the tails ``T_s = E_s - E_k`` (exactly 0
+    at the edges not reached) the masses of :class:`_KDEWindow` are linear in ``T``,
+
+        m_r = half_r (T_{r+1} - T_r) + 1[r = K-1] (1 - T_{K-1}),   half_r = +1/2 (r < K-1),
+                                                                          -1/2 (r >= K-1),
+
+    so a segment needs only ``sum_i E_s(i) b_i`` and ``sum_i b_i``: one matrix product
+    ``[E_r0; ...; E_{r1-1}; 1] (R+1, C) @ b^T (C, 2W)`` (:meth:`_KDEWindow.erfc_rows`; a chunk
+    of several small bins evaluates the union of their rows once, with gathered edges, and
+    takes one product per bin), with no per-event masses. After the loop
+    (:class:`_SortedPlan`, all groups at once), per bin, ``V_s = sum (E_s - E_k) b`` over the
+    segments that reach ``s`` and the mass sums
+    ``half_r (V_{r+1} - V_r) + 1[r = K-1] (sum b - V_{K-1})`` (a bin that nothing reaches gets
+    exactly 0, the own bin exactly ``sum b``, so ``h = 0`` is the hard histogram).
+
+    The backward pass uses ``dn_vb/dw_vi = m_ib``, ``ds_vb/dw_vi = 2 w_vi m_ib``, i.e. per event
+    ``sum_r (g_r + 2 w_i g'_r) m_r(i)`` for the upstream gradients ``g`` (yields) and ``g'``
+    (sumw2) of its window bins, from the kernel values the forward pass kept (one tensor per
+    chunk) or recomputed. Unsorted chunks: the masses times the gathered ``g``. Sorted chunks:
+    by the linearity above, ``sum_r g_r m_r = g_{K-1} + sum_s c_s T_s`` with
+    ``c_s = half_{s-1} g_{s-1} - half_s g_s - 1[s = K-1] g_{K-1}``, i.e.
+    ``[c_r0 .. c_{r1-1}, g_{K-1} - E_k sum_s c_s] @ [E; 1]``, again one product per segment (the
+    coefficients of all segments are gathered at once). The other inputs' gradients recompute
+    each chunk's whole window (:func:`_input_gradients`).
+
+    Inputs: ``edges, h, reach, cutoff, save_kernels``, then the ``G`` groups' values, then their
+    weights.
     """
 
     @staticmethod
-    def forward(ctx, values, weights, edges, h, reach, cutoff, save_masses):
-        n_bins, n_rows = edges.numel() - 1, weights.shape[0]
-        size = _kde_chunk_size(values, reach, n_rows)
-        window = _KDEWindow(edges, h, reach, cutoff)
-        bounds = _bin_bounds(values, edges)
-        # each event's bin: all at once for unsorted values, per mixed chunk for sorted ones
-        bin_of = (
-            torch.bucketize(values, edges, out_int32=True, right=True) if bounds is None else None
-        )
-        f64 = torch.float64
-        # sums per (yields | sumw2, weight row, window row r, event bin j)
-        sums = torch.zeros(2, n_rows, 2 * reach - 1, n_bins + 2, dtype=f64, device=values.device)
-        masses = values.new_empty((2 * reach - 1, values.shape[0])) if save_masses else None
-        for sl, j in _pieces(values.shape[0], size, bounds):
-            bins = None if j is not None else _bins(bin_of, values, edges, sl)
-            mass = window.mass(window.x(values[sl], j, bins)[0])
-            if masses is not None:
-                masses[:, sl] = mass
-            w = weights[:, sl].to(f64)
-            if j is not None:
-                both = torch.cat([w, w * w]).T  # (C, 2W)
-                sums[..., j] += (mass.to(f64) @ both).T.view(2, n_rows, -1)
-                continue
-            wm = mass.to(f64) * w[:, None, :]  # (W, 2K-1, C)
-            bins = bins.long()  # index_add_ along a non-leading dim is slow with int32
-            sums[0].index_add_(2, bins, wm)
-            sums[1].index_add_(2, bins, wm.mul_(w[:, None, :]))
-        ctx.save_for_backward(values, weights, edges, h, bin_of, masses)
-        ctx.reach, ctx.cutoff, ctx.bounds = reach, cutoff, bounds
-        out = _window_sums(sums, reach, n_bins)
-        return out[0], out[1]
+    def forward(ctx, edges, h, reach, cutoff, save_kernels, *tensors):
+        n_groups = len(tensors) // 2
+        all_values, all_weights = tensors[:n_groups], tensors[n_groups:]
+        n_bins, f64, device = edges.numel() - 1, torch.float64, edges.device
+        window = _KDEWindow(edges, h, reach, cutoff, n_bins)
+        n_rows = sum(weights.shape[0] for weights in all_weights)
+        groups, row = [], 0
+        for values, weights in zip(all_values, all_weights, strict=True):
+            groups.append(_Group(values, weights.shape[0], row, n_rows, window))
+            row += weights.shape[0]
+        plan = _SortedPlan(window, groups, all_values, n_rows)
+        # mass sums per (yields | sumw2 row, window row r, event bin j)
+        sums = torch.zeros(2 * n_rows, 2 * reach - 1, n_bins + 2, dtype=f64, device=device)
+        kernels: list[torch.Tensor] | None = [] if save_kernels else None
+        products = []  # sorted chunks: [E; 1] @ b^T per segment, all groups, flattened
+        for group, values, weights, chunk_rows in zip(
+            groups, all_values, all_weights, plan.chunk_rows, strict=True
+        ):
+            both = weights.new_empty((2 * group.n_rows, weights.shape[1]), dtype=f64)  # b (2W, N)
+            both[: group.n_rows] = weights
+            torch.mul(both[: group.n_rows], both[: group.n_rows], out=both[group.n_rows :])
+            both_t = both.t()
+            group_sums = None  # unsorted chunks
+            group_products = []
+            for (sl, segments), rows in zip(group.chunks, chunk_rows, strict=True):
+                if segments is None:
+                    bins = group.bin_of[sl]
+                    kernel = window.mass(window.x(values[sl], None, bins)[0])
+                    if group_sums is None:
+                        group_sums = torch.zeros_like(sums[: 2 * group.n_rows])
+                    # index_add_ along a non-leading dim is slow with int32 indices
+                    group_sums.index_add_(2, bins.long(), kernel.to(f64)[None] * both[:, None, sl])
+                else:
+                    kernel = window.erfc_rows(values[sl], _single_bin(segments), rows)
+                    kernel64 = kernel if kernel.dtype == f64 else kernel.to(f64)
+                    if len(segments) == 1:
+                        group_products.append(torch.mm(kernel64, both_t[sl]))
+                    else:
+                        for _, start, stop in segments:
+                            local = kernel64.narrow(1, start - sl.start, stop - start)
+                            group_products.append(torch.mm(local, both_t[start:stop]))
+                if kernels is not None:
+                    kernels.append(kernel)
+            if group_sums is not None:
+                sums.index_add_(0, torch.tensor(group.rows, device=device), group_sums)
+            if group_products:
+                products.append(torch.cat(group_products).view(-1))
+        if products:
+            sums += plan.mass_sums(torch.cat(products), window)
+        ctx.save_for_backward(edges, h, *tensors)
+        ctx.window, ctx.groups, ctx.plan, ctx.kernels = window, groups, plan, kernels
+        out = _window_sums(sums, window)
+        return out[:n_rows], out[n_rows:]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_yields, grad_sumw2):
-        values, weights, edges, h, bin_of, masses = ctx.saved_tensors
-        need_y, need_w, need_e, need_h = ctx.needs_input_grad[:4]
-        need_x = need_y or need_e or need_h
-        reach, n_bins, n_rows = ctx.reach, edges.numel() - 1, weights.shape[0]
-        size = _kde_chunk_size(values, reach, n_rows)
-        window = _KDEWindow(edges, h, reach, ctx.cutoff)
-        f64 = torch.float64
-        g_n = _window_table(grad_yields, reach)  # upstream gradient per (row, r, event bin)
-        g_s = _window_table(grad_sumw2, reach)
-        grad_y = torch.empty(values.shape, dtype=f64, device=values.device) if need_y else None
-        grad_w = torch.empty_like(weights) if need_w else None
-        grad_e = torch.zeros(n_bins + 1 + 2 * reach, dtype=f64, device=values.device)
-        grad_h = torch.zeros((), dtype=f64, device=values.device)
-        z_side = window.side.to(f64) * 2.0**0.5  # z = x * sqrt2 * side
-        for sl, j in _pieces(values.shape[0], size, ctx.bounds):
-            w = weights[:, sl].to(f64)
-            bins = None if j is not None else _bins(bin_of, values, edges, sl)
-            if need_x or masses is None:
-                x, index = window.x(values[sl], j, bins)
-            if j is None:  # upstream gradient of each event's window bins, (W, 2K-1, C)
-                bins = bins.long().expand(g_n.shape[:2] + (-1,))
-                gn, gs = torch.gather(g_n, 2, bins), torch.gather(g_s, 2, bins)
-            if need_w:
-                mass = (masses[:, sl] if masses is not None else window.mass(x)).to(f64)
-                if j is None:
-                    grad_w[:, sl] = torch.sum((gs * (2.0 * w[:, None, :])).add_(gn).mul_(mass), 1)
-                else:  # sum_r g[., r, j] m_ri for yields and sumw2 in one product
-                    both = torch.cat([g_n[:, :, j], g_s[:, :, j]]) @ mass  # (2W, C)
-                    grad_w[:, sl] = both[n_rows:].mul_(2.0 * w).add_(both[:n_rows])
-            if not need_x:
-                continue
-            # d loss / d m_r = sum_v g_n[v, r] w_v + g_s[v, r] w_v^2, (2K-1, C)
-            if j is None:
-                g = torch.sum((gs * w[:, None, :]).add_(gn).mul_(w[:, None, :]), 0)
-            else:
-                g = torch.cat([g_n[:, :, j], g_s[:, :, j]]).T @ torch.cat([w, w * w])
-            # window edge r is the upper edge of bin r-1 and the lower edge of bin r:
-            # d loss / d Phi_r = g_{r-1} - g_r
-            dg = torch.nn.functional.pad(g, (0, 0, 1, 0)).sub_(
-                torch.nn.functional.pad(g, (0, 0, 0, 1))
-            )
-            # dPhi_r / de_r = phi(z_r) / h = exp(-x_r^2) / (sqrt(2 pi) h), truncated: the
-            # 1 / (sqrt(2 pi) h) is applied once at the end
-            dg.mul_(torch.exp(-(x * x)).sub_(window.exp_max))
-            if need_y:
-                grad_y[sl] = torch.sum(dg, 0)
-            if need_e and j is None:
-                grad_e.index_add_(0, index.reshape(-1), dg.reshape(-1))
-            elif need_e:
-                grad_e[j : j + 2 * reach] += torch.sum(dg, 1)
-            if need_h:
-                grad_h -= torch.sum(dg.mul_(x).mul_(z_side))
+        edges, h, *tensors = ctx.saved_tensors
+        window, plan, groups = ctx.window, ctx.plan, ctx.groups
+        n_groups, n_rows = len(groups), grad_yields.shape[0]
+        all_values, all_weights = tensors[:n_groups], tensors[n_groups:]
+        need_e, need_h = ctx.needs_input_grad[:2]
+        need_y = ctx.needs_input_grad[5 : 5 + n_groups]
+        need_w = ctx.needs_input_grad[5 + n_groups :]
+        f64, device = torch.float64, edges.device
+        # upstream gradient per (yields | sumw2 row, window row r, event bin j)
+        g_table = _window_table(torch.cat([grad_yields, grad_sumw2]), window)
+        # the same with the sumw2 rows doubled (d(w^2)/dw = 2 w): dL/dw = p[:W] + w p[W:] for
+        # the products p (2W, N) of the kernel and this table
+        g2_table = torch.cat([g_table[:n_rows], 2.0 * g_table[n_rows:]])
+        coefficients = (
+            plan.coefficients(g2_table, window) if any(need_w) and plan.n_products else None
+        )
+        grads_y: list[torch.Tensor | None] = [None] * n_groups
+        grads_w: list[torch.Tensor | None] = [None] * n_groups
+        n_padded = window.n_bins + 1 + 2 * window.reach
+        grad_e = torch.zeros(n_padded, dtype=f64, device=device)
+        grad_h = torch.zeros((), dtype=f64, device=device)
+        kernels = iter(ctx.kernels) if ctx.kernels is not None else None
+        for i, (group, values, weights, chunk_rows) in enumerate(
+            zip(groups, all_values, all_weights, plan.chunk_rows, strict=True)
+        ):
+            group_kernels = [next(kernels) for _ in group.chunks] if kernels is not None else None
+            rows = torch.tensor(group.rows, device=device)
+            if need_w[i]:
+                grads_w[i] = _weight_gradient(
+                    window,
+                    plan,
+                    i,
+                    group,
+                    values,
+                    weights,
+                    chunk_rows,
+                    group_kernels,
+                    g2_table.index_select(0, rows),
+                    coefficients,
+                )
+            if need_y[i] or need_e or need_h:
+                grads_y[i] = _input_gradients(
+                    window,
+                    group,
+                    values,
+                    weights,
+                    g_table.index_select(0, rows),
+                    need_y[i],
+                    grad_e if need_e else None,
+                    grad_h if need_h else None,
+                )
         density = torch.where(window.normal_h, _INV_SQRT_2PI / h, 0.0).to(f64)  # 0 for h = 0
-        grad_y = (grad_y * -density).to(values.dtype) if need_y else None
-        grad_e = (grad_e[reach : reach + n_bins + 1] * density).to(edges.dtype) if need_e else None
-        grad_h = (grad_h * density).to(h.dtype) if need_h else None
-        return grad_y, grad_w, grad_e, grad_h, None, None, None
+        grads_y = [
+            None if g is None else (g * -density).to(v.dtype)
+            for g, v in zip(grads_y, all_values, strict=True)
+        ]
+        grad_e_out = (
+            (grad_e[window.reach : window.reach + window.n_bins + 1] * density).to(edges.dtype)
+            if need_e
+            else None
+        )
+        grad_h_out = (grad_h * density).to(h.dtype) if need_h else None
+        return grad_e_out, grad_h_out, None, None, None, *grads_y, *grads_w
+
+
+def _weight_gradient(
+    window: _KDEWindow,
+    plan: _SortedPlan,
+    index: int,
+    group: _Group,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_rows: list,
+    kernels: list[torch.Tensor] | None,
+    g2: torch.Tensor,
+    coefficients: torch.Tensor | None,
+) -> torch.Tensor:
+    """``dL/dw (W, N)`` of group ``index`` of :class:`_KDEHistogram` (its class docstring):
+    ``p[:W] + w p[W:]`` with ``p (2W, N)`` the products of the kernel values (kept or
+    recomputed) and the upstream gradient ``g2`` (the group's rows, sumw2 doubled)."""
+    f64 = torch.float64
+    p = torch.empty(2 * group.n_rows, values.shape[0], dtype=f64, device=values.device)
+    coefficients_t = torch.empty(0)  # [c; const] of the group's sorted segments, (2W, rows)
+    if plan.offsets[index][-1]:
+        coefficients_t = plan.group_coefficients(cast(torch.Tensor, coefficients), index)
+    offsets = iter(zip(plan.offsets[index][:-1], plan.offsets[index][1:], strict=True))
+    for k, ((sl, segments), rows) in enumerate(zip(group.chunks, chunk_rows, strict=True)):
+        bin_of = cast(torch.Tensor, group.bin_of)  # given for unsorted chunks
+        if kernels is not None:
+            kernel = kernels[k]
+        elif segments is None:
+            kernel = window.mass(window.x(values[sl], None, bin_of[sl])[0])
+        else:
+            kernel = window.erfc_rows(values[sl], _single_bin(segments), rows)
+        kernel = kernel if kernel.dtype == f64 else kernel.to(f64)
+        if segments is None:  # sum_r g_r m_r per event
+            bins = bin_of[sl].long().expand(g2.shape[:2] + (-1,))
+            out = p.narrow(1, sl.start, sl.stop - sl.start)
+            torch.sum(torch.gather(g2, 2, bins).mul_(kernel), 1, out=out)
+            continue
+        for _, start, stop in segments:  # [c; const] @ [E; 1] per segment
+            begin, end = next(offsets)
+            local = kernel
+            if len(segments) > 1:
+                local = kernel.narrow(1, start - sl.start, stop - start)
+            out = p.narrow(1, start, stop - start)
+            torch.mm(coefficients_t.narrow(1, begin, end - begin), local, out=out)
+    return torch.addcmul(p[: group.n_rows], p[group.n_rows :], weights.to(f64)).to(weights.dtype)
+
+
+def _input_gradients(
+    window: _KDEWindow,
+    group: _Group,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    g_table: torch.Tensor,
+    need_y: bool,
+    grad_e: torch.Tensor | None,
+    grad_h: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The gradient with respect to the values ``(N,)`` (if ``need_y``), and accumulated into
+    ``grad_e`` (padded edges) and ``grad_h``, all still to be multiplied by the density
+    ``1 / (sqrt(2 pi) h)``: each chunk's whole window recomputed, ``dPhi/dy = -phi/h``,
+    ``dPhi/de = phi/h``, ``dPhi/dh = -z phi/h`` with the truncated density ``phi(u) - phi(k)``
+    for ``u < k`` (0 beyond), continuous like the forward kernel. ``g_table (2W, 2K-1, B+2)``:
+    the group's rows of the upstream gradient (yields, then sums of squares)."""
+    f64, reach, n_rows = torch.float64, window.reach, group.n_rows
+    grad_y = torch.empty(values.shape, dtype=f64, device=values.device) if need_y else None
+    z_side = torch.tensor(window.signs, dtype=f64, device=values.device)[:, None] * 2.0**0.5
+    for sl, segments in group.chunks:
+        w = weights[:, sl].to(f64)
+        j = None if segments is None else _single_bin(segments)
+        bins = None  # each event's bin, where the chunk is not one bin j
+        if j is None and group.bin_of is not None:
+            bins = group.bin_of[sl]
+        elif j is None:
+            bins = torch.bucketize(values[sl], window.edges, out_int32=True, right=True)
+        x, index = window.x(values[sl], j, bins)
+        j_bin = cast(int, j)  # used where j is not None
+        # d loss / d m_r = sum_v g_n[v, r] w_v + g_s[v, r] w_v^2, (2K-1, C)
+        if j is None:
+            index_j = cast(torch.Tensor, bins).long().expand(g_table.shape[:2] + (-1,))
+            g = torch.gather(g_table, 2, index_j)
+            g = g.view(2, n_rows, *g.shape[1:])
+            gm = torch.sum((g[1] * w[:, None, :]).add_(g[0]).mul_(w[:, None, :]), 0)
+        else:
+            gm = g_table[:, :, j].T @ torch.cat([w, w * w])
+        # window edge r is the upper edge of bin r-1 and the lower edge of bin r:
+        # d loss / d Phi_r = g_{r-1} - g_r
+        dg = torch.nn.functional.pad(gm, (0, 0, 1, 0)).sub_(
+            torch.nn.functional.pad(gm, (0, 0, 0, 1))
+        )
+        # dPhi_r / de_r = phi(z_r) / h = exp(-x_r^2) / (sqrt(2 pi) h), truncated
+        dg.mul_(torch.exp(-(x * x)).sub_(window.exp_max))
+        if grad_y is not None:
+            grad_y[sl] = torch.sum(dg, 0)
+        if grad_e is not None and j is None:
+            grad_e.index_add_(0, cast(torch.Tensor, index).reshape(-1), dg.reshape(-1))
+        elif grad_e is not None:
+            grad_e[j_bin : j_bin + 2 * reach] += torch.sum(dg, 1)
+        if grad_h is not None:
+            grad_h -= torch.sum(dg.mul_(x).mul_(z_side))
+    return grad_y
+
+
+class _SortedPlan:
+    """The window rows and the bookkeeping of the sorted chunks of :class:`_KDEHistogram`.
+
+    ``chunk_rows[g]``: per chunk of group ``g``, the window edges ``(R0, R1)`` evaluated (the
+    union of its segments' :meth:`_KDEWindow.active_rows`; None for unsorted chunks). Segment
+    ``n`` of group ``g`` (bin ``j``, edges ``r0 .. r1-1`` reached, in a chunk evaluating
+    ``R0 .. R1-1``) owns rows ``offsets[g][n] .. offsets[g][n+1]-1`` of the group's stacked
+    products ``P_g = [E; 1] @ b^T`` (``R1 - R0`` rows ``sum E_s b``, then ``sum b``;
+    ``2W_g`` columns), and all groups' ``P_g`` are flattened one after the other (``start[g]``).
+    Sums are tabled per (sums row ``v``, window edge ``s``, bin ``j``): entry
+    ``(v 2K + s) (B+2) + j``. The index arrays combine all segments of all groups with a few
+    operations per call.
+    """
+
+    def __init__(
+        self, window: _KDEWindow, groups: list[_Group], all_values: Sequence, n_rows: int
+    ) -> None:
+        k, self.slots = window.reach, window.n_bins + 2
+        self.reach, self.n_sums = k, 2 * n_rows
+        self.chunk_rows: list[list] = []
+        self.offsets: list[list[int]] = []
+        self.start: list[int] = []
+        parts: dict[str, list[np.ndarray]] = {
+            name: [] for name in ("tail", "tail_sum", "tail_entry", "total", "total_entry")
+        }
+        flat = 0
+        for group, values in zip(groups, all_values, strict=True):
+            self.start.append(flat)
+            sorted_chunks = [segs for _, segs in group.chunks if segs is not None]
+            if not sorted_chunks:
+                self.chunk_rows.append([None] * len(group.chunks))
+                self.offsets.append([0])
+                continue
+            segments = np.array([seg for segs in sorted_chunks for seg in segs])  # (S, 3)
+            per_chunk = np.array([len(segs) for segs in sorted_chunks])
+            r0, r1, e0, e1 = window.active_rows(values, segments)
+            chunk_start = np.cumsum(per_chunk) - per_chunk
+            first = np.minimum.reduceat(r0, chunk_start)  # the rows evaluated per chunk
+            last = np.maximum.reduceat(r1, chunk_start)
+            # 1 - erf for chunks of one segment (a chunk of several bins: erfc throughout)
+            single = per_chunk == 1
+            erf0 = np.where(single, e0[chunk_start], window.reach)
+            erf1 = np.where(single, e1[chunk_start], window.reach)
+            erf0, erf1 = np.clip(erf0, first, last), np.clip(erf1, first, last)
+            rows = iter(
+                zip(first.tolist(), last.tolist(), erf0.tolist(), erf1.tolist(), strict=True)
+            )
+            self.chunk_rows.append(
+                [None if segs is None else next(rows) for _, segs in group.chunks]
+            )
+            chunk_of = np.repeat(np.arange(per_chunk.size), per_chunk)  # per segment
+            first, heights = first[chunk_of], (last - first + 1)[chunk_of]
+            offsets = np.concatenate([[0], np.cumsum(heights)])
+            self.offsets.append(offsets.tolist())
+            # one entry per (segment n, window edge s reached) and column c of P_g
+            width, sums_rows = 2 * group.n_rows, np.array(group.rows)
+            n = r1 - r0
+            seg = np.repeat(np.arange(n.size), n)
+            s = r0[seg] + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+            columns = np.arange(width)
+            parts["tail"].append(flat + (offsets[seg] + s - first[seg])[:, None] * width + columns)
+            parts["tail_sum"].append(
+                flat + (offsets[seg] + heights[seg] - 1)[:, None] * width + columns
+            )
+            parts["tail_entry"].append(
+                (sums_rows * 2 * k)[None, :] * self.slots
+                + (s * self.slots + segments[seg, 0])[:, None]
+            )
+            parts["total"].append(flat + (offsets[1:] - 1)[:, None] * width + columns)
+            parts["total_entry"].append(sums_rows[None, :] * self.slots + segments[:, :1])
+            flat += offsets[-1] * width
+        self.n_products = flat
+        index = {
+            name: np.concatenate([a.reshape(-1) for a in arrays])
+            if arrays
+            else np.zeros(0, np.int64)
+            for name, arrays in parts.items()
+        }
+        self.tail, self.tail_sum, self.tail_entry = (
+            torch.from_numpy(index[n]) for n in ("tail", "tail_sum", "tail_entry")
+        )
+        self.total, self.total_entry = (
+            torch.from_numpy(index["total"]),
+            torch.from_numpy(index["total_entry"]),
+        )
+        self.widths = [2 * group.n_rows for group in groups]
+
+    def mass_sums(self, products: torch.Tensor, window: _KDEWindow) -> torch.Tensor:
+        """Mass sums ``(2R, 2K-1, B+2)`` per (sums row, window row ``r``, event bin ``j``) of the
+        sorted chunks from all groups' flattened products ``P`` (class docstring of
+        :class:`_KDEHistogram`)."""
+        k, n_sums = self.reach, self.n_sums
+        erfc_max = window.erfc_max.to(torch.float64)
+        tails = products[self.tail] - erfc_max * products[self.tail_sum]  # (E_s - E_k) b
+        v = products.new_zeros(n_sums * 2 * k * self.slots).index_add_(0, self.tail_entry, tails)
+        v = v.view(n_sums, 2 * k, self.slots)  # V
+        total = products.new_zeros(n_sums * self.slots).index_add_(
+            0, self.total_entry, products[self.total]
+        )
+        sums = v.diff(dim=1).mul_(window.half)
+        sums[:, k - 1] += total.view(n_sums, self.slots) - v[:, k - 1]
+        return sums
+
+    def coefficients(self, g_table: torch.Tensor, window: _KDEWindow) -> torch.Tensor:
+        """``[c_R0 .. c_{R1-1}, g_{K-1} - E_k sum_s c_s]`` of every sorted segment of every
+        group (``c_s = 0`` at the edges it does not reach), flattened like the products, for the
+        upstream gradient ``g_table (2R, 2K-1, B+2)`` (class docstring of
+        :class:`_KDEHistogram`)."""
+        k = self.reach
+        half_g = g_table * window.half
+        c = torch.nn.functional.pad(half_g, (0, 0, 1, 0)).sub_(
+            torch.nn.functional.pad(half_g, (0, 0, 0, 1))
+        )
+        c[:, k - 1] -= g_table[:, k - 1]  # (2R, 2K, B+2)
+        tails = c.reshape(-1)[self.tail_entry]
+        out = c.new_zeros(self.n_products)
+        out[self.tail] = tails
+        out[self.total] = g_table[:, k - 1].reshape(-1)[self.total_entry]
+        out.index_add_(0, self.tail_sum, tails * -window.erfc_max.to(torch.float64))
+        return out
+
+    def group_coefficients(self, coefficients: torch.Tensor, index: int) -> torch.Tensor:
+        """Group ``index``'s coefficients as ``(2W, rows)`` (a view), to multiply ``[E; 1]``."""
+        width, rows = self.widths[index], self.offsets[index][-1]
+        start = self.start[index]
+        return coefficients[start : start + rows * width].view(rows, width).t()
 
 
 def _kernel_cdf(

@@ -94,6 +94,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 
+from analysis import mc_statistics
 from analysis.cache import file_digest
 from analysis.config import Config, Temperature
 from analysis.errors import ConfigError, DataError, InputFileError, OutputError
@@ -131,14 +132,21 @@ CHECKPOINT_FORMAT = "diffana optimize checkpoint 2"
 @dataclass(frozen=True)
 class Point:
     """Cut values (all cuts, ``cuts.json`` format) with the relaxed and hard metric there
-    (``None`` where not evaluated)."""
+    (``None`` where not evaluated), and the bins whose background MC is below the guard at
+    these cuts (:func:`analysis.mc_statistics.below_guard`; empty when it holds)."""
 
     cuts: Mapping[str, float]
     relaxed: float | None
     hard: float | None
+    below_guard: tuple[Mapping[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cuts": dict(self.cuts), "relaxed": self.relaxed, "hard": self.hard}
+        return {
+            "cuts": dict(self.cuts),
+            "relaxed": self.relaxed,
+            "hard": self.hard,
+            "below_guard": [dict(b) for b in self.below_guard],
+        }
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,68 @@ class OptimizationResult:
             "device": self.device,
             **self.extra,
         }
+
+
+@dataclass
+class RunState:
+    """The progress of an optimization: with the pipeline's and Adam's states and the run's
+    identity, exactly what a checkpoint holds (:meth:`checkpoint`, :meth:`from_checkpoint`).
+
+    ``step``: the next step; ``history``: one entry per step taken; ``initial``, ``best``: points
+    as ``{"cuts", "relaxed", "hard"[, "below_guard"]}``; ``hard_evaluations``; ``seconds``
+    spent before this process (resumed runs); ``rng``: torch's RNG state at ``step``.
+    """
+
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    initial: dict[str, Any] | None = None
+    best: dict[str, Any] | None = None
+    hard_evaluations: int = 0
+    seconds: float = 0.0
+
+    def offer(self, entry: Mapping[str, Any], maximize: bool) -> None:
+        """Keep ``entry`` as the best point if its hard value is finite, none of its bins is
+        below the MC-statistics guard, and it is better than the best so far."""
+        hard = entry.get("hard")
+        if hard is None or entry.get("below_guard"):
+            return
+        if _better(hard, None if self.best is None else self.best["hard"], maximize):
+            self.best = _point(entry)
+
+    def checkpoint(
+        self,
+        identity: Mapping[str, Any],
+        pipeline: AnalysisPipeline,
+        optimizer: torch.optim.Optimizer,
+        seconds: float,
+    ) -> dict[str, Any]:
+        """The checkpoint of this state (``seconds``: the run's total so far)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "identity": dict(identity),
+            "pipeline": pipeline.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": self.step,
+            "history": self.history,
+            "best": self.best,
+            "initial": self.initial,
+            "hard_evaluations": self.hard_evaluations,
+            "seconds": seconds,
+            "rng": torch.get_rng_state(),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Any]) -> RunState:
+        """The run state of a checkpoint (:meth:`checkpoint`); raises KeyError, TypeError or
+        ValueError for entries of the wrong kind."""
+        return cls(
+            step=int(state["step"]),
+            history=list(state["history"]),
+            initial=state["initial"],
+            best=state["best"],
+            hard_evaluations=int(state["hard_evaluations"]),
+            seconds=float(state["seconds"]),
+        )
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -213,8 +283,7 @@ def hard_metric(pipeline: AnalysisPipeline, objective: Objective) -> float:
     """The objective with boolean cuts, ordinary histograms and a full fit at the pipeline's
     current thresholds (the pipeline at ``tau = 0``, ``bandwidth = 0``)."""
     with torch.no_grad():
-        model, data = pipeline.model(0.0, 0.0)
-        return float(objective(model, data))
+        return float(objective(pipeline.likelihood(pipeline.histograms(0.0, 0.0)), None))
 
 
 NUMERICAL_ERRORS = (FitError, InferenceError, DataError)
@@ -222,16 +291,55 @@ NUMERICAL_ERRORS = (FitError, InferenceError, DataError)
 point gets no value (``null``) and the cause in its history entry; the run goes on."""
 
 
-def _evaluate_hard(pipeline: AnalysisPipeline, objective: Objective) -> tuple[float | None, str]:
-    """:func:`hard_metric`, or ``(None, cause)`` when it is not finite or fails."""
-    try:
-        value = hard_metric(pipeline, objective)
-    except NUMERICAL_ERRORS as err:
-        log.warning("hard evaluation at %s failed: %s", pipeline.cut_values(), err)
-        return None, str(err)
-    if not math.isfinite(value):
-        return None, f"hard {objective.name} is {value}"
-    return value, ""
+def _evaluate_hard(pipeline: AnalysisPipeline, objective: Objective) -> dict[str, Any]:
+    """The hard evaluation of the current point (module docstring, "Honest evaluation"):
+    ``{"hard": value}`` (``None`` when it is not finite or fails, with ``"hard_error"``: the
+    cause), and ``"below_guard"``: the bins whose background MC is below the guard
+    (:func:`analysis.mc_statistics.below_guard`), when there are any."""
+    config = pipeline.config
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        histograms = pipeline.histograms(0.0, 0.0)
+        n_eff = mc_statistics.background_effective_events(config, histograms)
+        below = mc_statistics.below_guard(config, n_eff, config.optimization.min_effective_events)
+        try:
+            value = float(objective(pipeline.likelihood(histograms), None))
+        except NUMERICAL_ERRORS as err:
+            log.warning("hard evaluation at %s failed: %s", pipeline.cut_values(), err)
+            out = {"hard": None, "hard_error": str(err)}
+        else:
+            finite = math.isfinite(value)
+            out = {"hard": value if finite else None}
+            if not finite:
+                out["hard_error"] = f"hard {objective.name} is {value}"
+    if below:
+        out["below_guard"] = below
+    return out
+
+
+def relaxed_loss(
+    pipeline: AnalysisPipeline, objective: Objective, tau: float, bandwidth: float
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(value, guard, loss)`` of the relaxed pipeline at ``tau`` and ``bandwidth``: the
+    objective's value, the MC-statistics guard factor ``g`` (``None`` when the guard is off;
+    :func:`analysis.mc_statistics.guard_factor` of the expected yields and sums of w^2 of the
+    hard selection in the ordinary bins, :meth:`AnalysisPipeline.selected_counts`: the KDE's
+    smoothing would fill the holes that the hard histograms have) and the loss to minimise,
+    ``-value * g`` for an objective to maximize and ``value / g`` otherwise
+    (:func:`analysis.mc_statistics.guarded`).
+    """
+    config = pipeline.config
+    minimum = config.optimization.min_effective_events
+    histograms = pipeline.histograms(tau, bandwidth)
+    value = objective(pipeline.likelihood(histograms), None)
+    guard = None
+    if minimum > 0:  # n_eff of the expected hard selection (pipeline.selected_counts)
+        n_eff = mc_statistics.background_effective_events(
+            config, pipeline.selected_counts(tau, mc_statistics.background_templates(config))
+        )
+        guard = mc_statistics.guard_factor(n_eff, minimum)
+    penalised = mc_statistics.guarded(value, guard, objective.maximize)
+    return value, guard, -penalised if objective.maximize else penalised
 
 
 def _gradient_step(
@@ -511,12 +619,8 @@ def _optimize(
     if resume or checkpoint_every < steps:
         identity()
 
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
-    initial: dict[str, Any] | None = None
-    first = 0
-    hard_evaluations = 0
-    elapsed = 0.0
+    run = RunState()
+    maximize = objective_fn.maximize
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if resume:
@@ -525,13 +629,7 @@ def _optimize(
             try:
                 pipeline.load_state_dict(state["pipeline"])
                 optimizer.load_state_dict(state["optimizer"])
-                first, history, best, initial = (
-                    int(state["step"]),
-                    list(state["history"]),
-                    state["best"],
-                    state["initial"],
-                )
-                hard_evaluations, elapsed = int(state["hard_evaluations"]), state["seconds"]
+                run = RunState.from_checkpoint(state)
                 torch.set_rng_state(state["rng"].cpu())
             except (
                 AttributeError,
@@ -545,13 +643,15 @@ def _optimize(
                     f"{path}: checkpoint does not fit this analysis ({_first_line(err)})"
                 ) from None
             _check_restored_cuts(path, config, pipeline.cut_values())
-            log.info("resuming %s at step %d of %d", path, first, steps)
+            log.info("resuming %s at step %d of %d", path, run.step, steps)
         for name in (RESULT, CUTS) if resume else (RESULT, CUTS, CHECKPOINT):
             _remove(out / name)  # module docstring, "The output folder", step 2
 
-        bar = progress_bar(steps, objective_fn.name, enabled=progress, initial=first, unit="step")
+        bar = progress_bar(
+            steps, objective_fn.name, enabled=progress, initial=run.step, unit="step"
+        )
         try:
-            for step in range(first, steps):
+            for step in range(run.step, steps):
                 tau, bandwidth = schedule(step, steps, settings.temperature, settings.bandwidth)
                 entry: dict[str, Any] = {
                     "step": step,
@@ -559,54 +659,38 @@ def _optimize(
                     "bandwidth": bandwidth,
                     "cuts": pipeline.cut_values(),
                 }
-                failure: str | None
+                failure: str | None = None
                 try:
-                    model, data = pipeline.model(tau, bandwidth)
-                    loss = objective_fn.loss(model, data)
+                    value, guard, loss = relaxed_loss(pipeline, objective_fn, tau, bandwidth)
                 except NUMERICAL_ERRORS as err:
-                    loss = torch.tensor(math.nan)
+                    value, guard, loss = torch.tensor(math.nan), None, torch.tensor(math.nan)
                     failure = f"relaxed evaluation failed: {err}"
-                else:
-                    failure = None
-                value = float(loss.detach())
-                relaxed = -value if objective_fn.maximize else value
+                relaxed = float(value.detach())
                 entry["relaxed"] = _finite_or_none(relaxed)
+                if guard is not None:
+                    entry["guard"] = float(guard.detach())
                 if step % evaluate_every == 0:
-                    entry["hard"], error = _evaluate_hard(pipeline, objective_fn)
-                    if error:
-                        entry["hard_error"] = error
-                    hard_evaluations += 1
-                    if entry["hard"] is not None and _better(
-                        entry["hard"],
-                        None if best is None else best["hard"],
-                        objective_fn.maximize,
-                    ):
-                        best = _point(entry)
-                if initial is None:
-                    initial = _point(entry)
+                    entry |= _evaluate_hard(pipeline, objective_fn)
+                    run.hard_evaluations += 1
+                    run.offer(entry, maximize)
+                if run.initial is None:
+                    run.initial = _point(entry)
                 cause = failure or _gradient_step(pipeline, optimizer, loss)
                 if cause is not None:
                     entry["rejected"] = cause
                     log.warning("step %d rejected: %s", step, cause)
-                history.append(entry)
+                run.history.append(entry)
+                run.step = step + 1
                 bar.update(1)
                 bar.set_postfix(
                     relaxed=f"{relaxed:.4g}",
-                    hard=f"{best['hard']:.4g}" if best is not None else "-",
+                    hard=f"{run.best['hard']:.4g}" if run.best is not None else "-",
                 )
-                if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                    _save_checkpoint(
-                        out / CHECKPOINT,
-                        identity=identity(),
-                        pipeline=pipeline,
-                        optimizer=optimizer,
-                        step=step + 1,
-                        history=history,
-                        best=best,
-                        initial=initial,
-                        hard_evaluations=hard_evaluations,
-                        seconds=elapsed + time.perf_counter() - start_time,
-                    )
+                if run.step % checkpoint_every == 0 and run.step < steps:
+                    seconds = run.seconds + time.perf_counter() - start_time
+                    state = run.checkpoint(identity(), pipeline, optimizer, seconds)
+                    write_atomically(out / CHECKPOINT, functools.partial(torch.save, state))
+                    log.debug("checkpoint %s at step %d", out / CHECKPOINT, run.step)
                 if callback is not None:
                     callback(entry)
         finally:
@@ -615,74 +699,80 @@ def _optimize(
         tau, bandwidth = schedule(steps - 1, steps, settings.temperature, settings.bandwidth)
         try:
             with torch.no_grad():
-                model, data = pipeline.model(tau, bandwidth)
-                relaxed = float(objective_fn(model, data))
+                relaxed = float(relaxed_loss(pipeline, objective_fn, tau, bandwidth)[0])
         except NUMERICAL_ERRORS as err:
             log.warning("relaxed evaluation of the final point failed: %s", err)
             relaxed = math.nan
-        final: dict[str, Any] = {
-            "cuts": pipeline.cut_values(),
-            "relaxed": _finite_or_none(relaxed),
-            "hard": _evaluate_hard(pipeline, objective_fn)[0],
-        }
-        hard_evaluations += 1
-        if final["hard"] is not None and _better(
-            final["hard"], None if best is None else best["hard"], objective_fn.maximize
-        ):
-            best = dict(final)
-    # initial: set by the first step or read from the checkpoint
-    if best is None:  # no finite hard value anywhere: report the initial point
-        best = dict(cast(dict[str, Any], initial))
+        final: dict[str, Any] = {"cuts": pipeline.cut_values(), "relaxed": _finite_or_none(relaxed)}
+        final |= _evaluate_hard(pipeline, objective_fn)
+        run.hard_evaluations += 1
+        run.offer(final, maximize)
+    best = _reported_best(run)
     result = OptimizationResult(
         objective=objective_fn.name,
-        initial=_as_point(cast(dict[str, Any], initial)),
+        initial=_as_point(cast(dict[str, Any], run.initial)),
         final=_as_point(final),
         best=_as_point(best),
-        history=tuple(history),
-        hard_evaluations=hard_evaluations,
-        seconds=elapsed + time.perf_counter() - start_time,
+        history=tuple(run.history),
+        hard_evaluations=run.hard_evaluations,
+        seconds=run.seconds + time.perf_counter() - start_time,
         device=str(pipeline.cut_low.device),
+        extra=_mc_statistics_record(pipeline, cast(dict[str, Any], run.initial), best),
     )
     _write_outputs(out, result)
     return result
 
 
+def _reported_best(run: RunState) -> dict[str, Any]:
+    """The best point; without any eligible one (no finite hard value at a point that keeps the
+    guard), the initial point (:func:`_mc_statistics_record` warns)."""
+    return run.best if run.best is not None else cast(dict[str, Any], run.initial)
+
+
 def _point(entry: Mapping[str, Any]) -> dict[str, Any]:
-    return {"cuts": dict(entry["cuts"]), "relaxed": entry.get("relaxed"), "hard": entry.get("hard")}
+    """The point of a history entry (module docstring, "Honest evaluation")."""
+    return {
+        "cuts": dict(entry["cuts"]),
+        "relaxed": entry.get("relaxed"),
+        "hard": entry.get("hard"),
+        "below_guard": list(entry.get("below_guard", [])),
+    }
 
 
 def _as_point(entry: Mapping[str, Any]) -> Point:
-    return Point(cuts=dict(entry["cuts"]), relaxed=entry.get("relaxed"), hard=entry.get("hard"))
+    return Point(
+        cuts=dict(entry["cuts"]),
+        relaxed=entry.get("relaxed"),
+        hard=entry.get("hard"),
+        below_guard=tuple(entry.get("below_guard", ())),
+    )
 
 
-def _save_checkpoint(
-    path: pathlib.Path,
-    *,
-    identity: Mapping[str, Any],
-    pipeline: AnalysisPipeline,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    history: list[dict[str, Any]],
-    best: Mapping[str, Any] | None,
-    initial: Mapping[str, Any] | None,
-    hard_evaluations: int,
-    seconds: float,
-) -> None:
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "identity": dict(identity),
-        "pipeline": pipeline.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "history": history,
-        "best": best,
-        "initial": initial,
-        "hard_evaluations": hard_evaluations,
-        "seconds": seconds,
-        "rng": torch.get_rng_state(),
-    }
-    write_atomically(path, lambda handle: torch.save(state, handle))
-    log.debug("checkpoint %s at step %d", path, step)
+def _mc_statistics_record(
+    pipeline: AnalysisPipeline, initial: Mapping[str, Any], best: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``{"mc_statistics": {...}}`` for ``result.json``: the guard's setting and, at the initial
+    and the best cuts, the effective MC events per bin of every background sample and of their
+    sum (:func:`analysis.mc_statistics.effective_events_table`, hard histograms). Warns about
+    every bin below the guard at either point. Leaves the pipeline at the best cuts."""
+    config = pipeline.config
+    minimum = config.optimization.min_effective_events
+    tables = {}
+    for name, point in (("initial", initial), ("best", best)):
+        pipeline.set_cut_values(point["cuts"])
+        with torch.no_grad():
+            tables[name] = mc_statistics.effective_events_table(
+                config, pipeline.histograms(0.0, 0.0)
+            )
+    points = [("initial cuts", initial)]
+    if best["cuts"] != initial["cuts"]:
+        points.append(("best cuts", best))
+    elif initial.get("below_guard"):
+        points = [("initial cuts, reported as best: no evaluated point keeps the guard", initial)]
+    for where, point in points:
+        if point.get("below_guard"):
+            log.warning(mc_statistics.guard_warning(minimum, where, point["below_guard"]))
+    return {"mc_statistics": {"min_effective_events": minimum, "effective_events": tables}}
 
 
 _CHECKPOINT_KEYS = frozenset(
@@ -835,8 +925,9 @@ def scan_cuts(
 
     The non-trainable cuts stay at their values. ``initial`` is the configured point (one hard
     evaluation more than ``budget``: ``hard_evaluations = budget_used + 1``), ``final`` the last
-    scanned point, ``best`` the best by the hard metric; ``relaxed`` is ``null`` everywhere.
-    History entries: ``step``, ``cuts``, ``hard``.
+    scanned point, ``best`` the best by the hard metric among the points that keep the
+    MC-statistics guard; ``relaxed`` is ``null`` everywhere. History entries: ``step``, ``cuts``,
+    ``hard`` (and ``hard_error``, ``below_guard`` where they apply).
     """
     settings = config.optimization
     objective_fn = get_objective(objective or settings.objective)
@@ -853,13 +944,13 @@ def scan_cuts(
             _remove(out / name)  # module docstring, "The output folder", step 2
 
         def evaluate() -> dict[str, Any]:
-            hard, error = _evaluate_hard(pipeline, objective_fn)
-            values = {"cuts": pipeline.cut_values(), "relaxed": None, "hard": hard}
-            return values | ({"hard_error": error} if error else {})
+            return {"cuts": pipeline.cut_values(), "relaxed": None} | _evaluate_hard(
+                pipeline, objective_fn
+            )
 
         initial = evaluate()
-        best = dict(initial) if initial["hard"] is not None else None
-        history = []
+        run = RunState(initial=initial, hard_evaluations=len(points) + 1)
+        run.offer(initial, objective_fn.maximize)
         bar = progress_bar(
             len(points), f"{method} {objective_fn.name}", enabled=progress, unit="point"
         )
@@ -867,27 +958,26 @@ def scan_cuts(
             for i, point in enumerate(points):
                 pipeline.set_cut_values(dict(zip(names, point.tolist(), strict=True)))
                 entry = evaluate()
-                history.append({"step": i} | {k: v for k, v in entry.items() if k != "relaxed"})
-                if entry["hard"] is not None and _better(
-                    entry["hard"], None if best is None else best["hard"], objective_fn.maximize
-                ):
-                    best = entry
+                run.history.append({"step": i} | {k: v for k, v in entry.items() if k != "relaxed"})
+                run.offer(entry, objective_fn.maximize)
                 bar.update(1)
-                if best is not None:
-                    bar.set_postfix(hard=f"{best['hard']:.4g}")
+                if run.best is not None:
+                    bar.set_postfix(hard=f"{run.best['hard']:.4g}")
         finally:
             bar.close()
-        final = {"cuts": history[-1]["cuts"], "relaxed": None, "hard": history[-1]["hard"]}
+        final = {"relaxed": None} | run.history[-1]
+        best = _reported_best(run)
         result = OptimizationResult(
             objective=objective_fn.name,
             initial=_as_point(initial),
             final=_as_point(final),
-            best=_as_point(best if best is not None else initial),
-            history=tuple(history),
-            hard_evaluations=len(points) + 1,
+            best=_as_point(best),
+            history=tuple(run.history),
+            hard_evaluations=run.hard_evaluations,
             seconds=time.perf_counter() - start_time,
             device=str(pipeline.cut_low.device),
-            extra={"method": method, "budget": budget},
+            extra={"method": method, "budget": budget}
+            | _mc_statistics_record(pipeline, initial, best),
         )
         _write_outputs(out, result)
     return result

@@ -26,43 +26,47 @@
   ``tau_k = tau * spread_k`` for a relative temperature ``tau`` (DESIGN.md: knobs in natural
   units).
 
-:meth:`AnalysisPipeline.histograms` passes every template of a region through the same soft
-cuts (``w_i exp(sum_k log_soft_cut(x_ik, c_k, tau_k, dir_k))``) and fills a KDE histogram of the
+:meth:`AnalysisPipeline.histograms` passes every template of a region through the same soft cuts
+(``w_i prod_k sigmoid(s_k (x_ik - c_k) / tau_k)``, by :func:`~analysis.selection.selection_weight`:
+``w_i exp(sum_k log_soft_cut(x_ik, c_k, tau_k, dir_k))``) and fills a KDE histogram of the
 observable with bandwidth ``h = bandwidth * (smallest bin width of the region)`` (the smallest
 width, so no bin of non-uniform binning is smoothed by more than ``bandwidth`` of its own width).
-Speed (results equal up to rounding): the templates of a group share one
-:func:`~analysis.histograms.kde_histogram` call (one row of weights each), so the kernel is
-evaluated once for them; only the events with an observable within ``K w`` of the bins
-(``K`` = :func:`~analysis.histograms.kde_reach`, ``w`` the smallest bin width; ``K w``
-exceeds the kernel's truncation ``k h``) are cut and histogrammed, one slice of the sorted
-events, because the others put exactly 0 into every bin and have zero gradient; and sorted
-values let the KDE sum each bin's events with a matrix product instead of a scatter.
+Speed (results equal up to rounding): the templates of a group share one kernel evaluation (one row
+of weights each) and the groups of a region one :func:`~analysis.histograms.kde_histograms` call;
+only the events with an observable within the kernel's truncation ``k h`` of the bins
+(:data:`~analysis.histograms.KDE_TAIL_CUTOFF`, with 0.1% to spare) are cut and histogrammed, one
+slice of the sorted events, because the others put exactly 0 into every bin and have zero gradient;
+and sorted values let the KDE sum each bin's events with a matrix product instead of a scatter.
 ``tau = 0`` and ``bandwidth = 0`` give exactly the boolean cuts and ordinary histograms of
 :func:`analysis.histograms.hard_histograms`.
 
 :meth:`AnalysisPipeline.workspace_spec` builds the pyhf-structured workspace with tensor leaves
 (:func:`analysis.workspace.build_spec`: cabinetry semantics, small yields floored by
-:func:`analysis.workspace.smooth_floor`); :meth:`AnalysisPipeline.model`
-(and ``forward``) returns the differentiable HistFactory model and its observed data. Gradients
-flow from any scalar of the model back to :attr:`cut_parameters`.
+:func:`analysis.workspace.smooth_floor`); :meth:`AnalysisPipeline.likelihood` turns histograms
+into the differentiable HistFactory model of that spec, building the model's structure once and
+feeding it the new numbers on later calls (:meth:`analysis.likelihood.Model.with_spec_values`);
+:meth:`AnalysisPipeline.model` (and ``forward``) returns that model of
+``histograms(tau, bandwidth)`` and its observed data. Gradients flow from any scalar of the model
+back to :attr:`cut_parameters`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
 from analysis import workspace as workspace_builder
 from analysis.config import Config, Cut
 from analysis.errors import ConfigError
-from analysis.histograms import Histogram, kde_histogram, kde_reach
+from analysis.histograms import KDE_TAIL_CUTOFF, Histogram, kde_histograms, kde_reach
 from analysis.io import Events, TemplateKey, read_events, template_key
 from analysis.likelihood import Model, Workspace
-from analysis.selection import column_spread, log_soft_cut
+from analysis.selection import column_spread, selection_weights
 
 __all__ = ["BOUND_NUDGE", "AnalysisPipeline"]
 
@@ -195,7 +199,7 @@ class AnalysisPipeline(torch.nn.Module):
                 )
             self._kde_groups += ((observable_name, tuple(members)),)
         self._slots: list[_TemplateSlot] = [slots[j] for j in range(len(templates))]
-        self._validated_structure: object = None  # see model()
+        self._likelihood_structure: tuple[object, Model] | None = None  # see likelihood()
 
         # temperature scale per cut: spread on the nominal prediction samples of its region
         spreads = []
@@ -285,6 +289,23 @@ class AnalysisPipeline(torch.nn.Module):
         """Cut temperatures in the cut variables' units, ``tau * spread`` per cut."""
         return tau * self.cut_spread
 
+    def _cut_temperatures(self, tau: float | torch.Tensor) -> list[float] | list[torch.Tensor]:
+        """:meth:`temperatures` as one entry per cut, as :func:`selection_weights` takes them.
+
+        ``tau = 0`` (a number): ``0.0`` for every cut (boolean cuts). Otherwise ``tau * spread_k``:
+        as Python floats when ``tau`` is a number and the buffers are float64 (the number path of
+        :func:`~analysis.selection.selection_weights` computes the slopes ``s / tau_k`` on the
+        host, with the same float64 values as its tensor path, in fewer tensor operations), else
+        as 0-d tensors (float32: the tensor path computes ``s / tau_k`` in float32; a tensor
+        ``tau`` keeps its graph).
+        """
+        if not isinstance(tau, torch.Tensor) and tau == 0:
+            return [0.0] * len(self.cut_names)
+        taus = self.temperatures(tau)
+        if not isinstance(tau, torch.Tensor) and taus.dtype == torch.float64:
+            return cast(list[float], taus.tolist())
+        return list(taus.unbind())
+
     # ------------------------------------------------------------------ histograms
     def histograms(
         self, tau: float | torch.Tensor, bandwidth: float | torch.Tensor
@@ -298,43 +319,21 @@ class AnalysisPipeline(torch.nn.Module):
         """
         _check_knob("tau", tau)
         _check_knob("bandwidth", bandwidth)
-        thresholds = self.thresholds()
-        taus = self.temperatures(tau)
-        soft = isinstance(tau, torch.Tensor) or tau > 0
-        terms: dict[str, torch.Tensor] = {}  # cut column buffer -> its log_soft_cut
-        selections: dict[tuple[str, ...], torch.Tensor | None] = {}  # columns -> exp(log w)
-
-        def selection(slot: _TemplateSlot, lo: int, hi: int) -> torch.Tensor | None:
-            """``exp(sum_k log_soft_cut)`` of the slot's events ``lo .. hi`` (shared by the
-            slots of a group with the same cut columns)."""
-            if slot.cut_columns not in selections:
-                cuts = self.config.regions[slot.region].cuts
-                log_w = None
-                for k, (name, global_k) in enumerate(
-                    zip(slot.cut_columns, self._region_cuts[slot.region], strict=True)
-                ):
-                    if name not in terms:
-                        terms[name] = log_soft_cut(
-                            getattr(self, name)[lo:hi],
-                            thresholds[global_k],
-                            taus[global_k] if soft else 0.0,
-                            cuts[k].direction,
-                        )
-                    log_w = terms[name] if log_w is None else log_w + terms[name]
-                selections[slot.cut_columns] = None if log_w is None else torch.exp(log_w)
-            return selections[slot.cut_columns]
+        thresholds = self.thresholds().unbind()  # one 0-d view per cut, indexed once
+        taus = self._cut_temperatures(tau)
 
         # per region: KDE width h, window K (kde_reach) and the range of observable values whose
-        # kernel reaches a bin, [e_0 - K w, e_B + K w] with w the smallest bin width (K w > k h:
-        # events outside put exactly 0 into every bin, and have zero gradient)
+        # kernel reaches a bin, [e_0 - m, e_B + m] with m = 1.001 k h, k the kernel's truncation
+        # (KDE_TAIL_CUTOFF; the 0.1% is far above rounding): events outside put exactly 0 into
+        # every bin, and have zero gradient
         regions = {self._slots[members[0]].region for _, members in self._kde_groups}
         widths, reach, limits = {}, {}, {}
         for r in regions:
             edges = getattr(self, f"edges{r}")
             widths[r] = bandwidth * getattr(self, f"bin_width{r}")
             reach[r] = kde_reach(edges, widths[r], edges.dtype)
-            margin = reach[r] * getattr(self, f"bin_width{r}")
-            limits[r] = torch.stack([edges[0] - margin, edges[-1] + margin])
+            margin = (1.001 * KDE_TAIL_CUTOFF[edges.dtype]) * widths[r]
+            limits[r] = torch.stack([edges[0] - margin, edges[-1] + margin]).detach()
         # events sorted by the observable: the events in range are one slice per group
         bounds = torch.stack(
             [
@@ -343,22 +342,100 @@ class AnalysisPipeline(torch.nn.Module):
             ]
         ).tolist()
 
-        out = {}
+        # selection weights prod_k sigmoid(s_k (x_k - c_k) / tau_k), once per distinct set of cut
+        # columns (the templates of a group share theirs) and one selection_weights call (one
+        # autograd node) per region
+        selections: dict[tuple[str, ...], torch.Tensor] = {}  # cut columns -> weights
+        pending: dict[int, dict[tuple[str, ...], list[torch.Tensor]]] = {}
+        for (_, members), (lo, hi) in zip(self._kde_groups, bounds, strict=True):
+            for slot in (self._slots[j] for j in members):
+                if slot.cut_columns:
+                    columns = [getattr(self, name)[lo:hi] for name in slot.cut_columns]
+                    pending.setdefault(slot.region, {}).setdefault(slot.cut_columns, columns)
+        for r, sets in pending.items():
+            cuts = self.config.regions[r].cuts
+            selected = selection_weights(
+                list(sets.values()),
+                [thresholds[k] for k in self._region_cuts[r]],
+                [taus[k] for k in self._region_cuts[r]],
+                [cut.direction for cut in cuts],
+            )
+            selections.update(zip(sets, selected, strict=True))
+
+        # the groups of a region share edges and width: one kde_histograms call per region
+        per_region: dict[int, list] = {}  # region -> [(slots, values, weights)]
         for (observable, members), (lo, hi) in zip(self._kde_groups, bounds, strict=True):
             slots = [self._slots[j] for j in members]
             rows = []
             for slot in slots:
                 weight = getattr(self, slot.prefix + "weight")[lo:hi]
-                selected = selection(slot, lo, hi)
-                rows.append(weight if selected is None else weight * selected)
-            r = slots[0].region
-            edges = getattr(self, f"edges{r}")
+                factor = selections.get(slot.cut_columns)
+                rows.append(weight if factor is None else weight * factor)
             weights = rows[0][None] if len(rows) == 1 else torch.stack(rows)
             values = getattr(self, observable)[lo:hi]
-            hist = kde_histogram(values, weights, edges, widths[r], reach=reach[r])
-            for i, slot in enumerate(slots):
-                out[slot.key] = Histogram(edges, hist.yields[i], hist.sumw2[i])
+            per_region.setdefault(slots[0].region, []).append((slots, values, weights))
+        out = {}
+        for r, groups in per_region.items():
+            edges = getattr(self, f"edges{r}")
+            hists = kde_histograms(
+                [(values, weights) for _, values, weights in groups],
+                edges,
+                widths[r],
+                reach=reach[r],
+            )
+            for (slots, _, _), hist in zip(groups, hists, strict=True):
+                for i, slot in enumerate(slots):
+                    out[slot.key] = Histogram(edges, hist.yields[i], hist.sumw2[i])
         return {slot.key: out[slot.key] for slot in self._slots}
+
+    def selected_counts(
+        self, tau: float | torch.Tensor, keys: Sequence[TemplateKey]
+    ) -> dict[TemplateKey, Histogram]:
+        r"""Soft-cut sums of the events of the templates ``keys`` in the ordinary bins (no KDE):
+
+        .. math:: n_b = \sum_{i \in b} w_i s_i, \qquad
+                  v_b = \sum_{i \in b} w_i^2 s_i,
+
+        ``s_i`` the event's selection weight (the product of the soft cuts at temperature
+        ``tau``), bins half-open ``[e_b, e_{b+1})`` as :func:`analysis.histograms.hard_histogram`.
+        Read ``s_i`` as the probability that event ``i`` passes the cuts: then ``n_b`` and
+        ``v_b`` are the expected yield and the expected sum of ``w^2`` of the hard selection,
+        and ``tau = 0`` gives exactly the hard histogram's yields and sum of ``w^2``. (The
+        relaxed histograms' ``sum (w s)^2`` would count a half-passing event as a whole one in
+        ``n_eff = n^2 / v``, which does not depend on the scale of the weights.) Returned as
+        ``Histogram(edges, n, v)``, differentiable in the thresholds (and ``tau``); used for
+        the MC-statistics guard (:mod:`analysis.mc_statistics`).
+        """
+        _check_knob("tau", tau)
+        thresholds = self.thresholds().unbind()
+        taus = self._cut_temperatures(tau)
+        slots = {slot.key: slot for slot in self._slots}
+        out = {}
+        for key in keys:
+            slot = slots[key]
+            edges = getattr(self, f"edges{slot.region}")
+            observable = getattr(self, slot.observable)  # sorted ascending
+            positions = torch.searchsorted(observable, edges)  # first event >= e_b
+            lo, hi = positions[0].item(), positions[-1].item()
+            weight = getattr(self, slot.prefix + "weight")[lo:hi]
+            if slot.cut_columns:
+                cuts = self.config.regions[slot.region].cuts
+                (selected,) = selection_weights(
+                    [[getattr(self, name)[lo:hi] for name in slot.cut_columns]],
+                    [thresholds[k] for k in self._region_cuts[slot.region]],
+                    [taus[k] for k in self._region_cuts[slot.region]],
+                    [cut.direction for cut in cuts],
+                )
+            else:
+                selected = torch.ones_like(weight)
+            counts = torch.diff(positions)
+            bins = torch.repeat_interleave(torch.arange(len(counts), device=edges.device), counts)
+            ws = weight * selected
+            zeros = torch.zeros(len(counts), dtype=ws.dtype, device=ws.device)
+            out[key] = Histogram(
+                edges, zeros.index_add(0, bins, ws), zeros.index_add(0, bins, ws * weight)
+            )
+        return out
 
     # ------------------------------------------------------------------ likelihood
     def workspace_spec(self, tau: float | torch.Tensor, bandwidth: float | torch.Tensor) -> dict:
@@ -374,26 +451,59 @@ class AnalysisPipeline(torch.nn.Module):
         histograms = {key: _as_float64(h) for key, h in self.histograms(tau, bandwidth).items()}
         return workspace_builder.build_spec(self.config, histograms)
 
+    def likelihood(self, histograms: Mapping[TemplateKey, Histogram]) -> Model:
+        """The differentiable HistFactory model of ``histograms`` (float64).
+
+        ``histograms``: ``{(region, sample, variation): Histogram}`` of every template, as
+        :meth:`histograms` returns them. They are converted to float64 and turned into the
+        workspace spec by :func:`analysis.workspace.build_spec` (floors, staterror from the sum
+        of w^2, normsys and histosys from the variations; see :meth:`workspace_spec`), and the
+        model is that spec's (its first measurement's) :class:`~analysis.likelihood.Model`,
+        equal number for number to ``Workspace(spec).model(dtype=float64)``. Gradients flow from
+        the model's outputs back to whatever the histograms were computed from
+        (:attr:`cut_parameters`).
+
+        The model's structure (layout, parameter sets, index tables) depends only on the
+        configuration and the bin counts, so it is built once: the first call validates the
+        spec (:meth:`Workspace.from_spec`: pyhf schema, names, lengths) and builds the model
+        from scratch; later calls whose spec has the same structure (keys, names, types and
+        tensor shapes; not the numbers) and device feed the new spec's numbers into that
+        structure (:meth:`Model.with_spec_values`). A spec of another structure is validated
+        and built from scratch again, and its structure kept instead.
+        """
+        return self._likelihood(histograms)[0]
+
+    def _likelihood(self, histograms: Mapping[TemplateKey, Histogram]) -> tuple[Model, dict]:
+        """:meth:`likelihood` and the workspace spec it was built from."""
+        spec = workspace_builder.build_spec(
+            self.config, {key: _as_float64(h) for key, h in histograms.items()}
+        )
+        source = f"{self.config.source} (pipeline)"
+        device = self.cut_low.device
+        key = (_structure(spec), device)
+        if self._likelihood_structure is not None and self._likelihood_structure[0] == key:
+            model_spec = Workspace(spec=spec, source=source).model_spec()
+            return self._likelihood_structure[1].with_spec_values(model_spec), spec
+        workspace = Workspace.from_spec(spec, source=source)  # validates: the first call
+        model = workspace.model(dtype=torch.float64, device=device)
+        # the structure kept is a detached copy, which holds no graph of this call
+        template = model.with_spec_values(_detached(workspace.model_spec()))
+        self._likelihood_structure = (key, template)
+        return model, spec
+
     def model(
         self, tau: float | torch.Tensor, bandwidth: float | torch.Tensor
     ) -> tuple[Model, torch.Tensor]:
         """The differentiable HistFactory model and its observed data (main + auxiliary).
 
-        The spec is validated (:meth:`Workspace.from_spec`: pyhf schema, names, lengths) when its
-        structure (keys, names, types and tensor shapes; not the numbers) differs from the last
-        validated one, i.e. on the first call: the validation only reads the structure, which
-        the configuration fixes, and costs more than building the model.
+        ``likelihood(histograms(tau, bandwidth))`` and the data of its spec: the data
+        sample's histograms in the model's channel order, then ``model.auxdata``
+        (:meth:`Workspace.data`). The objectives use Asimov data of the model and ignore
+        ``data``; an optimization step needs only :meth:`histograms` and :meth:`likelihood`.
         """
-        spec = self.workspace_spec(tau, bandwidth)
+        model, spec = self._likelihood(self.histograms(tau, bandwidth))
         source = f"{self.config.source} (pipeline)"
-        structure = _structure(spec)
-        if structure != self._validated_structure:
-            workspace = Workspace.from_spec(spec, source=source)
-            self._validated_structure = structure
-        else:
-            workspace = Workspace(spec=spec, source=source)  # spec is new, no copy needed
-        model = workspace.model(dtype=torch.float64, device=self.cut_low.device)
-        return model, workspace.data(model)
+        return model, Workspace(spec=spec, source=source).data(model)
 
     def forward(
         self, tau: float | torch.Tensor, bandwidth: float | torch.Tensor
@@ -424,6 +534,17 @@ def _structure(value: object) -> object:
     if isinstance(value, str) or value is None or isinstance(value, bool):
         return value
     return type(value).__name__
+
+
+def _detached(value: Any) -> Any:
+    """A copy of a nested spec (dicts and lists copied) with every tensor detached."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, Mapping):
+        return {key: _detached(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_detached(item) for item in value]
+    return value
 
 
 def _check_knob(name: str, value: float | torch.Tensor) -> None:

@@ -24,7 +24,9 @@ Building blocks::
     write_report("results/dimuon/report.html", html)
 
 Numbers in tables and the summary are formatted by :func:`format_value` (integers in full,
-floats to four significant digits, exponent notation outside ``[1e-3, 1e6)``).
+floats to four significant digits, exponent notation outside ``[1e-3, 1e6)``). A cell that
+needs the reader's attention (a value below a threshold) is a :class:`Marked` value: shown with
+its mark and shaded.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from analysis.files import write_atomically
 __all__ = [
     "Image",
     "Listing",
+    "Marked",
     "Section",
     "Table",
     "build_report",
@@ -92,6 +95,15 @@ class Table:
     rows: Sequence[Mapping[str, Any]]
     columns: Sequence[str] | None = None
     caption: str | None = None
+
+
+@dataclass(frozen=True)
+class Marked:
+    """A table cell that needs attention: ``value`` (formatted as any cell) followed by
+    ``mark``, shaded (CSS class ``marked``). Say in the table's caption what the mark means."""
+
+    value: Any
+    mark: str = "*"
 
 
 @dataclass(frozen=True)
@@ -244,6 +256,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _cell(value: Any, tag: str = "td") -> str:
+    if isinstance(value, Marked):
+        css = "num marked" if _is_number(value.value) else "marked"
+        text = f"{format_value(value.value)} {value.mark}"
+        return f'<{tag} class="{css}">{_escape(text)}</{tag}>'
     css = ' class="num"' if _is_number(value) else ""
     return f"<{tag}{css}>{_escape(format_value(value))}</{tag}>"
 
@@ -343,6 +359,7 @@ caption { caption-side: bottom; font-size: .85rem; color: #444; padding-top: .3r
 th, td { border: 1px solid #ccc; padding: .25rem .55rem; text-align: left; vertical-align: top; }
 thead th { background: #f0f0f0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.marked { background: #fbdcdc; font-weight: 600; }
 .summary th { background: #f7f7f7; font-weight: 600; }
 pre { background: #f6f6f6; border: 1px solid #ddd; padding: .7rem; font-size: .82rem;
   white-space: pre-wrap; word-break: break-word; }
@@ -353,6 +370,7 @@ footer { margin-top: 2.5rem; font-size: .85rem; color: #555; border-top: 1px sol
   nav { display: none; }
   a { color: inherit; text-decoration: none; }
   figure, table, pre { break-inside: avoid; }
+  td.marked { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
   h2, h3 { break-after: avoid; }
 }
 """.strip()
@@ -407,7 +425,7 @@ def analysis_report(results: str | os.PathLike[str], config_path: str | os.PathL
         ]
     candidates = [
         _results_section(per_set),
-        _optimization_section(found, optimization),
+        _optimization_section(found, optimization, config),
         _cutflow_section(found, config),
         *(_fit_section(found, name, per_set[name]) for name in reversed(CUT_SETS)),
         _templates_section(found),
@@ -528,13 +546,17 @@ def _results_section(per_set: Mapping[str, _CutSetResults]) -> Section:
     )
 
 
-def _optimization_section(found: _ResultFiles, optimization: Any) -> Section | None:
+def _optimization_section(found: _ResultFiles, optimization: Any, config: Any) -> Section | None:
     if optimization is None:
         return None
+    points = ("initial", "final", "best")
     rows = [
         {"point": key, "relaxed": optimization[key]["relaxed"], "hard": optimization[key]["hard"]}
-        for key in ("initial", "final", "best")
+        for key in points
     ]
+    if any("below_guard" in optimization[key] for key in points):
+        for row, key in zip(rows, points, strict=True):
+            row["bins below the MC guard"] = len(optimization[key].get("below_guard", []))
     figures = found.images(("optimization.png", "Optimization history"))
     figures += [
         image
@@ -544,17 +566,106 @@ def _optimization_section(found: _ResultFiles, optimization: Any) -> Section | N
         )
         if image is not None
     ]
+    text = [
+        f"Objective {optimization['objective']}: relaxed (soft cuts, KDE histograms) and hard "
+        "(boolean cuts, ordinary histograms, full fit) values at the starting point, the "
+        f"last step and the best point by the hard metric; {optimization['hard_evaluations']}"
+        f" hard evaluations in {optimization['seconds']:.1f} s on {optimization['device']}."
+    ]
+    tables = [Table("Relaxed and hard objective", rows)]
+    mc_text, mc_tables, mc_figures = _mc_statistics_parts(optimization, config)
     return Section(
         "Optimization",
-        text=(
-            f"Objective {optimization['objective']}: relaxed (soft cuts, KDE histograms) and hard "
-            "(boolean cuts, ordinary histograms, full fit) values at the starting point, the "
-            f"last step and the best point by the hard metric; {optimization['hard_evaluations']}"
-            f" hard evaluations in {optimization['seconds']:.1f} s on {optimization['device']}."
-        ),
-        tables=[Table("Relaxed and hard objective", rows)],
-        figures=figures,
+        text=text + mc_text,
+        tables=tables + mc_tables,
+        figures=figures + mc_figures,
     )
+
+
+MC_POINTS = ("initial", "best")
+"""The points of ``result.json`` whose effective MC events the report shows."""
+
+
+def _mc_statistics_parts(
+    optimization: Mapping[str, Any], config: Any
+) -> tuple[list[str], list[Table], list[Image]]:
+    """Paragraphs, tables (one per region: n_eff per bin of each background sample and of
+    their sum, at the initial and the best cuts; total-background cells below the guard
+    :class:`Marked`) and the figure of ``result.json``'s ``mc_statistics`` block; one
+    paragraph saying it is missing for result files written before it existed."""
+    from analysis.mc_statistics import describe
+    from analysis.plotting.mc_statistics import TOTAL, TOTAL_LABEL, effective_events_per_bin
+
+    block = optimization.get("mc_statistics")
+    if not block:
+        return (
+            [
+                "Effective MC events per bin: not available (this result.json has no "
+                "mc_statistics record; it was written by an older diffana)."
+            ],
+            [],
+            [],
+        )
+    minimum = float(block["min_effective_events"])
+    tables = {point: block["effective_events"][point] for point in MC_POINTS}
+    guard = (
+        f"The guard (Optimization.MinEffectiveEvents = {minimum:g}) requires n_eff >= "
+        f"{minimum:g} for the total background in every bin; total-background cells below it "
+        "are marked * and shaded."
+        if minimum > 0
+        else "The guard is off (Optimization.MinEffectiveEvents = 0)."
+    )
+    text = [
+        "Effective number of background MC events per bin, n_eff = (sum w)^2 / sum w^2, of "
+        "each background sample (the prediction samples the POI does not scale) and of their "
+        f"sum (total background), at the initial and the best cuts (hard histograms). {guard}"
+    ]
+    initial, best = optimization["initial"], optimization["best"]
+    if best.get("below_guard") and best["cuts"] == initial["cuts"]:
+        text.append(
+            "Below the guard at the initial cuts, which are reported as the best because no "
+            f"evaluated point keeps the guard: {describe(best['below_guard'])}."
+        )
+    else:
+        for point in MC_POINTS:
+            bins = optimization[point].get("below_guard", [])
+            if bins:
+                text.append(f"Below the guard at the {point} cuts: {describe(bins)}.")
+    regions = {region.name: region for region in config.regions}
+    out_tables = []
+    for region, rows in tables["initial"].items():
+        binning = regions[region].binning if region in regions else None
+        n_bins = len(rows[TOTAL])
+        entries = []
+        for b in range(n_bins):
+            row: dict[str, Any] = {"bin": b}
+            if binning is not None and len(binning) == n_bins + 1:
+                row["range"] = f"[{binning[b]:g}, {binning[b + 1]:g})"
+            for column in rows:
+                name = TOTAL_LABEL if column == TOTAL else column
+                for point in MC_POINTS:
+                    value = tables[point][region][column][b]
+                    marked = column == TOTAL and minimum > 0 and value < minimum
+                    row[f"{name}, {point}"] = Marked(value) if marked else value
+            entries.append(row)
+        caption = (
+            f"* total background below the guard of {minimum:g} effective events"
+            if minimum > 0
+            else None
+        )
+        out_tables.append(Table(f"Effective MC events, {region}", entries, caption=caption))
+    figure = effective_events_per_bin(
+        tables,
+        minimum=minimum,
+        edges={r.name: r.binning for r in config.regions},
+        observables={r.name: r.variable for r in config.regions},
+    )
+    caption = (
+        "Effective background MC events per bin at the initial (dashed) and the best (solid) "
+        "cuts, per background sample (colours) and for their sum (black)"
+        + (f"; dotted green: the guard, {minimum:g}" if minimum > 0 else "")
+    )
+    return text, out_tables, [Image(figure, caption)]
 
 
 def _cutflow_section(found: _ResultFiles, config: Any) -> Section | None:

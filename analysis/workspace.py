@@ -17,21 +17,31 @@ NormFactors acting on the sample, then the Systematics in config order:
   after normalising: template ``2 n - v/k`` and factor ``2 - k`` (cabinetry's "method 1": first
   normalise, then symmetrise). Single-bin regions get no ``histosys`` (a shape needs two bins).
 
-**Yield floor.** HistFactory needs a positive expected yield in every bin (``log lambda``) and a
-positive staterror width; cuts, negative weights (and, in the relaxed pipeline, KDE smearing)
-can leave a bin, or a whole sample, empty or negative. Every prediction template (nominal and
-variations) of a region is therefore passed through :func:`smooth_floor` per bin at
-``f = YieldFloor * sum_s sum_b |n_sb|``, the region's total nominal prediction
-(``General.YieldFloor``, default :data:`FLOOR_FRACTION` = 1e-6), and its sum of squared weights
-at ``YieldFloor * sum_s sum_b s_sb`` likewise. One floor per region, not per template: a
-template that went entirely empty (a background removed by the cuts, while a variation of it
-kept a few events) then stays on the scale of the region, so its normalisation factors and
-interpolated templates stay finite. Bins above the floor are unchanged, so a valid analysis gets
-exactly its histograms (like TRExFitter's correction of empty and negative bins, but
-continuous). Data are never floored. ``YieldFloor: 0`` switches this off, as cabinetry has no
-floor: cabinetry's example then gives cabinetry's workspace number for number (its empty signal
-bin stays 0). The same function builds the relaxed pipeline's model, so at ``tau = 0``,
-``bandwidth = 0`` it is this workspace exactly.
+**Yield floor.** HistFactory needs a positive expected yield in every bin (``log lambda``), also
+at ``mu = 0``. Cuts, negative weights (and, in the relaxed pipeline, KDE smearing) can leave a
+bin with no background prediction at all, or a negative one. The floor acts on such a bin only:
+where the bin's total *background* ``B_b = sum_s n_sb`` over the samples the POI does not scale
+(:func:`analysis.mc_statistics.background_samples`; all samples when there is none), the
+prediction at ``mu = 0``, is below ``f = YieldFloor * sum_s sum_b |n_sb|`` (the region's total
+over all samples, ``General.YieldFloor``, default :data:`FLOOR_FRACTION` = 1e-6, detached), the
+pad ``p_b = smooth_floor(B_b, f) - B_b`` (:func:`smooth_floor`: ``B_b`` then lies between
+``f/2`` and ``f``) is added in equal shares to the bin of every template (nominal and
+variations) of those background samples, after the NormPlusShape split, so that every
+``histosys`` shift is unchanged. Each share ``p`` comes with its own MC-statistical uncertainty:
+``p^2`` is added to the sample's sum of w^2, a 100% uncertainty on what was added. So a bin
+with signal but no background simulation is not background-free (and the likelihood at
+``mu = 0`` stays finite); the guard of :mod:`analysis.mc_statistics` keeps the optimizer away
+from such bins. Every other bin is untouched (``p_b`` is exactly 0 there), so an analysis whose
+background populates every bin gives cabinetry's workspace number for number. Data are never
+floored. ``YieldFloor: 0`` switches it off.
+
+A sample whose nominal total in a region is ``<= 0`` (all its events cut away) cannot be split
+into a normalisation and a shape part (``k = sum(v) / sum(n)``); its ``NormPlusShape``
+systematics keep their two modifiers with ``normsys`` ``hi = lo = 1`` and the unnormalised
+variations as the ``histosys`` templates.
+
+The same functions build the relaxed pipeline's model, so at ``tau = 0``, ``bandwidth = 0`` it
+is this workspace exactly.
 """
 
 from __future__ import annotations
@@ -42,15 +52,15 @@ from typing import Any, cast
 import pyhf
 import torch
 
+from analysis import mc_statistics
 from analysis.config import Config, Region, Sample, Systematic
 from analysis.errors import DataError
 from analysis.histograms import Histogram
 from analysis.io import TemplateKey
 
 FLOOR_FRACTION = 1e-6
-"""Default ``General.YieldFloor``: the yield floor per bin as a fraction of the region's total
-nominal prediction ``sum_s sum_b |n_sb|`` (and of ``sum_s sum_b s_sb`` for the sum of squared
-weights); see :func:`smooth_floor`."""
+"""Default ``General.YieldFloor``: the floor of a bin's total prediction as a fraction of the
+region's total nominal prediction ``sum_s sum_b |n_sb|`` (module docstring, "Yield floor")."""
 
 
 def smooth_floor(x: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
@@ -75,67 +85,74 @@ def smooth_floor(x: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
     return torch.where(x >= floor, x, soft)
 
 
-def floored(hist: Histogram, floor_n: torch.Tensor, floor_s: torch.Tensor) -> Histogram:
-    """``hist`` with :func:`smooth_floor` applied to its yields at ``floor_n`` and to its sum of
-    w^2 at ``floor_s``."""
-    return Histogram(
-        edges=hist.edges,
-        yields=smooth_floor(hist.yields, floor_n),
-        sumw2=smooth_floor(hist.sumw2, floor_s),
-    )
-
-
-def region_floors(
+def region_floor(
     config: Config, region: Region, histograms: Mapping[TemplateKey, Histogram]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The yield floor and the sum-of-w^2 floor of a region (module docstring, "Yield floor"):
-    ``YieldFloor`` times the totals of the region's nominal prediction templates, detached.
-    Raises DataError when the region has no prediction left (nothing to scale a floor by)."""
+) -> torch.Tensor:
+    """The yield floor of a region (module docstring, "Yield floor"): ``YieldFloor`` times the
+    region's total nominal prediction ``sum_s sum_b |n_sb|``, detached. Raises DataError when the
+    region has no prediction left (nothing to scale a floor by)."""
     nominals = [histograms[(region.name, s.name, "nominal")] for s in config.samples_in(region)]
     # sum() gives 0 (an int) only without nominals, which raises below
-    total_n = cast(torch.Tensor, sum(h.yields.detach().abs().sum() for h in nominals))
-    total_s = cast(torch.Tensor, sum(h.sumw2.detach().abs().sum() for h in nominals))
-    if not total_n > 0:
+    total = cast(torch.Tensor, sum(h.yields.detach().abs().sum() for h in nominals))
+    if not total > 0:
         raise DataError(
             f"region '{region.name}': no predicted events left (total yield of the samples "
             f"{', '.join(s.name for s in config.samples_in(region))} is 0); loosen the cuts"
         )
-    fraction = config.general.yield_floor
-    tiny = torch.finfo(total_n.dtype).tiny
-    return fraction * total_n, torch.clamp(fraction * total_s, min=tiny)
+    return config.general.yield_floor * total
+
+
+def floor_pads(
+    config: Config, histograms: Mapping[TemplateKey, Histogram]
+) -> dict[tuple[str, str], torch.Tensor]:
+    """``(region, sample) -> p`` per bin: what the yield floor adds to every template of that
+    sample, with ``p^2`` added to its sum of w^2 (module docstring, "Yield floor"). Only samples
+    that receive a pad somewhere are listed; ``p`` is exactly 0 in every bin whose background
+    prediction is at or above the floor."""
+    out = {}
+    for region in config.regions:
+        receivers = mc_statistics.background_samples(config, region) or config.samples_in(region)
+        total = cast(
+            torch.Tensor,
+            sum(histograms[(region.name, s.name, "nominal")].yields for s in receivers),
+        )
+        floor = region_floor(config, region, histograms)
+        if bool((total.detach() >= floor).all()):
+            continue
+        share = (smooth_floor(total, floor) - total) / len(receivers)
+        for sample in receivers:
+            out[(region.name, sample.name)] = share
+    return out
 
 
 def build_spec(config: Config, histograms: Mapping[TemplateKey, Histogram]) -> dict[str, Any]:
     """The pyhf workspace structure with torch tensors as numeric leaves (see module docstring).
 
-    Prediction templates are floored (module docstring, "Yield floor"); data are not.
+    Bins without background prediction are floored (module docstring, "Yield floor"); data
+    are not.
     """
-    if config.general.yield_floor > 0:
-        floors = {r.name: region_floors(config, r, histograms) for r in config.regions}
-        data_name = config.data_sample.name
-        histograms = {
-            key: hist if key[1] == data_name else floored(hist, *floors[key[0]])
-            for key, hist in histograms.items()
-        }
+    pads = floor_pads(config, histograms) if config.general.yield_floor > 0 else {}
     channels = []
     observations = []
     for region in config.regions:
         samples = []
         for sample in config.samples_in(region):
-            nominal = histograms[(region.name, sample.name, "nominal")]
+            raw = histograms[(region.name, sample.name, "nominal")]
+            pad = pads.get((region.name, sample.name))
+            nominal = raw if pad is None else _padded(raw, pad)
             modifiers: list[dict[str, Any]] = []
             if not sample.disable_staterror:
                 modifiers.append(
                     {
                         "name": "staterror_" + region.name.replace(" ", "-"),
                         "type": "staterror",
-                        "data": nominal.stdev,
+                        "data": _stdev(nominal.sumw2),
                     }
                 )
             for nf in config.norm_factors_for(region, sample):
                 modifiers.append({"name": nf.name, "type": "normfactor", "data": None})
             for syst in config.systematics_for(region, sample):
-                modifiers += _systematic_modifiers(region, sample, syst, nominal, histograms)
+                modifiers += _systematic_modifiers(region, sample, syst, raw, histograms, pad)
             samples.append({"name": sample.name, "data": nominal.yields, "modifiers": modifiers})
         channels.append({"name": region.name, "samples": samples})
         data = histograms[(region.name, config.data_sample.name, "nominal")]
@@ -155,6 +172,18 @@ def build(config: Config, histograms: Mapping[TemplateKey, Histogram]) -> dict[s
     return workspace
 
 
+def _stdev(sumw2: torch.Tensor) -> torch.Tensor:
+    """``sqrt(sum w^2)``, with gradient 0 (not NaN) where ``sum w^2 = 0`` (a bin without events
+    of this template: its staterror contribution is then 0, as pyhf's)."""
+    positive = sumw2 > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, sumw2, 1.0)), 0.0)
+
+
+def _padded(hist: Histogram, pad: torch.Tensor) -> Histogram:
+    """``hist`` with ``pad`` added to its yields and ``pad^2`` to its sum of w^2."""
+    return Histogram(hist.edges, hist.yields + pad, hist.sumw2 + pad * pad)
+
+
 def to_json(spec: Any) -> Any:
     """Replace tensors in a nested spec by (lists of) Python floats, detached."""
     if isinstance(spec, torch.Tensor):
@@ -172,7 +201,11 @@ def _systematic_modifiers(
     syst: Systematic,
     nominal: Histogram,
     histograms: Mapping[TemplateKey, Histogram],
+    pad: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
+    """The modifiers of one systematic on one sample (module docstring), from the unfloored
+    ``nominal`` and variations; the floor's ``pad`` (if any) is added to the histosys
+    templates, as to the nominal, after the split."""
     name = syst.modifier_name
     if syst.type == "Normalization":
         # the config loader requires both Normalization values for this type
@@ -187,14 +220,12 @@ def _systematic_modifiers(
             }
         ]
     total = nominal.yields.sum()
-    if not total > 0:
-        raise DataError(
-            f"systematic '{syst.name}': sample '{sample.name}' has a non-positive total yield "
-            f"{float(total):.6g} in region '{region.name}'; cannot normalise its variations"
-        )
+    splittable = bool(total > 0)  # module docstring: a sample cut away keeps its variations
 
     def normalised(side: str) -> tuple[torch.Tensor, torch.Tensor]:
         varied = histograms[(region.name, sample.name, f"{syst.name}_{side}")].yields
+        if not splittable:
+            return varied, torch.ones_like(total)
         factor = varied.sum() / total
         return varied / factor, factor
 
@@ -208,6 +239,8 @@ def _systematic_modifiers(
         hi_data, hi = normalised("Up")
         lo_data, lo = normalised("Down")
     modifiers = [{"name": name, "type": "normsys", "data": {"hi": hi, "lo": lo}}]
+    if pad is not None:
+        hi_data, lo_data = hi_data + pad, lo_data + pad
     if nominal.yields.shape[0] > 1:
         modifiers.append(
             {"name": name, "type": "histosys", "data": {"hi_data": hi_data, "lo_data": lo_data}}

@@ -1,11 +1,15 @@
 """Soft cuts + KDE histograms and one full optimization step, timed, as JSON figures.
 
     python benchmarks/bench_pipeline.py [--quick] [--device cpu|cuda] [--output FILE]
+        [--skip-ops] [--skip-step] [--threads N ...] [--step-events N] [--step-dtypes float64]
+
+(e.g. only the step, float64 events, one thread: ``--skip-ops --threads 1 --step-dtypes
+float64``; ``--workdir DIR`` keeps the generated demo data for the next run.)
 
 1. ``ops``: forward and backward of the differentiable selection and histogram for N events
-   (default 1e5, 1e6, 1e7) in float32 and float64: 5 soft cuts on 5 columns (``>`` and ``<``
-   cuts and one window, :func:`analysis.selection.log_selection_weight` and
-   :func:`~analysis.selection.log_soft_window`), weights ``w * exp(log w)``, a 20-bin KDE
+   (default 1e5, 1e6, 1e7) in float32 and float64: 6 soft cuts on 5 columns (``>`` and ``<``
+   cuts and a window as two cuts on one column, :func:`analysis.selection.selection_weight`, the
+   product of sigmoids the pipeline uses), weights ``w * prod_k sigmoid``, a 20-bin KDE
    histogram with bandwidth 0.5 bin widths (yields and sum of w^2), loss
    ``sum_b n_b^2 / (s_b + 1)`` and its gradient with respect to the 6 thresholds. Three
    histogram implementations in the same run: ``windowed`` (:func:`kde_histogram` on unsorted
@@ -18,12 +22,15 @@
    gradient (relative to its largest component).
 2. ``step``: one full optimization step on the demo analysis (``models/dimuon.yaml``) with
    ``--step-events`` Monte Carlo events in total (generated with :func:`analysis.generate.generate`
-   into a temporary folder, read once): ``pipeline.model(tau, bandwidth)`` at the configured
-   initial temperature and bandwidth, the configured objective's loss (float64 likelihood and
-   fit), backward and an Adam step, as :func:`analysis.optimize.optimize` does. Events in float64
-   and in float32, with each of ``--threads`` (default 1 and 2). Breakdown per step: soft cuts +
-   KDE histograms (``pipeline.histograms``), model build (floors, spec, HistFactory model),
-   objective (fit) and backward + Adam step.
+   into a temporary folder, read once): ``pipeline.histograms(tau, bandwidth)`` at the configured
+   initial temperature and bandwidth, ``pipeline.likelihood(histograms)`` (the float64 model,
+   its structure built on the first call and fed new numbers afterwards), the configured
+   objective (fit), the MC-statistics guard (``pipeline.selected_counts`` of the background and
+   the guard factor, :func:`analysis.optimize.relaxed_loss`), backward and an Adam step. Events
+   in each of ``--step-dtypes`` (default float64 and float32), with each of ``--threads``
+   (default 1 and 2). Breakdown per step: soft cuts + KDE histograms (``pipeline.histograms``),
+   model build (``pipeline.likelihood``: floors, spec, HistFactory model), objective (fit),
+   guard and backward + Adam step.
 
 Times are medians over ``--repeats`` after one warm-up, in milliseconds (``ops``) and seconds
 (``step``); CUDA is synchronised around each timed part. On a shared machine wall times include
@@ -50,12 +57,12 @@ import torch
 import yaml
 
 from analysis import config as configuration
-from analysis import generate
+from analysis import generate, mc_statistics
 from analysis.histograms import kde_histogram, kde_histogram_dense
 from analysis.io import read_events
 from analysis.objectives import get_objective
 from analysis.pipeline import AnalysisPipeline
-from analysis.selection import SoftCut, cut_temperature, log_selection_weight, log_soft_window
+from analysis.selection import SoftCut, cut_temperature, selection_weight
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N_BINS = 20
@@ -68,7 +75,7 @@ WINDOW = (2, -1.5, 1.5)  # column 2 inside (low, high)
 DENSE_BYTES = 7
 """Peak memory of a dense forward + backward per event, edge and byte of the dtype (measured
 at 1e6 events: 50 B in float64, 26 B in float32, per event and edge)."""
-TARGET_STEP_SECONDS = 0.2
+TARGET_STEP_SECONDS = 0.12
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -146,11 +153,12 @@ def forward(problem: dict, histogram):
         SoftCut(p["columns"][k], c[i], p["taus"][k], direction)
         for i, (k, direction, _) in enumerate(CUTS)
     ]
-    k = WINDOW[0]
-    log_w = log_selection_weight(cuts) + log_soft_window(
-        p["columns"][k], c[len(CUTS)], c[len(CUTS) + 1], p["taus"][k]
-    )
-    hist = histogram(p["values"], p["weight"] * torch.exp(log_w), p["edges"], p["bandwidth"])
+    k = WINDOW[0]  # the window low < x < high as two cuts
+    cuts += [
+        SoftCut(p["columns"][k], c[len(CUTS)], p["taus"][k], ">"),
+        SoftCut(p["columns"][k], c[len(CUTS) + 1], p["taus"][k], "<"),
+    ]
+    hist = histogram(p["values"], p["weight"] * selection_weight(cuts), p["edges"], p["bandwidth"])
     loss = (hist.yields.double() ** 2 / (hist.sumw2.double() + 1.0)).sum()
     return hist, loss
 
@@ -244,49 +252,49 @@ def demo_config(data_dir: pathlib.Path) -> configuration.Config:
 
 
 def time_steps(pipeline, objective, settings, repeats: int, device: torch.device) -> dict:
-    """Median seconds of one step and of its parts, after one warm-up step."""
+    """Median seconds of one step and of its parts, after one warm-up step (which also builds
+    the likelihood's structure)."""
     tau, bandwidth = settings.temperature.initial, settings.bandwidth
     optimizer = torch.optim.Adam([pipeline.cut_parameters], lr=settings.learning_rate)
+    config = pipeline.config
+    minimum = settings.min_effective_events
+    keys = mc_statistics.background_templates(config)
     parts: dict[str, list[float]] = {}
-    histograms = pipeline.histograms
-    timer = {"histograms": 0.0}
-
-    def timed_histograms(*args):  # pipeline.model calls self.histograms
+    for i in range(repeats + 1):
         sync(device)
-        start = time.perf_counter()
-        out = histograms(*args)
+        t0 = time.perf_counter()
+        histograms = pipeline.histograms(tau, bandwidth)
         sync(device)
-        timer["histograms"] += time.perf_counter() - start
-        return out
-
-    pipeline.histograms = timed_histograms
-    try:
-        for i in range(repeats + 1):
-            timer["histograms"] = 0.0
-            sync(device)
-            t0 = time.perf_counter()
-            model, data = pipeline.model(tau, bandwidth)
-            sync(device)
-            t1 = time.perf_counter()
-            loss = objective.loss(model, data)
-            sync(device)
-            t2 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sync(device)
-            t3 = time.perf_counter()
-            if i:
-                for name, seconds in (
-                    ("step", t3 - t0),
-                    ("soft_cuts_and_histograms", timer["histograms"]),
-                    ("model_build", t1 - t0 - timer["histograms"]),
-                    ("objective_fit", t2 - t1),
-                    ("backward_and_adam", t3 - t2),
-                ):
-                    parts.setdefault(name, []).append(seconds)
-    finally:
-        del pipeline.histograms
+        t1 = time.perf_counter()
+        model = pipeline.likelihood(histograms)
+        sync(device)
+        t2 = time.perf_counter()
+        value = objective(model, None)  # the objectives use Asimov data of the model
+        sync(device)
+        t3 = time.perf_counter()
+        counts = pipeline.selected_counts(tau, keys)  # the MC-statistics guard
+        guard = mc_statistics.guard_factor(
+            mc_statistics.background_effective_events(config, counts), minimum
+        )
+        penalised = mc_statistics.guarded(value, guard, objective.maximize)
+        loss = -penalised if objective.maximize else penalised
+        sync(device)
+        t35 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync(device)
+        t4 = time.perf_counter()
+        if i:
+            for name, seconds in (
+                ("step", t4 - t0),
+                ("soft_cuts_and_histograms", t1 - t0),
+                ("model_build", t2 - t1),
+                ("objective_fit", t3 - t2),
+                ("mc_statistics_guard", t35 - t3),
+                ("backward_and_adam", t4 - t35),
+            ):
+                parts.setdefault(name, []).append(seconds)
     return {name: round(statistics.median(v), 4) for name, v in parts.items()}
 
 
@@ -302,7 +310,7 @@ def bench_step(args, device: torch.device, workdir: pathlib.Path) -> dict:
     objective = get_objective(config.optimization.objective)
     data_name = config.data_sample.name
     runs = []
-    for dtype_name in ("float64", "float32"):
+    for dtype_name in args.step_dtypes:
         dtype = getattr(torch, dtype_name)
         start = time.perf_counter()
         pipeline = AnalysisPipeline.from_config(config, events, device=device, dtype=dtype)
@@ -362,6 +370,13 @@ def main() -> None:
     parser.add_argument("--dense-max-bytes", type=float, default=6e9)
     parser.add_argument("--skip-ops", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument(
+        "--step-dtypes",
+        nargs="+",
+        choices=["float64", "float32"],
+        default=["float64", "float32"],
+        help="step: dtypes of the events (the likelihood is float64 in every case)",
+    )
     parser.add_argument("--workdir", type=pathlib.Path, help="for the demo data (default: temp)")
     parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     args = parser.parse_args()

@@ -1018,3 +1018,148 @@ def test_poisson_term_at_zero_count_has_plain_derivatives():
     np.testing.assert_allclose(value.detach().numpy(), expected, rtol=1e-14)
     (grad,) = torch.autograd.grad(value.sum(), lam)
     np.testing.assert_allclose(grad.numpy(), [-1.0, -1.0, 3.0 / 1.5 - 1.0, 0.0], rtol=1e-14)
+
+
+# ---------------------------------------------------------------------- structure reuse
+def _values(**changes) -> dict[str, torch.Tensor]:
+    """gradient_inputs() numbers with ``changes``, as fresh leaves that require grad."""
+    values = {k: v.detach().clone() for k, v in gradient_inputs().items()}
+    values.update({k: torch.tensor(v, dtype=torch.float64) for k, v in changes.items()})
+    return {k: v.requires_grad_(True) for k, v in values.items()}
+
+
+# Numbers that differ from gradient_inputs() everywhere, and flip the number-dependent flags:
+# staterror bin 2 without uncertainty (fixed), shapesys bin 1 without uncertainty (fixed), a
+# normsys hi below 1; the measurement's settings of k_bkg and lumi change too.
+OTHER_VALUES = {
+    "signal": [3.0, 7.5, 1.5],
+    "stat_sig": [0.6, 1.3, 0.0],
+    "background": [18.0, 16.0, 0.7],
+    "hi": 0.97,
+    "lo": 0.88,
+    "up": [19.0, 17.5, 0.9],
+    "down": [17.5, 14.0, 0.5],
+    "stat_bkg": [1.5, 1.7, 0.0],
+    "shapesys": [2.5, 0.0, 0.3],
+    "cr": [45.0, 44.0],
+    "cr_up": [5.5, 3.6],
+}
+
+
+def _other_measurement(spec: dict) -> dict:
+    parameters = spec["measurements"][0]["config"]["parameters"]
+    parameters[0].update({"bounds": [[0.2, 4.0]], "inits": [0.9]})  # k_bkg
+    parameters[1].update({"auxdata": [1.01], "sigmas": [0.035], "inits": [0.98]})  # lumi
+    return spec
+
+
+def _model_spec(spec: dict) -> dict:
+    return {
+        "channels": spec["channels"],
+        "parameters": spec["measurements"][0]["config"]["parameters"],
+    }
+
+
+def _assert_same_model(
+    got: Model, ref: Model, data: torch.Tensor, leaves: tuple, ref_leaves: tuple
+) -> None:
+    """Every output of ``got`` equals that of ``ref`` exactly, and so do the gradients of
+    ``twice_nll`` with respect to the leaves each was built from."""
+    from analysis.likelihood.derivatives import twice_nll_derivatives
+
+    assert got.par_names == ref.par_names and got.poi_index == ref.poi_index
+    for method in ("suggested_init", "suggested_bounds", "suggested_fixed", "prefit_uncertainties"):
+        assert torch.equal(getattr(got, method)(), getattr(ref, method)()), method
+    assert torch.equal(got.kinked_parameters(), ref.kinked_parameters())
+    assert got.unconstrained_free_count() == ref.unconstrained_free_count()
+    assert torch.equal(got.auxdata, ref.auxdata)
+    generator = torch.Generator().manual_seed(3)
+    init = ref.suggested_init()
+    pars = init + 0.3 * torch.randn(5, ref.npars, generator=generator, dtype=torch.float64)
+    pars = torch.cat([init[None], pars])
+    assert torch.equal(got.expected_data(pars), ref.expected_data(pars))
+    assert torch.equal(got.expected_by_sample(pars), ref.expected_by_sample(pars))
+    assert torch.equal(got.twice_nll(pars, data), ref.twice_nll(pars, data))
+    for a, b in zip(
+        twice_nll_derivatives(got, pars, data), twice_nll_derivatives(ref, pars, data), strict=True
+    ):
+        assert torch.equal(a, b)
+    grads = torch.autograd.grad(got.twice_nll(pars, data).sum(), leaves)
+    ref_grads = torch.autograd.grad(ref.twice_nll(pars, data).sum(), ref_leaves)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("settings", list(SETTINGS))
+@pytest.mark.parametrize("lumi", [True, False])
+def test_with_spec_values_equals_a_fresh_build(settings, lumi):
+    """A model made on another model's structure (every modifier type: normfactor, normsys,
+    histosys, staterror, shapesys, shapefactor, lumi) equals the model built from scratch from
+    the same spec: outputs, exact derivatives and gradients with respect to the spec's tensors;
+    numbers that decide flags (fixed staterror and shapesys bins) are recomputed too."""
+
+    def spec_of(values):
+        spec = tensor_spec(values)
+        if not lumi:
+            spec["channels"][0]["samples"][0]["modifiers"].pop(2)
+            spec["measurements"][0]["config"]["parameters"].pop(1)
+        return spec
+
+    first = Workspace.from_spec(spec_of(_values())).model(modifier_settings=SETTINGS[settings])
+    before = first.expected_data(first.suggested_init()).detach().clone()
+    for changes, measurement in (({}, False), (OTHER_VALUES, True)):
+        leaves, ref_leaves = _values(**changes), _values(**changes)
+        spec, ref_spec = spec_of(leaves), spec_of(ref_leaves)
+        if measurement and lumi:
+            spec, ref_spec = _other_measurement(spec), _other_measurement(ref_spec)
+        reused = first.with_spec_values(_model_spec(spec))
+        workspace = Workspace.from_spec(ref_spec)
+        ref = workspace.model(modifier_settings=SETTINGS[settings])
+        data = workspace.data(ref).detach()
+        _assert_same_model(reused, ref, data, tuple(leaves.values()), tuple(ref_leaves.values()))
+        # the structure is shared, not rebuilt
+        assert reused._cell_slots is first._cell_slots and reused._block_slots is first._block_slots
+    # the fixed flags did change with the numbers, and the first model is untouched
+    assert not torch.equal(reused.suggested_fixed(), first.suggested_fixed())
+    assert torch.equal(first.expected_data(first.suggested_init()), before)
+
+
+def test_with_spec_values_keeps_graphs_apart_and_rejects_other_structures():
+    first = Workspace.from_spec(tensor_spec(_values())).model()
+    leaves = _values(**OTHER_VALUES)
+    second = first.with_spec_values(_model_spec(tensor_spec(leaves)))
+    third = second.with_spec_values(_model_spec(tensor_spec(_values())))  # chains too
+    init = first.suggested_init()
+    assert torch.equal(third.expected_data(init), first.expected_data(init))
+    # gradients of the second model reach its own leaves only, every one of them
+    data = Workspace.from_spec(small_spec()).data(first).detach()
+    grads = torch.autograd.grad(
+        second.twice_nll(init + 0.1, data), list(leaves.values()), allow_unused=True
+    )
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+    def changed(edit):
+        spec = _model_spec(small_spec())
+        edit(spec)
+        return spec
+
+    other_structures = [
+        lambda s: s["channels"][0]["samples"][1]["modifiers"].pop(),  # a modifier less
+        lambda s: s["channels"][1]["samples"][0]["modifiers"][1].update(name="other"),
+        lambda s: s["channels"][1]["samples"][0]["modifiers"][2].update(type="shapefactor"),
+        lambda s: s["channels"].reverse(),
+    ]
+    for edit in other_structures:
+        with pytest.raises(ConfigError, match="build a new Model"):
+            first.with_spec_values(changed(edit))
+    bins = changed(lambda s: s["channels"][1]["samples"][1].update(data=[5.0, 3.0, 1.0]))
+    with pytest.raises(ConfigError, match="has 2 bins"):
+        first.with_spec_values(bins)
+    template = changed(
+        lambda s: s["channels"][1]["samples"][1]["modifiers"][0]["data"].update(hi_data=[6.0])
+    )
+    with pytest.raises(ConfigError, match="hi_data"):
+        first.with_spec_values(template)
+    batched = first.with_sample_yields("signal", torch.ones(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not batched"):
+        batched.with_spec_values(_model_spec(small_spec()))

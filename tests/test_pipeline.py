@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from analysis import config as config_module
-from analysis import workspace
+from analysis import objectives, workspace
 from analysis.errors import ConfigError
 from analysis.histograms import hard_histograms
 from analysis.io import Events, read_events
+from analysis.likelihood import Workspace
 from analysis.pipeline import AnalysisPipeline
 
 MODELS = pathlib.Path(__file__).resolve().parents[1] / "models"
@@ -206,6 +207,106 @@ def test_gradient_against_finite_differences(toy_setup):
     torch.testing.assert_close(grad, fd, rtol=1e-4, atol=0.0)
 
 
+# ----------------------------------------------------------------------------- likelihood
+def _likelihood_points(config):
+    """(cut values, tau, bandwidth): the configured cuts, moved cuts, the hard limit, random."""
+    generator = np.random.default_rng(5)
+    random = {
+        c.name: float(c.bounds[0] + (c.bounds[1] - c.bounds[0]) * generator.uniform(0.1, 0.6))
+        for c in config.cuts
+    }
+    return [
+        (config.cut_values(), 0.5, 0.36),
+        (other_cut_values(config), 0.2, 0.5),
+        (random, 0.05, 0.1),
+        (other_cut_values(config), 0.0, 0.0),
+    ]
+
+
+def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-300))
+
+
+def _count_validations(monkeypatch) -> list[str]:
+    """The sources of the specs validated by Workspace.from_spec from now on (a list that
+    grows with each call)."""
+    validations: list[str] = []
+    from_spec = Workspace.from_spec.__func__
+
+    def counting_from_spec(cls, spec, *, source="workspace"):
+        validations.append(source)
+        return from_spec(cls, spec, source=source)
+
+    monkeypatch.setattr(Workspace, "from_spec", classmethod(counting_from_spec))
+    return validations
+
+
+@pytest.mark.parametrize("which", ["toy", "demo"])
+def test_likelihood_reuses_its_structure_and_equals_a_fresh_build(which, request, monkeypatch):
+    """pipeline.likelihood(pipeline.histograms(tau, h)) validates and builds the model once,
+    then feeds new numbers into that structure; at several points the objective (the expected
+    discovery significance, with its fits) and its gradient with respect to the cut parameters
+    equal those of a model built from scratch from workspace_spec (to 1e-10 relative;
+    measured: bit for bit), and model() returns that model with the spec's data."""
+    config, events = request.getfixturevalue(f"{which}_setup")
+    pipeline = AnalysisPipeline.from_config(config, events)
+    validations = _count_validations(monkeypatch)
+    templates = set()
+    for values, tau, bandwidth in _likelihood_points(config):
+        pipeline.set_cut_values(values)
+        model = pipeline.likelihood(pipeline.histograms(tau, bandwidth))
+        templates.add(id(pipeline._likelihood_structure[1]))
+        value = objectives.discovery_significance(model)
+        (grad,) = torch.autograd.grad(value, pipeline.cut_parameters)
+        spec = pipeline.workspace_spec(tau, bandwidth)
+        ref = Workspace(spec=spec).model(dtype=torch.float64)  # from scratch
+        ref_value = objectives.discovery_significance(ref)
+        (ref_grad,) = torch.autograd.grad(ref_value, pipeline.cut_parameters)
+        assert float(value.detach()) == pytest.approx(float(ref_value.detach()), rel=1e-12, abs=0)
+        assert _relative(grad, ref_grad) <= 1e-10, (tau, bandwidth, grad, ref_grad)
+        if tau > 0:
+            assert bool(torch.isfinite(grad).all()) and bool((grad != 0).any())
+        with torch.no_grad():
+            model, data = pipeline.model(tau, bandwidth)
+            ref_data = Workspace(spec=spec).data(ref)
+            assert torch.equal(data, ref_data)
+            init = ref.suggested_init()
+            assert torch.equal(model.twice_nll(init, data), ref.twice_nll(init, ref_data))
+    assert len(validations) == 1 and len(templates) == 1
+
+
+def test_likelihood_rebuilds_when_the_structure_changes(toy_setup, monkeypatch):
+    """A spec of another structure (here: one normfactor more) is validated and built from
+    scratch, and its structure kept; returning to the first structure rebuilds again."""
+    config, events = toy_setup
+    pipeline = AnalysisPipeline.from_config(config, events)
+    build_spec = workspace.build_spec
+    extra = {"modifier": False}
+
+    def edited_build_spec(config, histograms):
+        spec = build_spec(config, histograms)
+        if extra["modifier"]:
+            modifier = {"name": "extra", "type": "normfactor", "data": None}
+            spec["channels"][0]["samples"][0]["modifiers"].append(modifier)
+        return spec
+
+    monkeypatch.setattr(workspace, "build_spec", edited_build_spec)
+    validations = _count_validations(monkeypatch)
+    with torch.no_grad():
+        histograms = pipeline.histograms(0.2, 0.4)
+        full = pipeline.likelihood(histograms)
+        assert pipeline.likelihood(histograms).npars == full.npars and len(validations) == 1
+        extra["modifier"] = True
+        more = pipeline.likelihood(histograms)
+        assert len(validations) == 2 and more.npars == full.npars + 1
+        ref = Workspace(spec=workspace.build_spec(config, histograms)).model()
+        init = ref.suggested_init()
+        assert torch.equal(more.expected_data(init), ref.expected_data(init))
+        assert pipeline.likelihood(histograms).npars == more.npars and len(validations) == 2
+        extra["modifier"] = False
+        assert pipeline.likelihood(histograms).npars == full.npars and len(validations) == 3
+
+
 # ----------------------------------------------------------------------------- scales, devices
 def test_temperature_scales_are_column_spreads(toy_setup):
     config, events = toy_setup
@@ -245,3 +346,56 @@ def test_to_moves_buffers(toy_setup, device):
     assert bool(torch.isfinite(grad).all())
     # state_dict holds the small state only (events are non-persistent buffers)
     assert not any(k.startswith("t0_") for k in pipeline.state_dict())
+
+
+# ----------------------------------------------------------------------------- selected counts
+def test_selected_counts_are_the_expected_hard_selection(toy_setup):
+    """``selected_counts``: at tau = 0 the hard histograms' yields and sum of w^2 exactly; at
+    tau > 0 ``sum w s`` and ``sum w^2 s`` per ordinary bin with s the product of sigmoids, by
+    numpy on the raw columns; the gradient in the thresholds by central finite differences."""
+    config, events = toy_setup
+    pipeline = AnalysisPipeline.from_config(config, events)
+    keys = [k for k in events if k[2] == "nominal" and k[1] != "Data"]
+    hard = hard_histograms(config, events)
+    with torch.no_grad():
+        counts = pipeline.selected_counts(0.0, keys)
+    for key in keys:
+        torch.testing.assert_close(counts[key].yields, hard[key].yields, rtol=1e-13, atol=1e-12)
+        torch.testing.assert_close(counts[key].sumw2, hard[key].sumw2, rtol=1e-13, atol=1e-12)
+
+    tau = 0.3
+    region = config.regions[0]
+    edges = np.asarray(region.binning)
+    taus = (tau * pipeline.cut_spread).tolist()
+    counts = pipeline.selected_counts(tau, keys)
+    for key in keys:
+        ev = events[key]
+        x = ev.columns[region.variable].numpy()
+        w = ev.weight.numpy()
+        s = np.ones_like(w)
+        for k, cut in enumerate(region.cuts):
+            sign = 1.0 if cut.direction == ">" else -1.0
+            z = sign * (ev.columns[cut.variable].numpy() - cut.value) / taus[k]
+            s = s / (1.0 + np.exp(-z))
+        inside = (x >= edges[0]) & (x < edges[-1])
+        bins = np.searchsorted(edges, x[inside], side="right") - 1
+        expected_n = np.bincount(bins, (w * s)[inside], len(edges) - 1)
+        expected_v = np.bincount(bins, (w * w * s)[inside], len(edges) - 1)
+        np.testing.assert_allclose(counts[key].yields.detach().numpy(), expected_n, rtol=1e-12)
+        np.testing.assert_allclose(counts[key].sumw2.detach().numpy(), expected_v, rtol=1e-12)
+
+    def n_eff_total(u):
+        with torch.no_grad():
+            pipeline.cut_parameters.copy_(u)
+        c = pipeline.selected_counts(tau, keys)
+        return sum(float((h.yields**2 / h.sumw2).sum().detach()) for h in c.values()), c
+
+    u0 = pipeline.cut_parameters.detach().clone()
+    _, c = n_eff_total(u0)
+    total = sum((h.yields**2 / h.sumw2).sum() for h in c.values())
+    (grad,) = torch.autograd.grad(total, pipeline.cut_parameters)
+    for i in range(len(u0)):
+        step = torch.zeros_like(u0)
+        step[i] = 1e-5
+        numeric = (n_eff_total(u0 + step)[0] - n_eff_total(u0 - step)[0]) / 2e-5
+        assert float(grad[i]) == pytest.approx(numeric, rel=1e-5, abs=1e-7)

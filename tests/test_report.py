@@ -19,6 +19,7 @@ from analysis.errors import InputFileError
 from analysis.report import (
     Image,
     Listing,
+    Marked,
     Section,
     Table,
     build_report,
@@ -322,3 +323,15 @@ def test_numeric_cells_are_right_aligned():
     assert '<td class="num">11.90 ± 0.43</td>' in text
     assert '<td class="num">-3e-05</td>' in text
     assert "<td>mu1_pt &gt; 30</td>" in text and "<td>yes</td>" in text
+
+
+def test_marked_cells_are_shaded_and_show_their_mark():
+    rows = [{"a": Marked(4.21349), "b": Marked("thin <bin>", "!"), "c": 35.0}]
+    text = build_report(
+        title="t", sections=[Section("s", tables=[Table("x", rows, caption="* below 10")])]
+    )
+    assert '<td class="num marked">4.213 *</td>' in text
+    assert '<td class="marked">thin &lt;bin&gt; !</td>' in text
+    assert '<td class="num">35</td>' in text
+    assert "td.marked {" in text  # the style sheet shades them
+    assert Parsed(text).tables[0] == [["a", "b", "c"], ["4.213 *", "thin <bin> !", "35"]]

@@ -1,4 +1,6 @@
-"""Soft cuts against numpy, their boolean limit, float32 stability, gradcheck, temperatures."""
+"""Soft cuts against numpy, their boolean limit, float32 stability, gradcheck, temperatures; the
+product-of-sigmoids selection (selection_weight, selection_weights) against the log-space
+reference."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from analysis.selection import (
     log_selection_weight,
     log_soft_cut,
     log_soft_window,
+    selection_weight,
+    selection_weights,
     soft_cut,
 )
 
@@ -226,3 +230,171 @@ def test_cut_temperature_fallbacks_are_positive():
     assert cut_temperature(torch.zeros(10), torch.ones(10), 0.5).item() == 0.5
     counts = cut_temperature(torch.tensor([2, 2, 2, 3, 4, 5]), None, 1.0)
     assert counts.dtype == torch.float64 and counts.item() > 0
+
+
+# ----------------------------------------------------------------------------- selection_weight
+SPEC = [("pt", 25.0, ">"), ("met", 60.0, "<"), ("iso", 0.2, "<"), ("eta", -1.0, ">")]
+
+
+def selection_columns(n: int, seed: int, device="cpu", dtype=torch.float64) -> dict:
+    rng = np.random.default_rng(seed)
+    columns = {
+        "pt": rng.exponential(30, n),
+        "met": rng.exponential(40, n),
+        "iso": rng.uniform(0, 1, n),
+        "eta": rng.normal(0, 2, n),
+    }
+    return {k: torch.tensor(v, dtype=dtype, device=device) for k, v in columns.items()}
+
+
+def reference_weight(columns, thresholds, taus):
+    """exp(sum_k log_soft_cut): the straightforward log-space selection (plain autograd)."""
+    cuts = [
+        SoftCut(columns[name], thresholds[k], taus[k], d) for k, (name, _, d) in enumerate(SPEC)
+    ]
+    return torch.exp(log_selection_weight(cuts))
+
+
+def fast_weight(columns, thresholds, taus):
+    cuts = [
+        SoftCut(columns[name], thresholds[k], taus[k], d) for k, (name, _, d) in enumerate(SPEC)
+    ]
+    return selection_weight(cuts)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("relative", [0.5, 0.02, 1e-3], ids=["initial", "final", "steep"])
+@pytest.mark.parametrize("tensor_tau", [False, True], ids=["float-tau", "tensor-tau"])
+def test_selection_weight_equals_log_space_reference(device, relative, tensor_tau):
+    """Values to 1e-12 and gradients (thresholds, temperatures, columns) to 1e-10 relative of
+    exp(sum_k logsigmoid) with plain autograd, from wide to steep temperatures."""
+    columns = selection_columns(20000, 11, device)
+    for x in columns.values():
+        x.requires_grad_()
+    spreads = {"pt": 20.0, "met": 30.0, "iso": 0.25, "eta": 2.0}
+    thresholds = torch.tensor([c for _, c, _ in SPEC], dtype=torch.float64, device=device)
+    thresholds.requires_grad_()
+    taus = [relative * spreads[name] for name, _, _ in SPEC]
+    if tensor_tau:
+        taus = torch.tensor(taus, dtype=torch.float64, device=device, requires_grad=True)
+    gen = torch.Generator(device=device).manual_seed(5)
+    upstream = torch.rand(20000, dtype=torch.float64, device=device, generator=gen) - 0.3
+    inputs = [thresholds, *columns.values()] + ([taus] if tensor_tau else [])
+    got = fast_weight(columns, thresholds.unbind(), list(taus.unbind()) if tensor_tau else taus)
+    ref = reference_weight(columns, thresholds.unbind(), taus if not tensor_tau else taus.unbind())
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-300)
+    got_grads = torch.autograd.grad((got * upstream).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), inputs)
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        scale = r.abs().max().item()
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10 * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_weight_hard_limit_and_mixed_temperatures(device):
+    """tau = 0 (number or tensor element) is the strict boolean cut with zero gradient; mixed
+    hard and soft cuts equal the log-space reference. The path for hard cuts not known on the
+    host (a device tensor tau) is exercised on CPU too, through the autograd Function."""
+    from analysis.selection import _SelectionWeight
+
+    columns = selection_columns(5000, 12, device)
+    columns["pt"][:5] = 25.0  # on the threshold: fails the strict cut
+    thresholds = torch.tensor([c for _, c, _ in SPEC], dtype=torch.float64, device=device)
+    thresholds.requires_grad_()
+    hard = fast_weight(columns, thresholds.unbind(), [0.0] * 4)
+    boolean = (
+        (columns["pt"] > 25.0)
+        & (columns["met"] < 60.0)
+        & (columns["iso"] < 0.2)
+        & (columns["eta"] > -1.0)
+    )
+    assert torch.equal(hard, boolean.to(torch.float64))
+    (grad,) = torch.autograd.grad(hard.sum(), thresholds)
+    assert torch.all(grad == 0)
+    taus = torch.tensor([0.0, 5.0, 0.0, 0.3], dtype=torch.float64, device=device)
+    taus.requires_grad_()
+    got = fast_weight(columns, thresholds.unbind(), list(taus.unbind()))
+    ref = reference_weight(columns, thresholds.unbind(), taus.unbind())
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    g_got = torch.autograd.grad(got.sum(), [thresholds, taus])
+    g_ref = torch.autograd.grad(ref.sum(), [thresholds, taus])
+    for g, r in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-14)
+    # the branch for hard cuts unknown on the host: where(soft, sigmoid, step) per cut
+    soft = taus.detach() > 0
+    slopes = torch.where(soft, torch.tensor([1.0, -1.0, -1.0, 1.0]).to(taus) / taus.detach(), 0.0)
+    cols = [columns[name] for name, _, _ in SPEC]
+    (unknown,) = _SelectionWeight.apply(
+        thresholds.detach(), slopes, soft, (None,) * 4, (1.0, -1.0, -1.0, 1.0), *cols
+    )
+    torch.testing.assert_close(unknown, got.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_weights_of_several_sets_equal_separate_calls(device):
+    sets = [selection_columns(n, seed, device) for n, seed in ((3000, 1), (17, 2), (1, 3))]
+    thresholds = torch.tensor([c for _, c, _ in SPEC], dtype=torch.float64, device=device)
+    thresholds.requires_grad_()
+    taus = [5.0, 10.0, 0.05, 0.0]
+    got = selection_weights(
+        [[s[name] for name, _, _ in SPEC] for s in sets],
+        list(thresholds.unbind()),
+        taus,
+        [d for _, _, d in SPEC],
+    )
+    separate = [fast_weight(s, thresholds.unbind(), taus) for s in sets]
+    for a, b in zip(got, separate, strict=True):
+        assert torch.equal(a, b)
+    (g_got,) = torch.autograd.grad(sum((w * (k + 1)).sum() for k, w in enumerate(got)), thresholds)
+    (g_sep,) = torch.autograd.grad(
+        sum((w * (k + 1)).sum() for k, w in enumerate(separate)), thresholds
+    )
+    torch.testing.assert_close(g_got, g_sep, rtol=1e-14, atol=0)
+    assert selection_weights([], [0.0], [1.0], [">"]) == []
+    with pytest.raises(ValueError, match="no cuts"):
+        selection_weights([[]], [], [], [])
+    with pytest.raises(ValueError, match="one threshold"):
+        selection_weights([[sets[0]["pt"]]], [1.0, 2.0], [1.0], [">"])
+    with pytest.raises(ValueError, match="one shape"):
+        selection_weights([[sets[0]["pt"], sets[1]["pt"]]], [1.0, 1.0], [1.0, 1.0], [">", ">"])
+    with pytest.raises(ValueError, match="tau"):
+        selection_weight([SoftCut(sets[0]["pt"], 1.0, -1.0, ">")])
+    with pytest.raises(ValueError, match="one threshold per cut"):
+        selection_weight([SoftCut(sets[0]["pt"], torch.zeros(2), 1.0, ">")])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_selection_weights(device):
+    rng = np.random.default_rng(13)
+    kw = {"dtype": torch.float64, "device": device, "requires_grad": True}
+    a = [torch.tensor(rng.normal(0, 1, 9), **kw) for _ in range(3)]
+    b = [torch.tensor(rng.normal(0, 1, 4), **kw) for _ in range(3)]
+    thresholds = torch.tensor([0.1, -0.2, 0.3], **kw)
+    taus = torch.tensor([0.5, 0.3, 0.7], **kw)
+
+    def f(thresholds, taus, *columns):
+        return tuple(
+            selection_weights(
+                [columns[:3], columns[3:]],
+                list(thresholds.unbind()),
+                list(taus.unbind()),
+                [">", "<", ">"],
+            )
+        )
+
+    assert torch.autograd.gradcheck(f, (thresholds, taus, *a, *b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_weight_float32_steep_slope_is_finite(device):
+    c0 = 0.5
+    offsets = torch.tensor([-1e3, -1.0, -3e-6, -1e-6, 0.0, 1e-6, 3e-6, 1.0, 1e3])
+    x = (c0 + offsets.double()).float().to(device).requires_grad_()
+    threshold = torch.tensor(c0, device=device, requires_grad=True)
+    tau = torch.tensor(1e-6, device=device, requires_grad=True)
+    for direction in (">", "<"):
+        w = selection_weight([SoftCut(x, threshold, tau, direction)])
+        assert w.dtype == torch.float32 and torch.all(torch.isfinite(w))
+        grads = torch.autograd.grad(w.sum(), [x, threshold, tau])
+        assert all(torch.all(torch.isfinite(g)) for g in grads)
+        assert grads[1].item() != 0.0 and grads[2].item() != 0.0

@@ -136,7 +136,12 @@ def test_results_agree_with_independent_computations(workflow):
         )
         assert significance["observed"]["p_value"] == pytest.approx(float(observed_p0), rel=2e-2)
         assert significance["expected"]["p_value"] == pytest.approx(float(expected_p0), rel=2e-2)
-    assert result["best"]["hard"] > result["initial"]["hard"]
+    # at 20,000 events the demo's background MC is below the default guard (10 effective events
+    # per bin) already at the starting cuts: no point is eligible, the initial one is reported
+    # (honestly, with the thin bins named); with enough MC the optimizer improves on it
+    assert result["best"]["hard"] >= result["initial"]["hard"]
+    if result["best"]["cuts"] == result["initial"]["cuts"]:
+        assert result["initial"]["below_guard"]
 
 
 def test_report_has_every_section_and_its_images_are_not_blank(workflow):
@@ -157,7 +162,8 @@ def test_report_has_every_section_and_its_images_are_not_blank(workflow):
         if variation != "nominal"
     }
     assert len(varied) == 8  # 4 MC samples x (MuonScale, MuonEfficiency)
-    assert len(report.images) == 2 * 7 + 3 + len(varied)
+    # + 1: the effective MC events per bin at the initial and best cuts (optimization section)
+    assert len(report.images) == 2 * 7 + 3 + len(varied) + 1
     for src in report.images:
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)

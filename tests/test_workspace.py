@@ -18,18 +18,18 @@ from analysis.histograms import Histogram, hard_histograms
 from tests.conftest import reference_path
 
 
-def assert_same_structure(ours, ref, path="workspace"):
-    """Equal keys, lists and strings; numbers within 1e-6 relative."""
+def assert_same_structure(ours, ref, path="workspace", rel=1e-6):
+    """Equal keys, lists and strings; numbers within ``rel`` relative."""
     if isinstance(ref, dict):
         assert set(ours) == set(ref), f"{path}: keys {sorted(ours)} != {sorted(ref)}"
         for key in ref:
-            assert_same_structure(ours[key], ref[key], f"{path}.{key}")
+            assert_same_structure(ours[key], ref[key], f"{path}.{key}", rel)
     elif isinstance(ref, list):
         assert len(ours) == len(ref), f"{path}: length {len(ours)} != {len(ref)}"
         for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
-            assert_same_structure(a, b, f"{path}[{i}]")
+            assert_same_structure(a, b, f"{path}[{i}]", rel)
     elif isinstance(ref, (int, float)) and not isinstance(ref, bool):
-        assert ours == pytest.approx(ref, rel=1e-6, abs=0), path
+        assert ours == pytest.approx(ref, rel=rel, abs=0), path
     else:
         assert ours == ref, path
 
@@ -42,64 +42,83 @@ def cabinetry_config(tmp_path):
 
 
 def test_cabinetry_example_workspace_is_reproduced(cabinetry_config):
-    """Without the yield floor (cabinetry has none) number for number; with the default floor
-    only the one empty bin (Signal, bin 0) differs: raised to between f/2 and f, f = 1e-6 times
-    the region's total nominal prediction (workspace module docstring)."""
+    """With the default settings (yield floor on) cabinetry's workspace number for number, to
+    1e-9: every bin has a positive total prediction, so the floor does not act (its empty
+    Signal bin stays 0), and switching it off changes nothing."""
     ref = json.loads(reference_path("cabinetry", "example_workspace.json").read_text())
     histograms = hard_histograms(cabinetry_config)
-    general = dataclasses.replace(cabinetry_config.general, yield_floor=0.0)
-    unfloored = dataclasses.replace(cabinetry_config, general=general)
-    assert_same_structure(workspace.build(unfloored, histograms), ref)
-
+    assert cabinetry_config.general.yield_floor == workspace.FLOOR_FRACTION > 0
     ours = workspace.build(cabinetry_config, histograms)
-    signal = ours["channels"][0]["samples"][0]
-    ref_samples = ref["channels"][0]["samples"]
-    ref_signal = ref_samples[0]
-    assert signal["name"] == ref_signal["name"] == "Signal" and ref_signal["data"][0] == 0.0
-    f = 1e-6 * sum(sum(sample["data"]) for sample in ref_samples)
-    assert f / 2 < signal["data"][0] <= f
-    staterror = [sample["modifiers"][0] for sample in ref_samples]
-    assert all(modifier["type"] == "staterror" for modifier in staterror)
-    f_s = 1e-6 * sum(x**2 for modifier in staterror for x in modifier["data"])
-    assert f_s / 2 < signal["modifiers"][0]["data"][0] ** 2 <= f_s
-    signal["data"][0] = 0.0
-    signal["modifiers"][0]["data"][0] = 0.0
-    assert_same_structure(ours, ref)
+    assert ref["channels"][0]["samples"][0]["data"][0] == 0.0
+    assert_same_structure(ours, ref, rel=1e-9)
+    general = dataclasses.replace(cabinetry_config.general, yield_floor=0.0)
+    unfloored = workspace.build(dataclasses.replace(cabinetry_config, general=general), histograms)
+    assert unfloored == ours
 
 
-def test_yield_floor_gives_a_finite_likelihood(toy):
-    """A cut that empties the last bins of every prediction sample (data left there) gives a
-    finite pyhf likelihood with the floor; without it pyhf's is not finite."""
-    raw = copy.deepcopy(toy.config)
-    cfg = configuration.from_dict(raw)
-    hists = hard_histograms(cfg)
-    data_name = cfg.data_sample.name
-    emptied = {
-        key: hist
-        if key[1] == data_name
-        else Histogram(
-            hist.edges,
-            torch.cat([hist.yields[:-1], hist.yields[-1:] * 0]),
-            torch.cat([hist.sumw2[:-1], hist.sumw2[-1:] * 0]),
-        )
-        for key, hist in hists.items()
-    }
-    for floor, finite in ((0.0, False), (1e-6, True)):
-        general = dataclasses.replace(cfg.general, yield_floor=floor)
-        spec = workspace.build(dataclasses.replace(cfg, general=general), emptied)
-        ws = pyhf.Workspace(spec)
-        model = ws.model()
-        observed = ws.data(model)
-        assert observed[model.config.channel_nbins[model.config.channels[0]] - 1] > 0
-        with np.errstate(all="ignore"):
-            value = model.logpdf(model.config.suggested_init(), observed)[0]
-        assert bool(np.isfinite(value)) == finite, (floor, value)
+def _emptied(hists, data_name, bins):
+    """Every prediction template with ``bins`` set to 0 (yields and sum w^2); data kept."""
+    out = {}
+    for key, hist in hists.items():
+        if key[1] == data_name:
+            out[key] = hist
+            continue
+        keep = torch.ones_like(hist.yields)
+        keep[bins] = 0.0
+        out[key] = Histogram(hist.edges, hist.yields * keep, hist.sumw2 * keep)
+    return out
 
 
-def test_an_emptied_sample_keeps_a_finite_likelihood(toy):
-    """A sample that the cuts emptied entirely while a variation of it kept events (the demo's
-    ttbar at a hard muon-pt cut, with its momentum-scale-down tree) gets the region's floor:
-    its NormPlusShape factors, templates and pyhf's likelihood stay finite."""
+def test_yield_floor_acts_only_on_bins_without_prediction(toy):
+    """A cut that empties the last bin of every prediction sample (data left there): only that
+    bin changes. The pad ``p`` of the floor (total between f/2 and f, f = 1e-6 of the region's
+    total) goes to the background only (not the POI-scaled signal, so it survives mu = 0), to
+    nominal and variations alike (histosys shifts unchanged), with ``p^2`` added to its sum of
+    w^2 (staterror width sqrt(sumw2) / total = 100% there). pyhf's likelihood is then finite, at
+    mu = 0 too; without the floor it is not."""
+    cfg = configuration.from_dict(copy.deepcopy(toy.config))
+    hists = _emptied(hard_histograms(cfg), cfg.data_sample.name, [-1])
+    region = cfg.regions[0].name
+    f = 1e-6 * sum(
+        float(hists[(region, s.name, "nominal")].yields.abs().sum())
+        for s in cfg.samples_in(cfg.regions[0])
+    )
+    spec = workspace.build(cfg, hists)
+    samples = {s["name"]: s for s in spec["channels"][0]["samples"]}
+    signal, background = samples["Signal"], samples["Background"]
+    assert signal["data"][-1] == 0.0
+    pad = background["data"][-1]
+    assert f / 2 < pad <= f
+    nominal = hists[(region, "Background", "nominal")]
+    assert background["data"][:-1] == nominal.yields[:-1].tolist()  # other bins untouched
+    staterror = background["modifiers"][0]
+    assert staterror["type"] == "staterror"
+    assert staterror["data"][-1] == pytest.approx(pad, rel=1e-12)
+    assert staterror["data"][:-1] == np.sqrt(nominal.sumw2[:-1].numpy()).tolist()
+    for modifier in background["modifiers"]:
+        if modifier["type"] == "histosys":
+            for side in ("hi_data", "lo_data"):
+                assert modifier["data"][side][-1] == pytest.approx(pad, rel=1e-9)
+    ws = pyhf.Workspace(spec)
+    model = ws.model()
+    observed = ws.data(model)
+    assert observed[model.config.channel_nbins[region] - 1] > 0
+    pars = model.config.suggested_init()
+    pars[model.config.poi_index] = 0.0
+    assert np.isfinite(model.logpdf(pars, observed)[0])
+    general = dataclasses.replace(cfg.general, yield_floor=0.0)
+    bare = pyhf.Workspace(workspace.build(dataclasses.replace(cfg, general=general), hists))
+    with np.errstate(all="ignore"):
+        value = bare.model().logpdf(pars, observed)[0]
+    assert not np.isfinite(value)
+
+
+def test_a_sample_cut_away_keeps_its_variations_unsplit(toy):
+    """A sample that the cuts emptied entirely while its variations kept events (the demo's
+    ttbar at a hard muon-pt cut, with its momentum-scale-down tree) cannot be split into norm
+    and shape (sum of the nominal is 0): its NormPlusShape keeps normsys hi = lo = 1 and the
+    unnormalised variations as histosys templates, so the variation's events still count. The
+    other samples keep every bin positive: no floor acts, and pyhf's likelihood is finite."""
     cfg = configuration.from_dict(copy.deepcopy(toy.config))
     hists = hard_histograms(cfg)
     region, sample = cfg.regions[0].name, "Signal"
@@ -111,20 +130,13 @@ def test_an_emptied_sample_keeps_a_finite_likelihood(toy):
     )
     spec = workspace.build(cfg, emptied)
     channel = next(c for c in spec["channels"] if c["name"] == region)
-    floored = next(s for s in channel["samples"] if s["name"] == sample)
-    f = 1e-6 * sum(
-        float(hists[(region, s.name, "nominal")].yields.sum())
-        for s in cfg.samples_in(cfg.regions[0])
-        if s.name != sample
-    )
-    assert all(f / 2 < x <= f for x in floored["data"])
-    normsys = next(
-        m
-        for m in floored["modifiers"]
-        if m["type"] == "normsys" and m["name"] == syst.modifier_name
-    )
-    up_total = float(hists[(region, sample, f"{syst.name}_Up")].yields.sum())
-    assert normsys["data"]["hi"] == pytest.approx(up_total / sum(floored["data"]), rel=1e-12)
+    cut_away = next(s for s in channel["samples"] if s["name"] == sample)
+    assert cut_away["data"] == [0.0] * len(nominal.yields)
+    modifiers = {(m["name"], m["type"]): m["data"] for m in cut_away["modifiers"]}
+    assert modifiers[(syst.modifier_name, "normsys")] == {"hi": 1.0, "lo": 1.0}
+    histosys = modifiers[(syst.modifier_name, "histosys")]
+    assert histosys["hi_data"] == hists[(region, sample, f"{syst.name}_Up")].yields.tolist()
+    assert histosys["lo_data"] == hists[(region, sample, f"{syst.name}_Down")].yields.tolist()
     ws = pyhf.Workspace(spec)
     model = ws.model()
     assert np.isfinite(model.logpdf(model.config.suggested_init(), ws.data(model))[0])
@@ -207,3 +219,41 @@ def test_smooth_floor():
         lambda t: workspace.smooth_floor(t, 0.7),
         (torch.tensor([-3.0, 0.1, 0.69, 0.71, 2.0]).double().requires_grad_(),),
     )
+
+
+def test_a_bin_with_signal_but_no_background_gets_the_floor(toy):
+    """Only the background emptied in the last bin (the signal kept there): the bin is not
+    background-free. The floor pads the background (the prediction at mu = 0) to between f/2
+    and f with a 100% uncertainty, leaves the signal and every other bin as they were, and the
+    likelihood at mu = 0 is finite (pyhf); without the floor it is not."""
+    cfg = configuration.from_dict(copy.deepcopy(toy.config))
+    hists = dict(hard_histograms(cfg))
+    region = cfg.regions[0].name
+    for key, hist in list(hists.items()):
+        if key[:2] == (region, "Background"):
+            keep = torch.ones_like(hist.yields)
+            keep[-1] = 0.0
+            hists[key] = Histogram(hist.edges, hist.yields * keep, hist.sumw2 * keep)
+    signal = hists[(region, "Signal", "nominal")]
+    assert signal.yields[-1] > 0
+    f = 1e-6 * sum(
+        float(hists[(region, s.name, "nominal")].yields.abs().sum())
+        for s in cfg.samples_in(cfg.regions[0])
+    )
+    spec = workspace.build(cfg, hists)
+    samples = {s["name"]: s for s in spec["channels"][0]["samples"]}
+    assert samples["Signal"]["data"] == signal.yields.tolist()
+    background = samples["Background"]
+    assert f / 2 < background["data"][-1] <= f
+    assert background["data"][:-1] == hists[(region, "Background", "nominal")].yields[:-1].tolist()
+    assert background["modifiers"][0]["data"][-1] == pytest.approx(background["data"][-1])
+    ws = pyhf.Workspace(spec)
+    model = ws.model()
+    pars = model.config.suggested_init()
+    pars[model.config.poi_index] = 0.0
+    asimov = model.expected_data(model.config.suggested_init())
+    assert np.isfinite(model.logpdf(pars, asimov)[0])
+    general = dataclasses.replace(cfg.general, yield_floor=0.0)
+    bare = pyhf.Workspace(workspace.build(dataclasses.replace(cfg, general=general), hists))
+    with np.errstate(all="ignore"):
+        assert not np.isfinite(bare.model().logpdf(pars, asimov)[0])

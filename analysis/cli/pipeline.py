@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,6 +22,8 @@ from analysis.files import check_writable, write_atomically
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 
 @click.command()
@@ -121,19 +124,36 @@ def cutflow(
     """Hard cut flow per region and sample: events, yields and their uncertainty after each cut.
 
     Output: ``start`` (region -> cut flow at the configured cuts) and, with ``--cuts``,
-    ``optimized`` (the same at those cuts) and ``cuts`` (starting against optimized values).
+    ``optimized`` (the same at those cuts) and ``cuts`` (starting against optimized values);
+    ``mc_statistics``: per cut set (``start``[, ``optimized``]) the effective number of
+    background MC events per bin at the last step, and the bins below the guard
+    (Optimization.MinEffectiveEvents), which a warning names.
     """
     from analysis import cutflow as flows
     from analysis.io import read_events
+    from analysis.mc_statistics import guard_warning
 
     templates = [t for t in start_config.templates() if t.variation == "nominal"]
     events = read_events(start_config, templates, device=device, cache_dir=cache_dir)
+    cut_sets = {"start": start_config}
+    if config is not start_config:
+        cut_sets["optimized"] = config
     result: dict[str, Any] = {
-        "start": {r: f.to_dict() for r, f in flows.cut_flow(start_config, events).items()}
+        name: {r: f.to_dict() for r, f in flows.cut_flow(cfg, events).items()}
+        for name, cfg in cut_sets.items()
     }
     if config is not start_config:
-        result["optimized"] = {r: f.to_dict() for r, f in flows.cut_flow(config, events).items()}
         result["cuts"] = flows.cut_comparison(start_config, config.cut_values())
+    result["mc_statistics"] = {
+        name: flows.mc_statistics_summary(cfg, events) for name, cfg in cut_sets.items()
+    }
+    for name, summary in result["mc_statistics"].items():
+        if summary["below_guard"]:
+            log.warning(
+                guard_warning(
+                    summary["min_effective_events"], f"{name} cuts", summary["below_guard"]
+                )
+            )
     emit(result, output)
 
 
@@ -165,7 +185,9 @@ def optimize(
     """Optimize the trainable cuts by gradient descent (writes DIR/result.json, DIR/cuts.json).
 
     Fails at once (exit 2) when DIR or --output cannot be written or another run is using DIR.
-    DIR/result.json is written last: while it is absent the run has not finished.
+    DIR/result.json is written last: while it is absent the run has not finished. A warning
+    names the bins whose background MC is below the guard (Optimization.MinEffectiveEvents)
+    at the initial or the best cuts (:func:`analysis.optimize.optimize`).
     """
     from analysis import optimize as optimization
 
@@ -207,7 +229,9 @@ def scan_cuts(
     """Grid or random search of the trainable cuts, hard evaluations only (the baseline).
 
     Fails at once (exit 2) when DIR or --output cannot be written or another run is using DIR.
-    DIR/result.json is written last: while it is absent the run has not finished.
+    DIR/result.json is written last: while it is absent the run has not finished. A warning
+    names the bins whose background MC is below the guard (Optimization.MinEffectiveEvents)
+    at the initial or the best cuts (:func:`analysis.optimize.optimize`).
     """
     from analysis import optimize as optimization
 

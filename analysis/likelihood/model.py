@@ -31,6 +31,7 @@ tensor computed once, back-propagate through one model's constants once per buil
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import types
 from collections.abc import Callable, Mapping
@@ -91,7 +92,13 @@ class Model:
             DEFAULT_MODIFIER_SETTINGS if modifier_settings is None else modifier_settings, source
         )
         self.modifier_settings = types.MappingProxyType(settings)
-        blocks, uses, layout = self._layout(spec)
+        # structure: what the spec's names, types and bin counts decide (kept by
+        # with_spec_values); then the numbers (_set_values, redone by with_spec_values)
+        blocks, positions, uses, layout = self._layout(spec)
+        self._cell_layout = layout
+        self._spec_key = _spec_key(spec)
+        self._block_positions = positions
+        self._block_uses = uses
         self.channels: tuple[str, ...] = tuple(layout.channel_bins)
         self.channel_slices: Mapping[str, slice] = types.MappingProxyType(dict(layout.channel_bins))
         self.channel_nbins: Mapping[str, int] = types.MappingProxyType(
@@ -99,15 +106,85 @@ class Model:
         )
         self.samples: tuple[str, ...] = tuple(sorted({b.sample for b in blocks}))
         self.nmain = layout.nbins
+        self._set_values(spec, blocks)
+        self._build_factor_table(layout, blocks)
+        self._cell_bin = torch.cat(
+            [torch.arange(b.bins.start, b.bins.stop, device=self.device) for b in blocks]
+        )
+        self._cell_block = torch.cat(
+            [torch.full((b.nbins,), b.index, device=self.device) for b in blocks]
+        )
+        sample_of = {s: i for i, s in enumerate(self.samples)}
+        self._cell_sample = torch.cat(
+            [torch.full((b.nbins,), sample_of[b.sample], device=self.device) for b in blocks]
+        )
+        self.poi_name: str | None = None
+        self.poi_index: int | None = None
+        if poi_name is not None and poi_name != "":
+            self._set_poi(poi_name)
 
+    def with_spec_values(self, spec: Mapping[str, Any]) -> Model:
+        r"""The model of ``spec``, a spec of this model's structure, built on this structure.
+
+        ``spec`` must have the channels, samples and modifiers (names and types) of the spec
+        this model was built from, in the same order, and the same bin counts; only its numbers
+        may differ (yields, modifier data, the measurement's parameter settings). The result
+        equals ``Model(spec, ...)`` with this model's POI, settings, dtype, device and source,
+        number for number: everything the numbers decide is recomputed from ``spec`` by the
+        code that ``__init__`` runs (the nominal yields; staterror's
+        :math:`\sigma_b = \sqrt{\sum_c \delta_{cb}^2} / \sum_c \nu_{cb}` and its fixed bins;
+        shapesys' :math:`\tau_b = (\nu_b / \delta_b)^2`; the histosys deltas
+        :math:`\Delta^\pm`; the normsys factors and code4 coefficients; the parameter sets
+        merged with the measurement's settings, whose names must come out as this model's;
+        the constraint terms), while the structure is shared with this model, not rebuilt:
+        the channel and block layout with the modifier registry lookups, the slot tables of the
+        factor products, the cell index tables and the POI (and the index tables of
+        :mod:`analysis.likelihood.derivatives`, once computed for this model).
+
+        Tensors in ``spec`` keep their autograd graph: gradients of the new model's outputs
+        reach them, and nothing of this model's graph is used. Raises ConfigError when the
+        structure differs (build a new :class:`Model` then) or when the numbers are invalid as
+        ``__init__`` would; ValueError for a model batched by :meth:`with_sample_yields`.
+        """
+        if self.nominal_batch != 1:
+            raise ValueError("with_spec_values needs a model not batched over nominal yields")
+        if _spec_key(spec) != self._spec_key:
+            raise ConfigError(
+                f"{self.source}: the spec's channels, samples or modifiers differ from those "
+                "of the model's structure; build a new Model"
+            )
+        model = copy.copy(self)  # shares the structure; _set_values replaces every number
+        blocks = []
+        for block, (ci, si) in zip(self._blocks, self._block_positions, strict=True):
+            samples = spec["channels"][ci]["samples"]
+            nominal = self._nominal(samples[si], block.path, block.nbins, block.channel)
+            blocks.append(dataclasses.replace(block, nominal=nominal))
+        model._set_values(spec, blocks)
+        if model.par_names != self.par_names:  # fixed by the structure
+            raise ConfigError(f"{self.source}: the spec's parameters differ from the model's")
+        return model
+
+    # ------------------------------------------------------------------ build helpers
+    def _set_values(self, spec: Mapping[str, Any], blocks: list[Block]) -> None:
+        """Everything the numbers of ``spec`` decide, on the structure of this model (its
+        layout and block uses): modifiers, parameter sets (with the measurement's settings),
+        parameter slices, nominal column and constraint terms. Run by ``__init__`` and, for a
+        new spec of the same structure, by :meth:`with_spec_values`."""
+        settings, source = self.modifier_settings, self.source
+        self._blocks = tuple(blocks)
         # 1. modifiers collect their data in pyhf's walk order
         mods: dict[str, Modifier] = {
-            name: cls(layout, settings.get(name, {}).get("interpcode"))
+            name: cls(self._cell_layout, settings.get(name, {}).get("interpcode"))
             for name, cls in modifier_registry.REGISTRY.items()
         }
-        for block, block_mods in zip(blocks, uses, strict=True):
-            for (mod_name, mod_type), (mod, path) in sorted(block_mods.items()):
-                mods[mod_type].add(mod_name, mod.get("data"), block, path)
+        channels = spec["channels"]
+        for block, (ci, si), block_uses in zip(
+            blocks, self._block_positions, self._block_uses, strict=True
+        ):
+            sample_mods = channels[ci]["samples"][si]["modifiers"]
+            for mod_name, mod_type, mi in block_uses:
+                data = sample_mods[mi].get("data")
+                mods[mod_type].add(mod_name, data, block, f"{block.path}.modifiers[{mi}]")
         self._modifiers = [m for m in mods.values() if m.active]
 
         # 2. parameter sets, registered type by type (pyhf's order)
@@ -119,7 +196,7 @@ class Model:
             raise ConfigError(f"{source}: the model has no parameters (no modifiers)")
         user = self._user_parameters(spec.get("parameters", []) or [])
         self._param_sets: tuple[ParamSet, ...] = tuple(
-            merge(name, reqs, user.get(name), source=source, dtype=dtype, device=self.device)
+            merge(name, reqs, user.get(name), source=source, dtype=self.dtype, device=self.device)
             for name, reqs in requirements.items()
         )
         kinked = {m.type for m in self._modifiers if m.interpcode in KINKED_CODES}
@@ -138,46 +215,46 @@ class Model:
         for mod in self._modifiers:
             mod.finalize(self.par_slices, self.npars)
         self._additive = [m for m in self._modifiers if m.op == "add"]
-        self._build_factor_table(layout, blocks)
+        # multiplicative types with their own unit values (rows after x in the block product)
+        factors = [cast(Factor, m) for m in self._modifiers if m.op == "multiply"]
+        self._unit_factors: list[Factor] = [m for m in factors if not m.on_pars]
         self._nominal_column = torch.cat([b.nominal for b in blocks])[:, None]
-        self._cell_bin = torch.cat(
-            [torch.arange(b.bins.start, b.bins.stop, device=self.device) for b in blocks]
-        )
-        self._cell_block = torch.cat(
-            [torch.full((b.nbins,), b.index, device=self.device) for b in blocks]
-        )
-        sample_of = {s: i for i, s in enumerate(self.samples)}
-        self._cell_sample = torch.cat(
-            [torch.full((b.nbins,), sample_of[b.sample], device=self.device) for b in blocks]
-        )
         self._build_constraints()
-        self.poi_name: str | None = None
-        self.poi_index: int | None = None
-        if poi_name is not None and poi_name != "":
-            self._set_poi(poi_name)
 
-    # ------------------------------------------------------------------ build helpers
-    def _layout(self, spec: Mapping[str, Any]) -> tuple[list[Block], list[dict], Layout]:
+    def _nominal(
+        self, sample: Mapping[str, Any], path: str, nbins: int, channel: str
+    ) -> torch.Tensor:
+        """The nominal yields of a sample, ``(nbins,)``; ConfigError for another shape."""
+        nominal = as_tensor(sample["data"], dtype=self.dtype, device=self.device)
+        if nominal.ndim != 1 or nominal.shape[0] != nbins:
+            raise ConfigError(
+                f"{self.source}: {path}: data has {tuple(nominal.shape)} values but "
+                f"channel '{channel}' has {nbins} bins"
+            )
+        return nominal
+
+    def _layout(
+        self, spec: Mapping[str, Any]
+    ) -> tuple[list[Block], list[tuple[int, int]], list[tuple], Layout]:
+        """Blocks (channels in pyhf's order, samples sorted), each block's ``(channel index,
+        sample index)`` in ``spec`` and its modifier uses ``(name, type, index)`` in pyhf's walk
+        order (sorted by ``(name, type)``; of a repeated shared modifier the last one), and the
+        cell layout."""
         channels = spec["channels"]
         order = sorted(range(len(channels)), key=lambda i: channels[i]["name"])
         channel_bins: dict[str, slice] = {}
         blocks: list[Block] = []
-        uses: list[dict] = []
+        positions: list[tuple[int, int]] = []
+        uses: list[tuple] = []
         cells = bins = 0
         for ci in order:
             channel = channels[ci]
             samples = channel["samples"]
+            nbins = len(samples[0]["data"])
             nominals = {}
             for si, sample in enumerate(samples):
                 path = f"channels[{ci}].samples[{si}]"
-                nominal = as_tensor(sample["data"], dtype=self.dtype, device=self.device)
-                if nominal.ndim != 1 or nominal.shape[0] != len(samples[0]["data"]):
-                    raise ConfigError(
-                        f"{self.source}: {path}: data has {tuple(nominal.shape)} values but "
-                        f"channel '{channel['name']}' has {len(samples[0]['data'])} bins"
-                    )
-                nominals[sample["name"]] = (si, nominal)
-            nbins = len(samples[0]["data"])
+                nominals[sample["name"]] = (si, self._nominal(sample, path, nbins, channel["name"]))
             channel_bins[channel["name"]] = slice(bins, bins + nbins)
             for name in sorted(nominals):
                 si, nominal = nominals[name]
@@ -193,7 +270,8 @@ class Model:
                         path=path,
                     )
                 )
-                block_mods: dict[tuple[str, str], tuple[dict, str]] = {}
+                positions.append((ci, si))
+                block_mods: dict[tuple[str, str], int] = {}
                 for mi, mod in enumerate(samples[si]["modifiers"]):
                     mod_path = f"{path}.modifiers[{mi}]"
                     mod_type = mod.get("type")
@@ -204,8 +282,8 @@ class Model:
                             f"{self.source}: {mod_path}: {mod_type} '{mod['name']}' appears "
                             "twice on one sample"
                         )
-                    block_mods[key] = (mod, mod_path)  # the last one wins, as in pyhf
-                uses.append(block_mods)
+                    block_mods[key] = mi  # the last one wins, as in pyhf
+                uses.append(tuple((*key, mi) for key, mi in sorted(block_mods.items())))
                 cells += nbins
             bins += nbins
         layout = Layout(
@@ -216,7 +294,7 @@ class Model:
             device=self.device,
             source=self.source,
         )
-        return blocks, uses, layout
+        return blocks, positions, uses, layout
 
     def _build_factor_table(self, layout: Layout, blocks: list[Block]) -> None:
         """Slot tables for all multiplicative types together (one product per call).
@@ -226,7 +304,6 @@ class Model:
         their per-bin parameters (staterror, shapesys, shapefactor), rows of
         ``[x; block products; 1]``.
         """
-        self._unit_factors: list[Factor] = []  # multiplicative types with their own unit values
         block_table = SlotTable(len(blocks))
         cell_table = SlotTable(layout.ncells)
         offset = self.npars
@@ -236,8 +313,7 @@ class Model:
                 continue
             mod = cast(Factor, mod)  # the multiplicative types are Factors
             shift = 0 if mod.on_pars else offset
-            if not mod.on_pars:
-                self._unit_factors.append(mod)
+            if not mod.on_pars:  # one of self._unit_factors, in the same order
                 offset += mod.n_units
             for block, units in mod.entries:
                 if mod.per_block:
@@ -647,3 +723,22 @@ def _check_settings(settings: Any, source: str) -> dict[str, dict[str, Any]]:
             )
         out[type_name] = dict(options)
     return out
+
+
+def _spec_key(spec: Mapping[str, Any]) -> tuple:
+    """What fixes a model's structure besides the bin counts: the channels, their samples and
+    the samples' modifiers (names and types), in spec order. :meth:`Model.with_spec_values`
+    compares it; the bin counts are checked where the numbers are read."""
+    return tuple(
+        (
+            channel["name"],
+            tuple(
+                (
+                    sample["name"],
+                    tuple((mod["name"], mod.get("type")) for mod in sample["modifiers"]),
+                )
+                for sample in channel["samples"]
+            ),
+        )
+        for channel in spec["channels"]
+    )

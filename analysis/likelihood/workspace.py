@@ -148,15 +148,21 @@ class Workspace:
                 f"{self.source}: measurement '{meas['name']}' has no POI; pass poi_name "
                 "('' for a model without POI)"
             )
-        spec = {"channels": self.spec["channels"], "parameters": meas["config"]["parameters"]}
         return Model(
-            spec,
+            self.model_spec(meas["name"]),
             poi_name=poi or None,
             modifier_settings=modifier_settings,
             dtype=dtype,
             device=device,
             source=self.source,
         )
+
+    def model_spec(self, measurement: str | None = None) -> dict:
+        """The pyhf *model* spec of ``measurement`` (default: the first one), what :class:`Model`
+        is built from: ``{"channels": ..., "parameters": the measurement's parameter
+        settings}``, sharing this spec's objects (tensors included)."""
+        meas = self.measurement(measurement)
+        return {"channels": self.spec["channels"], "parameters": meas["config"]["parameters"]}
 
     def signal_samples(self, measurement: str | None = None) -> tuple[str, ...]:
         """Names of the samples scaled by the measurement's POI (a ``normfactor`` of that name
