@@ -220,14 +220,10 @@ def summary(
 ) -> dict[str, Any]:
     """The MC-statistics record of one point: ``{"min_effective_events": minimum,
     "effective_events": effective_events_table, "below_guard": below_guard}``."""
-    table = effective_events_table(config, histograms)
-    n_eff = {
-        region: torch.tensor(row["background"], dtype=torch.float64)
-        for region, row in table.items()
-    }
+    n_eff = background_effective_events(config, histograms)
     return {
         "min_effective_events": minimum,
-        "effective_events": table,
+        "effective_events": effective_events_table(config, histograms),
         "below_guard": below_guard(config, n_eff, minimum),
     }
 

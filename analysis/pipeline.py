@@ -41,7 +41,7 @@ and sorted values let the KDE sum each bin's events with a matrix product instea
 :func:`analysis.histograms.hard_histograms`.
 
 :meth:`AnalysisPipeline.workspace_spec` builds the pyhf-structured workspace with tensor leaves
-(:func:`analysis.workspace.build_spec`: cabinetry semantics, small yields floored by
+(:func:`analysis.workspace.build_spec`: cabinetry semantics, bins without background floored by
 :func:`analysis.workspace.smooth_floor`); :meth:`AnalysisPipeline.likelihood` turns histograms
 into the differentiable HistFactory model of that spec, building the model's structure once and
 feeding it the new numbers on later calls (:meth:`analysis.likelihood.Model.with_spec_values`);
@@ -439,17 +439,17 @@ class AnalysisPipeline(torch.nn.Module):
 
     # ------------------------------------------------------------------ likelihood
     def workspace_spec(self, tau: float | torch.Tensor, bandwidth: float | torch.Tensor) -> dict:
-        """The pyhf workspace structure (tensor leaves) of the soft histograms.
+        """The pyhf workspace structure (tensor leaves) of the soft histograms
+        (:meth:`_spec`), so ``tau = 0``, ``bandwidth = 0`` gives the hard workspace."""
+        return self._spec(self.histograms(tau, bandwidth))
 
-        The histograms are converted to float64 (DESIGN.md: likelihoods run in float64) and
-        passed to :func:`analysis.workspace.build_spec`, which floors every prediction template
-        per bin (:func:`analysis.workspace.smooth_floor` at ``General.YieldFloor`` of the region's
-        total prediction; the floor is detached: it moves with the region's yield but carries no
-        gradient) exactly as for the hard workspace, so ``tau = 0``, ``bandwidth = 0`` gives
-        that workspace.
-        """
-        histograms = {key: _as_float64(h) for key, h in self.histograms(tau, bandwidth).items()}
-        return workspace_builder.build_spec(self.config, histograms)
+    def _spec(self, histograms: Mapping[TemplateKey, Histogram]) -> dict:
+        """The workspace spec of ``histograms``: converted to float64 (DESIGN.md: likelihoods run
+        in float64) and passed to :func:`analysis.workspace.build_spec` (cabinetry semantics;
+        bins without background prediction floored), exactly as for the hard workspace."""
+        return workspace_builder.build_spec(
+            self.config, {key: _as_float64(h) for key, h in histograms.items()}
+        )
 
     def likelihood(self, histograms: Mapping[TemplateKey, Histogram]) -> Model:
         """The differentiable HistFactory model of ``histograms`` (float64).
@@ -475,9 +475,7 @@ class AnalysisPipeline(torch.nn.Module):
 
     def _likelihood(self, histograms: Mapping[TemplateKey, Histogram]) -> tuple[Model, dict]:
         """:meth:`likelihood` and the workspace spec it was built from."""
-        spec = workspace_builder.build_spec(
-            self.config, {key: _as_float64(h) for key, h in histograms.items()}
-        )
+        spec = self._spec(histograms)
         source = f"{self.config.source} (pipeline)"
         device = self.cut_low.device
         key = (_structure(spec), device)
