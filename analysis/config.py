@@ -80,6 +80,7 @@ class Region:
     filter: str | None
     cuts: tuple[Cut, ...]
     region_path: str | None
+    type: Literal["Signal", "Control"] = "Signal"  # TRExFitter's Region Type
 
 
 @dataclass(frozen=True)
@@ -785,6 +786,7 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
                 for c in r.get("Cuts", [])
             ),
             region_path=r.get("RegionPath"),
+            type=r.get("Type", "Signal"),
         )
         for r in raw["Regions"]
     )
