@@ -1,24 +1,59 @@
 # diffana workflow: generate -> optimize -> histograms/workspaces (starting and optimized cuts)
 # -> fits, significance, limits, ranking, POI scan -> cut flow -> plots -> report.html.
-# Rules only call the `diffana` CLI (and pyhf's, as the independent cross-check); no analysis
-# logic lives here. Run from the repository root: `snakemake -c2` (settings in
+# Rules call the `diffana` CLI (and pyhf's, as the independent cross-check); no analysis logic
+# lives here. The one exception is blinding (workflows/scripts/blind.py, thin glue over
+# analysis/blinding.py). Run from the repository root: `snakemake -c2` (settings in
 # workflows/config.yaml; e.g. `--config events=20000 steps=20`). Another working directory works
-# too (`snakemake -c2 -s /path/to/Snakefile -d DIR`): the analysis YAMLs are taken from this
-# repository, inputs and results go under DIR.
+# too (`snakemake -c2 -s /path/to/Snakefile -d DIR`): inputs and results go under DIR.
+#
+# `analysis:` is a name in models/ (models/<name>.yaml) or the path of any analysis YAML
+# (relative to the working directory); the results go to results/<stem of the YAML>.
+#
+# Blinding (`unblind: false`, the default): the data of the Signal regions (Regions' Type) never
+# reach a result file. Histograms and cut flows lose the data sample in those regions, the
+# workspace's signal-region observations are replaced by the Asimov expectation (POI at its
+# nominal value, the other parameters fitted to the control regions alone; see
+# analysis/blinding.py), so every fit, significance and limit is an expected result, and the
+# signal regions' distributions are drawn without data. `--config unblind=true` unblinds.
 import json
 import os
+import shlex
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from analysis.blinding import BLINDING_FILE, signal_regions
 from analysis.config import load as load_analysis
 from analysis.errors import AnalysisError
 
 configfile: os.path.join(workflow.basedir, "workflows", "config.yaml")
 validate(config, os.path.join(workflow.basedir, "workflows", "schemas", "config.schema.yaml"))
 
-ANALYSIS = config["analysis"]
-MODEL = os.path.join(workflow.basedir, "models", f"{ANALYSIS}.yaml")
+
+def analysis_yaml(value):
+    """The analysis YAML `analysis:` names: models/<value>.yaml for a bare name, else the path
+    `value` (relative to the working directory)."""
+    if os.path.splitext(value)[1] in (".yaml", ".yml") or "/" in value or os.sep in value:
+        path = os.path.abspath(value)
+        if not os.path.isfile(path):
+            raise WorkflowError(
+                f"Error: analysis: {value}: no such file (a path is taken relative to the "
+                f"working directory, {os.getcwd()})"
+            )
+        return path
+    path = os.path.join(workflow.basedir, "models", f"{value}.yaml")
+    if not os.path.isfile(path):
+        names = sorted(n[:-5] for n in os.listdir(os.path.dirname(path)) if n.endswith(".yaml"))
+        raise WorkflowError(
+            f"Error: analysis: '{value}' is not an analysis in models/ ({', '.join(names)}); "
+            "give a name there or the path of an analysis YAML"
+        )
+    return path
+
+
+MODEL = analysis_yaml(str(config["analysis"]))
+ANALYSIS = os.path.splitext(os.path.basename(MODEL))[0]
 RESULTS = f"results/{ANALYSIS}"
 DIFFANA = config["diffana"]
 # options every diffana command that reads events gets
@@ -29,6 +64,14 @@ try:
 except AnalysisError as err:
     raise WorkflowError(f"Error: {err}") from None
 REGIONS = [region.name for region in _analysis.regions]
+# blinded: unblind is false and the analysis has a Signal region
+UNBLIND = config["unblind"] in (True, "true")  # `--config unblind=true` gives the string
+BLIND = not UNBLIND and bool(signal_regions(_analysis))
+BLINDING = "unblinded" if not BLIND else "blinded"  # a param of the rules it changes: a rerun
+BLIND_SCRIPT = " ".join(
+    shlex.quote(path)
+    for path in (sys.executable, os.path.join(workflow.basedir, "workflows", "scripts", "blind.py"))
+)
 # generate the demo files first when asked, or ("auto") when the analysis reads from data_dir
 if config["generate"] == "auto":
     _inputs = os.path.normpath(os.path.dirname(_analysis.general.input_path))
@@ -37,6 +80,16 @@ else:
     GENERATE = bool(config["generate"])
 # "start": the analysis YAML's cut values; "optimized": the cuts `diffana optimize` found
 CUTS = ["start", "optimized"]
+
+
+def json_output(command, step, output):
+    """Shell text running the diffana `command` so that its JSON goes to `output` (a
+    placeholder such as "{output.workspace}"); blinded, through `blind.py step` (a pipe: the
+    unblinded numbers are never written)."""
+    if BLIND:
+        return f"{command} | {BLIND_SCRIPT} {step} {{input.model}} --output {output}"
+    return f"{command} --output {output}"
+
 
 wildcard_constraints:
     cuts="start|optimized",

@@ -5,8 +5,10 @@
 
 **Key.** An entry is named by a hash of the *key payload*: canonical JSON text holding
 :data:`CACHE_VERSION`, the content digest of each input file in order (:func:`file_digest`,
-XXH3-128 over the whole file), the tree name, the Definitions used (name, expression) and each
-request's Filter, Weight and expressions. A file is identified by its bytes, never by its path,
+XXH3-128 over the whole file), the tree name, and per request the Definitions it uses (name,
+expression, in evaluation order: a sample's own Definitions included, so two samples that read
+one tree with different Definitions get different columns) and its Filter, Weight and
+expressions. A file is identified by its bytes, never by its path,
 size or modification time: a file rewritten in place with the same size and a restored mtime gets
 a new digest, hence a new entry; the same bytes under another path share the entry.
 
@@ -42,7 +44,7 @@ from analysis.files import write_atomically
 log = logging.getLogger(__name__)
 
 #: bump when the cache layout or the meaning of cached arrays changes
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: Definitions per request (per-sample Definitions), Filter first
 
 _CHUNK = 1 << 22
 _KEY_FIELD = "key"
@@ -105,14 +107,13 @@ class ColumnCache:
         self,
         paths: Sequence[pathlib.Path],
         tree: str,
-        definitions: Iterable[tuple[str, str]],
-        requests: Iterable[tuple[str | None, str | None, Sequence[str]]],
+        requests: Iterable[tuple[Sequence[tuple[str, str]], str | None, str | None, Sequence[str]]],
     ) -> CacheKey | None:
         """The key of the columns of ``tree`` in ``paths``; None when caching is disabled or a
         file cannot be read (reading it then reports the problem).
 
-        ``definitions``: (name, expression) of the Definitions used; ``requests``: (Filter,
-        Weight, expressions) of each request, in the order of the columns to be stored.
+        ``requests``: per request, in the order of the columns to be stored, the (name,
+        expression) of the Definitions it uses, its Filter, Weight and expressions.
         """
         if self.directory is None:
             return None
@@ -121,17 +122,16 @@ class ColumnCache:
         except OSError as err:  # unreadable input: no caching; reading it reports the error
             log.debug("not caching %s: cannot hash an input file (%s)", list(paths), err)
             return None
-        listed = [(f, w, tuple(exprs)) for f, w, exprs in requests]
+        listed = [(list(map(list, d)), f, w, tuple(exprs)) for d, f, w, exprs in requests]
         payload = {
             "version": CACHE_VERSION,
             "files": digests,
             "tree": tree,
-            "definitions": [[name, expression] for name, expression in definitions],
-            "requests": [[f, w, list(exprs)] for f, w, exprs in listed],
+            "requests": [[d, f, w, list(exprs)] for d, f, w, exprs in listed],
         }
         return CacheKey(
             payload=json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False),
-            expressions=tuple(exprs for _, _, exprs in listed),
+            expressions=tuple(exprs for _, _, _, exprs in listed),
         )
 
     def load(self, key: CacheKey | None) -> Columns | None:

@@ -1,7 +1,8 @@
 """Analysis configuration: YAML -> JSON schema -> semantic checks -> frozen dataclasses.
 
 The vocabulary is cabinetry's (``General``, ``Regions``, ``Samples``, ``Systematics``,
-``NormFactors``; a cabinetry ntuple configuration loads unchanged), extended by
+``NormFactors``; a cabinetry configuration loads unchanged, with ntuple inputs or, when no sample
+has a ``Tree``, histogram inputs: :mod:`analysis.histogram_inputs`), extended by
 
 - ``Definitions``: named derived columns, awkward/numpy/vector expressions evaluated in order
   (like RDataFrame's ``Define``);
@@ -43,6 +44,7 @@ import jsonschema
 import yaml
 
 from analysis.errors import ConfigError, InputFileError
+from analysis.files import expand_paths
 
 Side = Literal["Up", "Down"]
 #: names that expressions see besides the columns; Definitions may not shadow them
@@ -52,10 +54,18 @@ RESERVED_NAMES = frozenset({"np", "numpy", "ak", "awkward", "vector", "abs"})
 # ----------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class Definition:
-    """A named derived column: ``name = expression``."""
+    """A named derived column: ``name = expression``.
+
+    ``description``, ``unit`` and ``label`` are for humans and figures only (axis titles, see
+    :func:`analysis.plotting.labels.variable_label`): the unit is ``unit``, else a unit in
+    square brackets ending the description (``"... [GeV]"``), else none.
+    """
 
     name: str
     expression: str
+    description: str | None = None
+    unit: str | None = None
+    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,12 @@ class Cut:
 
 @dataclass(frozen=True)
 class Region:
-    """A channel: the histogram of ``variable`` in ``binning`` after ``filter`` and ``cuts``."""
+    """A channel: the histogram of ``variable`` in ``binning`` after ``filter`` and ``cuts``.
+
+    With histogram inputs (``General.input_type == "histogram"``) the histograms are read from
+    ``region_path``; ``variable`` is then ``""`` unless given (a label only) and ``binning`` is
+    ``()`` unless given (then the files' edges must equal it).
+    """
 
     name: str
     variable: str
@@ -85,7 +100,12 @@ class Region:
 
 @dataclass(frozen=True)
 class Sample:
-    """A process (or the data) read from ``tree`` in the files given by ``sample_paths``."""
+    """A process (or the data) read from ``tree`` in the files given by ``sample_paths``.
+
+    ``definitions``: the sample's own Definitions; one named as a global Definition replaces it
+    for this sample, the others are added (:meth:`Config.definitions_for`). With histogram
+    inputs ``tree`` is ``""`` and ``sample_paths`` holds at most one path.
+    """
 
     name: str
     tree: str
@@ -95,6 +115,7 @@ class Sample:
     data: bool
     disable_staterror: bool
     regions: tuple[str, ...] | None
+    definitions: tuple[Definition, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,6 +130,7 @@ class TemplateOverrides:
     sample_paths: tuple[str, ...] | None = None
     normalization: float | None = None
     symmetrize: bool = False
+    variation_path: str | None = None  # histogram inputs: {VariationPath} override
 
 
 @dataclass(frozen=True)
@@ -169,6 +191,17 @@ class General:
     input_path: str
     fixed: Mapping[str, float]
     yield_floor: float = 1e-6
+    #: histogram inputs: the nominal {VariationPath} (cabinetry's default: "")
+    variation_path: str = ""
+    #: "histogram" when no sample has a Tree (cabinetry's ``_input_is_ntuple``; read by
+    #: :mod:`analysis.histogram_inputs`), else "ntuple"
+    input_type: Literal["ntuple", "histogram"] = "ntuple"
+    #: figure labels (mplhep's experiment label): integrated luminosity in fb^-1,
+    #: centre-of-mass energy in TeV, experiment name and the text after it
+    luminosity: float | None = None
+    energy: float | None = None
+    experiment: str | None = None
+    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -212,8 +245,13 @@ class Config:
 
     @property
     def cuts(self) -> tuple[Cut, ...]:
-        """All cuts of all regions, in config order."""
-        return tuple(cut for region in self.regions for cut in region.cuts)
+        """Every distinct cut, in config order: a cut whose Name appears in several regions
+        (one shared threshold, see :func:`_check_shared_cut`) once, where it first appears."""
+        distinct: dict[str, Cut] = {}
+        for region in self.regions:
+            for cut in region.cuts:
+                distinct.setdefault(cut.name, cut)
+        return tuple(distinct.values())
 
     def cut_values(self) -> dict[str, float]:
         """Cut name -> threshold (the format of ``cuts.json``)."""
@@ -255,6 +293,13 @@ class Config:
             for region in self.regions
         )
         return dataclasses.replace(self, regions=regions)
+
+    def definitions_for(self, sample: Sample) -> tuple[Definition, ...]:
+        """The Definitions in effect for ``sample``: the global ones, each replaced by the
+        sample's Definition of the same name where it has one, then the sample's others."""
+        own = {d.name: d for d in sample.definitions}
+        merged = tuple(own.pop(d.name, d) for d in self.definitions)
+        return merged + tuple(own.values())
 
     def samples_in(self, region: Region, *, data: bool = False) -> tuple[Sample, ...]:
         """The prediction samples in ``region`` (or only the data sample, with ``data=True``)."""
@@ -306,9 +351,9 @@ class Config:
         if region_path is not None:
             path = path.replace("{RegionPath}", region_path)
         if "{SamplePath}" in path:
-            paths = tuple(pathlib.Path(path.replace("{SamplePath}", p)) for p in sample_paths)
+            paths = expand_paths(path.replace("{SamplePath}", p) for p in sample_paths)
         else:
-            paths = (pathlib.Path(path),)
+            paths = expand_paths([path])
         filter_ = over.filter or sample.filter or region.filter
         return Template(
             region=region,
@@ -660,13 +705,21 @@ def _check_semantics(raw: dict[str, Any], source: str) -> None:
         return seen
 
     general = raw["General"]
-    if "VariationPath" in general:
-        fail("General.VariationPath: histogram inputs are not supported; diffana reads ntuples")
+    _check_input_type(raw, source)
     definitions = raw.get("Definitions", [])
     def_names = unique("Definitions", definitions)
     for i, definition in enumerate(definitions):
         if definition["Name"] in RESERVED_NAMES:
             fail(f"Definitions[{i}].Name: '{definition['Name']}' is reserved for a module name")
+    for i, sample in enumerate(raw["Samples"]):
+        own = sample.get("Definitions", [])
+        unique(f"Samples[{i}].Definitions", own)
+        for j, definition in enumerate(own):
+            if definition["Name"] in RESERVED_NAMES:
+                fail(
+                    f"Samples[{i}].Definitions[{j}].Name: '{definition['Name']}' is reserved "
+                    "for a module name"
+                )
     regions = raw["Regions"]
     region_names = unique("Regions", regions)
     samples = raw["Samples"]
@@ -679,9 +732,9 @@ def _check_semantics(raw: dict[str, Any], source: str) -> None:
     unique("Systematics", systematics)
     del def_names
 
-    cut_names: set[str] = set()
+    cut_names: dict[str, tuple[str, int, dict[str, Any]]] = {}  # name -> (where, region, cut)
     for i, region in enumerate(regions):
-        edges = region["Binning"]
+        edges = region.get("Binning", [])  # optional with histogram inputs
         if any(not math.isfinite(e) for e in edges) or any(
             b <= a for a, b in zip(edges, edges[1:], strict=False)
         ):
@@ -695,8 +748,12 @@ def _check_semantics(raw: dict[str, Any], source: str) -> None:
             where = f"Regions[{i}].Cuts[{j}]"
             name = cut.get("Name", f"{region['Name']}:{cut['Variable']}{cut['Direction']}")
             if name in cut_names:
-                fail(f"{where}: cut name '{name}' is used twice; give the cut a unique Name")
-            cut_names.add(name)
+                first_where, first_region, first = cut_names[name]
+                if first_region == i:
+                    fail(f"{where}: cut name '{name}' is used twice; give the cut a unique Name")
+                _check_shared_cut(source, name, (first_where, first), (where, cut))
+            else:
+                cut_names[name] = (where, i, cut)
             trainable = cut.get("Trainable", True)
             if "Bounds" not in cut:
                 if trainable:
@@ -731,9 +788,6 @@ def _check_semantics(raw: dict[str, Any], source: str) -> None:
         check_refs(where, syst, "Samples", sample_names)
         if "Smoothing" in syst:
             fail(f"{where}.Smoothing: template smoothing is not supported")
-        for side in ("Up", "Down"):
-            if "VariationPath" in syst[side]:
-                fail(f"{where}.{side}.VariationPath: histogram inputs are not supported")
         if syst["Type"] == "Normalization":
             for side in ("Up", "Down"):
                 if "Normalization" not in syst[side]:
@@ -750,6 +804,135 @@ def _check_semantics(raw: dict[str, Any], source: str) -> None:
             fail(f"General.Fixed[{i}]: the POI '{poi}' cannot be fixed")
 
 
+def _check_shared_cut(
+    source: str, name: str, first: tuple[str, dict[str, Any]], other: tuple[str, dict[str, Any]]
+) -> None:
+    """A cut Name in several regions is one threshold (one entry of ``cuts.json``, one trainable
+    parameter): every occurrence must have the same Variable, Direction, Value, Bounds and
+    Trainable; ConfigError naming the first difference otherwise."""
+    (first_where, a), (where, b) = first, other
+    for key, default in (
+        ("Variable", None),
+        ("Direction", None),
+        ("Value", None),
+        ("Bounds", None),
+        ("Trainable", True),
+    ):
+        mine, theirs = b.get(key, default), a.get(key, default)
+        if mine != theirs:
+            raise ConfigError(
+                f"{source}: {where}.{key}: cut '{name}' is shared with {first_where}, where "
+                f"{key} is {theirs!r}, here {mine!r}; a Name used in several regions is one "
+                "threshold: give it the same Variable, Direction, Value, Bounds and Trainable, "
+                "or another Name"
+            )
+
+
+#: keys that select, weight or define events: meaningless for histogram inputs
+_EVENT_KEYS = {
+    "Regions": ("Filter", "Cuts"),
+    "Samples": ("Weight", "Filter", "Definitions"),
+    "Systematics": ("Tree", "Weight", "Variable", "Filter"),
+}
+
+
+def _input_type(raw: dict[str, Any]) -> Literal["ntuple", "histogram"]:
+    """``"ntuple"`` when every sample has a ``Tree``, else ``"histogram"`` (cabinetry's
+    ``configuration._input_is_ntuple``, which its ``templates`` command uses to choose between
+    building histograms from ntuples and collecting existing ones)."""
+    return "ntuple" if all("Tree" in sample for sample in raw["Samples"]) else "histogram"
+
+
+def _check_input_type(raw: dict[str, Any], source: str) -> None:
+    """The keys that ntuple inputs need and histogram inputs cannot use (and vice versa).
+
+    The input type is :func:`_input_type`'s. cabinetry reads histograms as soon as one sample
+    lacks a Tree and then ignores the Trees; here Trees on some samples only are refused, since
+    one of them would be ignored. Ntuple inputs need ``Variable`` and ``Binning`` in every region
+    (cabinetry's schema requires them "for ntuple inputs") and have no ``VariationPath``.
+    Histogram inputs (:mod:`analysis.histogram_inputs`) are read as they are: no key that
+    selects, weights or defines events (:data:`_EVENT_KEYS`, and ``Definitions``), one
+    ``SamplePath`` per sample (a list is for ntuples, as in cabinetry), and a ``RegionPath``
+    (``SamplePath``) in every region (sample) when ``InputPath`` holds ``{RegionPath}``
+    (``{SamplePath}``), where cabinetry's ``_histo_path`` raises "no path setting found".
+    """
+
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{source}: {msg}")
+
+    samples, regions, systematics = raw["Samples"], raw["Regions"], raw.get("Systematics", [])
+    with_tree = [i for i, sample in enumerate(samples) if "Tree" in sample]
+    if _input_type(raw) == "ntuple":
+        for i, region in enumerate(regions):
+            for key in ("Variable", "Binning"):
+                if key not in region:
+                    fail(
+                        f"Regions[{i}]: missing required key '{key}' (ntuple inputs: every "
+                        "sample has a Tree; histogram inputs, where no sample has one, need "
+                        "neither)"
+                    )
+        holders = ["General"] * ("VariationPath" in raw["General"]) + [
+            f"Systematics[{i}].{side}"
+            for i, syst in enumerate(systematics)
+            for side in ("Up", "Down")
+            if "VariationPath" in syst[side]
+        ]
+        if holders:
+            fail(
+                f"{holders[0]}.VariationPath: only histogram inputs have a VariationPath; this "
+                "configuration reads ntuples (every sample has a Tree)"
+            )
+        return
+    if with_tree:
+        i = next(i for i in range(len(samples)) if i not in with_tree)
+        fail(
+            f"Samples[{i}]: missing required key 'Tree' (Samples[{with_tree[0]}] has one: ntuple "
+            "inputs need a Tree in every sample, histogram inputs in none)"
+        )
+
+    def no_event_keys(where: str, item: dict[str, Any], keys: Sequence[str]) -> None:
+        for key in keys:
+            if key in item:
+                fail(
+                    f"{where}{key}: histogram inputs (no sample has a Tree) have no events to "
+                    f"select, weight or define; expected no {key} (or a Tree in every sample, "
+                    "for ntuple inputs)"
+                )
+
+    no_event_keys("", raw, ("Definitions",))
+    input_path = raw["General"]["InputPath"]
+    for section, items in (("Regions", regions), ("Samples", samples)):
+        placeholder = "RegionPath" if section == "Regions" else "SamplePath"
+        for i, item in enumerate(items):
+            no_event_keys(f"{section}[{i}].", item, _EVENT_KEYS[section])
+            if "{" + placeholder + "}" in input_path and placeholder not in item:
+                fail(
+                    f"{section}[{i}]: missing {placeholder}; General.InputPath "
+                    f"'{input_path}' uses {{{placeholder}}}"
+                )
+    lists = [(f"Samples[{i}]", s) for i, s in enumerate(samples)]
+    for i, syst in enumerate(systematics):
+        for side in ("Up", "Down"):
+            no_event_keys(f"Systematics[{i}].{side}.", syst[side], _EVENT_KEYS["Systematics"])
+            lists.append((f"Systematics[{i}].{side}", syst[side]))
+    for where, item in lists:
+        if isinstance(item.get("SamplePath"), list):
+            fail(
+                f"{where}.SamplePath: histogram inputs take one path per sample (a list reads "
+                f"several ntuple files, as in cabinetry), got {item['SamplePath']}"
+            )
+
+
+def _definition(raw: dict[str, Any]) -> Definition:
+    return Definition(
+        raw["Name"],
+        raw["Expression"],
+        description=raw.get("Description"),
+        unit=raw.get("Unit"),
+        label=raw.get("Label"),
+    )
+
+
 def _template_overrides(raw: dict[str, Any]) -> TemplateOverrides:
     return TemplateOverrides(
         tree=raw.get("Tree"),
@@ -760,6 +943,7 @@ def _template_overrides(raw: dict[str, Any]) -> TemplateOverrides:
         sample_paths=_as_tuple(raw.get("SamplePath")),
         normalization=raw.get("Normalization"),
         symmetrize=raw.get("Symmetrize", False),
+        variation_path=raw.get("VariationPath"),
     )
 
 
@@ -768,8 +952,8 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
     regions = tuple(
         Region(
             name=r["Name"],
-            variable=r["Variable"],
-            binning=tuple(float(e) for e in r["Binning"]),
+            variable=r.get("Variable", ""),  # optional with histogram inputs
+            binning=tuple(float(e) for e in r.get("Binning", ())),
             filter=r.get("Filter"),
             cuts=tuple(
                 Cut(
@@ -793,13 +977,16 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
     samples = tuple(
         Sample(
             name=s["Name"],
-            tree=s["Tree"],
+            tree=s.get("Tree", ""),  # none with histogram inputs
             sample_paths=_as_tuple(s.get("SamplePath")) or (),
             weight=s.get("Weight"),
             filter=s.get("Filter"),
             data=s.get("Data", False),
             disable_staterror=s.get("DisableStaterror", False),
             regions=_as_tuple(s.get("Regions")),
+            definitions=tuple(
+                _definition(d) for d in s.get("Definitions", [])
+            ),
         )
         for s in raw["Samples"]
     )
@@ -851,9 +1038,15 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
             input_path=general["InputPath"],
             fixed={f["Name"]: float(f["Value"]) for f in general.get("Fixed", [])},
             yield_floor=float(general.get("YieldFloor", 1e-6)),
+            variation_path=general.get("VariationPath", ""),
+            input_type=_input_type(raw),
+            luminosity=float(general["Luminosity"]) if "Luminosity" in general else None,
+            energy=float(general["Energy"]) if "Energy" in general else None,
+            experiment=general.get("Experiment"),
+            label=general.get("Label"),
         ),
         definitions=tuple(
-            Definition(d["Name"], d["Expression"]) for d in raw.get("Definitions", [])
+            _definition(d) for d in raw.get("Definitions", [])
         ),
         regions=regions,
         samples=samples,
@@ -877,6 +1070,8 @@ def expression_locations(raw: dict[str, Any]) -> Iterator[tuple[str, str]]:
         for key in ("Weight", "Filter", "Variable"):
             if key in sample:
                 yield f"Samples[{i}].{key}", sample[key]
+        for j, definition in enumerate(sample.get("Definitions", [])):
+            yield f"Samples[{i}].Definitions[{j}].Expression", definition["Expression"]
     for i, syst in enumerate(raw.get("Systematics", [])):
         for side in ("Up", "Down"):
             for key in ("Weight", "Filter", "Variable"):
@@ -885,10 +1080,24 @@ def expression_locations(raw: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 
 def _check_expressions(raw: dict[str, Any], source: str) -> None:
-    """Parse every expression against the allowlist of :mod:`analysis.expressions`."""
+    """Parse every expression against the allowlist of :mod:`analysis.expressions`, and refuse
+    cycles among the Definitions in effect for any sample (the global ones, and each sample's
+    with the global ones: :func:`analysis.expressions.definition_order`)."""
     from analysis import expressions  # numpy/awkward/vector: only when a config is validated
 
     located = list(expression_locations(raw))
     fields = expressions.record_fields(text for _, text in located)
     for where, text in located:
         expressions.parse(text, f"{source}: {where}", fields)
+
+    def reads(definitions: list[dict[str, Any]]) -> dict[str, frozenset[str]]:
+        return {
+            d["Name"]: expressions.parse(d["Expression"], "", fields).names for d in definitions
+        }
+
+    common = reads(raw.get("Definitions", []))  # no cycles, alone or with a sample's own
+    expressions.definition_order(common, f"{source}: Definitions")
+    for i, sample in enumerate(raw["Samples"]):
+        if sample.get("Definitions"):
+            own = reads(sample["Definitions"])
+            expressions.definition_order(common | own, f"{source}: Samples[{i}].Definitions")

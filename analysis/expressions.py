@@ -24,14 +24,15 @@ Grammar (anything else is refused, naming the expression's YAML path and the off
                | expr.METHOD(expr, ...)     vector's deltaR, deltaR2, deltaphi, deltaeta, dot...
                | FUNCTION(arg, ..., key=arg)      FUNCTION from the table below
                | np.pi | np.e | np.inf | np.nan
-    arg       := expr | None                  (and, first argument of a zip, cartesian or
-               | [expr, ...] | {'key': expr, ...}   concatenate, a list or dict of arrays)
+    arg       := expr | None                  (and, first argument of a zip, cartesian,
+               | [expr, ...] | {'key': expr, ...}   concatenate or stack, a list or dict of
+                                                     arrays)
 
 Strings appear only as record-field names (``x['pt']``, dict keys, ``fields=[...]``,
 ``with_name=``), never as operands or other arguments (so no name can be assembled from pieces
 and no string array built), and never contain ``__``. Lists and dicts are only the first
-argument of ``ak.zip``, ``vector.zip``, ``ak.cartesian``, ``ak.argcartesian`` and
-``ak.concatenate``. Each function takes at most
+argument of ``ak.zip``, ``vector.zip``, ``ak.cartesian``, ``ak.argcartesian``,
+``ak.concatenate`` and ``np.stack``. Each function takes at most
 its listed number of positional arguments (a ufunc its inputs, so nothing reaches a positional
 ``out``, ``dtype``, ``shape`` or ``copy``) and the keyword arguments listed for it (``axis``,
 ``keepdims``, ``target``, ``value``...); none opens a file, maps memory, enables pickling or
@@ -40,8 +41,10 @@ literals fit in 64 bits; an expression has at most 10 000 characters.
 
 Functions (:data:`FUNCTIONS`): ``abs``; numpy's elementwise functions (``np.sqrt``, ``np.exp``,
 ``np.log``, ``np.sin``... ``np.maximum``, ``np.minimum``, ``np.hypot``, ``np.arctan2``,
-``np.isfinite``...), ``np.where``, ``np.clip``, ``np.round``, ``np.nan_to_num`` and the
-reductions ``np.sum/prod/mean/std/var/min/max/any/all/argmin/argmax/count_nonzero``; awkward's
+``np.isfinite``...), ``np.where``, ``np.clip``, ``np.round``, ``np.nan_to_num``,
+``np.stack`` (``np.stack([px1, px2], axis=1)``: the flat columns of two objects as one list per
+event) and the reductions
+``np.sum/prod/mean/std/var/min/max/any/all/argmin/argmax/count_nonzero``; awkward's
 ``ak.num/count/count_nonzero/sum/prod/mean/std/var/min/max/any/all/argmin/argmax/argsort/sort/
 firsts/singletons/pad_none/fill_none/is_none/drop_none/flatten/local_index/combinations/
 argcombinations/cartesian/argcartesian/zip/where/concatenate/mask/nan_to_num/ones_like/
@@ -52,7 +55,8 @@ Values are checked while interpreting too: only numbers and booleans flow betwee
 64 bits), so no function or module object can ever be reached through a value and no
 big-number arithmetic can hang. Memory is bounded: no value may hold more than
 :data:`MAX_ELEMENTS` numbers; ``ak.pad_none``, ``ak.combinations`` and ``ak.cartesian`` check
-the size of their result before they build it (so do ``ak.concatenate``), ``x[:, None]`` on
+the size of their result before they build it (so do ``ak.concatenate`` and ``np.stack``),
+``x[:, None]`` on
 one value per event (an events-by-events broadcast) is refused, and every regular dimension
 (``keepdims=True``, ``x[:, None]``, fixed-size branches) is turned into variable-length lists,
 which awkward broadcasts within each event, never NumPy-style across events or objects.
@@ -88,6 +92,7 @@ __all__ = [
     "VECTOR_FIELDS",
     "Expression",
     "ExpressionError",
+    "definition_order",
     "evaluate",
     "parse",
     "record_fields",
@@ -182,6 +187,23 @@ def _concatenate(arrays: Any, axis: Any = 0) -> Any:
     return ak.concatenate(arrays, axis=axis)
 
 
+def _stack(arrays: Any, axis: Any = 0) -> Any:
+    """``np.stack``: the arrays side by side along a new axis ``axis`` (numpy's semantics, also
+    for jagged arrays of equal structure): ``np.stack([px1, px2], axis=1)`` is one list
+    ``[px1, px2]`` per event, a muon collection from the flat columns of two muons."""
+    parts = list(arrays.values()) if isinstance(arrays, dict) else list(arrays)
+    if not parts or not all(isinstance(p, ak.Array | np.ndarray) for p in parts):
+        raise ExpressionError("np.stack takes a list of arrays")
+    if not isinstance(axis, int) or isinstance(axis, bool) or not 0 <= axis <= parts[0].ndim:
+        raise ExpressionError(
+            f"np.stack axis must be an integer from 0 to {parts[0].ndim}, got {axis!r}"
+        )
+    _too_many(float(sum(p.nbytes // 8 for p in parts)), "np.stack")
+    where = (slice(None),) * axis + (np.newaxis,)
+    arrays = [p if isinstance(p, ak.Array) else ak.Array(p) for p in parts]
+    return ak.concatenate([p[where] for p in arrays], axis=axis)
+
+
 _REDUCE_NP = frozenset({"axis", "keepdims"})
 _REDUCE_AK = frozenset({"axis", "keepdims", "mask_identity"})
 _AXIS = frozenset({"axis"})
@@ -209,7 +231,7 @@ class Function(NamedTuple):
 
 #: the functions whose first argument is a list or dict of arrays (or a dict for a zip)
 _CONTAINER_FUNCTIONS = frozenset(
-    {"ak.concatenate", "ak.cartesian", "ak.argcartesian", "ak.zip", "vector.zip"}
+    {"ak.concatenate", "ak.cartesian", "ak.argcartesian", "ak.zip", "vector.zip", "np.stack"}
 )
 
 
@@ -226,6 +248,7 @@ def _function_table() -> dict[str, Function]:
     table["np.nan_to_num"] = Function(np.nan_to_num, 1, frozenset({"nan", "posinf", "neginf"}))
     table["np.ones_like"] = Function(np.ones_like, 1, _NONE)
     table["np.zeros_like"] = Function(np.zeros_like, 1, _NONE)
+    table["np.stack"] = Function(_stack, 2, _AXIS)
     for name in _AK_REDUCERS:
         table[f"ak.{name}"] = Function(getattr(ak, name), 2, _REDUCE_AK)
     for name in ("num", "firsts", "singletons", "is_none", "drop_none", "flatten", "local_index"):
@@ -368,6 +391,48 @@ def record_fields(sources: Iterable[str]) -> frozenset[str]:
                 and not k.value.startswith("_")
             )
     return frozenset(keys)
+
+
+def definition_order(reads: Mapping[str, Iterable[str]], where: str) -> list[str]:
+    """The Definitions ``reads`` (name -> the names its expression reads) in evaluation order:
+    each after the Definitions it reads, otherwise in the order of ``reads`` (config order).
+
+    A Definition that reads its own name reads the branch of that name, not itself (a
+    calibration: ``Muon_pt = Muon_pt * 1.01``); the Definitions that read that name see the
+    Definition. Any other cycle (``a`` reads ``b``, ``b`` reads ``a``) is refused with a
+    :class:`ConfigError` naming ``where`` and the cycle. A depth-first topological sort
+    (Tarjan 1976), without recursion, so a long chain of Definitions cannot overflow the stack.
+    """
+    index = {name: i for i, name in enumerate(reads)}
+
+    def uses(name: str) -> list[str]:
+        return sorted(
+            (n for n in set(reads[name]) if n in index and n != name), key=index.__getitem__
+        )
+
+    order: list[str] = []
+    done: set[str] = set()
+    for root in reads:
+        if root in done:
+            continue
+        path = [root]
+        stack = [iter(uses(root))]
+        while stack:
+            step = next((n for n in stack[-1] if n not in done), None)
+            if step is None:
+                stack.pop()
+                done.add(path[-1])
+                order.append(path.pop())
+            elif step in path:
+                cycle = " -> ".join(repr(n) for n in path[path.index(step) :] + [step])
+                raise ConfigError(
+                    f"{where}: Definitions {cycle} form a cycle; expected each Definition to "
+                    "read branches and other Definitions without cycles"
+                )
+            else:
+                path.append(step)
+                stack.append(iter(uses(step)))
+    return order
 
 
 def _dotted(node: ast.expr) -> str | None:

@@ -1,4 +1,6 @@
-"""Atomic file writes: every output of diffana appears whole or not at all.
+"""Files: atomic writes of every output, and the input files a path pattern names.
+
+Every output of diffana appears whole or not at all.
 
 The content goes to a temporary file in the target's folder (created if missing), which then
 replaces the target in one ``os.replace``: readers see the old file or the new one, never a
@@ -6,18 +8,22 @@ partial one, and a failed write leaves no temporary file behind (DESIGN.md, CLI 
 An operating-system fault while writing (read-only folder or file system, full disk or quota, a
 path below a regular file, a directory in the target's place) is a user error,
 :class:`analysis.errors.OutputError`, one line naming the target and the reason.
+
+Input paths may hold wildcards (``ntuple_*.root``): :func:`expand_paths` lists the files they
+match, sorted, as uproot and coffea expand a file-name pattern.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import math
 import os
 import pathlib
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any
 
 from analysis.errors import AnalysisError, OutputError
@@ -139,3 +145,33 @@ def _reason(value: Any) -> str | None:
         if bad:
             return "not finite at " + ", ".join(bad)
     return None
+
+
+#: the characters that make a path a wildcard pattern (Python's :mod:`glob`, as uproot and
+#: coffea expand them): ``*``, ``?``, ``[...]``; ``**`` matches folders recursively
+WILDCARDS = frozenset("*?[")
+
+
+def is_pattern(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a wildcard (:data:`WILDCARDS`)."""
+    return any(char in WILDCARDS for char in str(path))
+
+
+def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[pathlib.Path, ...]:
+    """The input files ``paths`` name, in order, each wildcard pattern replaced by the regular
+    files it matches (:func:`glob.glob`, ``**`` recursive), sorted by name so that every run
+    reads the same files in the same order (as uproot and coffea expand a file-name pattern;
+    a file named twice is read twice, as there).
+
+    A pattern that matches no file is kept as it is, for the reader to report
+    (:func:`analysis.io.read_events`: ``"<pattern>: no file matches the wildcard pattern"``), so
+    that listing the inputs of a configuration never touches more than the folder listings.
+    """
+    out: list[pathlib.Path] = []
+    for path in paths:
+        if is_pattern(path):
+            matches = sorted(p for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
+            out += [pathlib.Path(p) for p in matches] or [pathlib.Path(path)]
+        else:
+            out.append(pathlib.Path(path))
+    return tuple(out)

@@ -27,13 +27,21 @@ Branches (one entry per event; ``Muon_*`` and ``Jet_*`` are jagged, sorted by pt
     weight, weight_up, weight_down   float64  (Monte Carlo only)
 
 Yields (at the default 140 fb^-1; :meth:`SampleSpec.expected_yield`): signal 11.9,
-Drell-Yan 1260, ttbar 1890, multijet 2520 events, so pseudo-data has ~5700 events. They are
-chosen so that the stat-only expected significance in a 2 GeV-binned dimuon-mass histogram
-(130-170 GeV, Asimov Z = sqrt(sum_b 2((s+b) ln(1+s/b) - s))) is ~2.7 with reasonable cuts
-(opposite charge, both iso < 0.15, leading pt > 30 GeV, no jet with btag > 0.5, MET < 60 GeV)
-and ~4.1 with tuned ones (iso < 0.08, sub-leading pt > 20 GeV, btag < 0.2, MET < 30 GeV):
-after the reasonable cuts the reducible ttbar and multijet backgrounds dominate the signal
-region, and Drell-Yan is the irreducible floor.
+Drell-Yan 1260, ttbar 1890, multijet 2520 events. They are chosen so that the stat-only
+expected significance in a 2 GeV-binned dimuon-mass histogram (130-170 GeV, Asimov
+Z = sqrt(sum_b 2((s+b) ln(1+s/b) - s))) is ~2.7 with reasonable cuts (opposite charge, both
+iso < 0.15, leading pt > 30 GeV, no jet with btag > 0.5, MET < 60 GeV) and ~4.1 with tuned ones
+(iso < 0.08, sub-leading pt > 20 GeV, btag < 0.2, MET < 30 GeV): after the reasonable cuts the
+reducible ttbar and multijet backgrounds dominate the signal region, and Drell-Yan is the
+irreducible floor.
+
+Control regions (``models/dimuon.yaml``) come from the same samples: with the reasonable muon
+cuts, the Z peak (76 < m < 106 GeV, btag < 0.5, MET < 60 GeV) holds ~980 Drell-Yan events (93%;
+ttbar 5%, multijet 2%, no signal), and a b-tagged jet with MET (btag > 0.8, MET > 40 GeV,
+50 < m < 200 GeV) ~160 ttbar events (>99%). The pseudo-data hold Drell-Yan at 0.94 and ttbar
+at 1.10 times the simulation (``SampleSpec.data_scale``, within their usual cross-section
+uncertainties), so ~5800 events in all, and a fit with free normalisations of these two
+processes in the control regions measures those numbers.
 
 Randomness: every sample has its own :class:`numpy.random.Generator` stream,
 ``SeedSequence(seed, spawn_key=(crc32(name), purpose))`` with ``purpose`` 0 for Monte Carlo and
@@ -119,6 +127,10 @@ class SampleSpec:
     ``expected_yield(lumi) = cross_section_fb * lumi`` with ``lumi`` in fb^-1. A fraction
     ``negative_weight_fraction`` of the events carries weight -1 x |w| (NLO matching with
     MC@NLO-type generators); it must be below 1/2 so the yield stays positive.
+    ``data_scale`` is the process's true normalisation relative to the simulation: the
+    pseudo-data hold ``Poisson(data_scale * expected_yield(lumi))`` of its events
+    (:meth:`data_yield`), as real data differ from a prediction by its cross-section
+    uncertainty; it is what a free normalisation factor fitted in a control region measures.
     """
 
     name: str
@@ -126,6 +138,7 @@ class SampleSpec:
     fraction: float
     cross_section_fb: float
     negative_weight_fraction: float = 0.0
+    data_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -139,11 +152,20 @@ class SampleSpec:
                 f"negative_weight_fraction of {self.name!r} is "
                 f"{self.negative_weight_fraction}; expected [0, 0.5)"
             )
+        if not (self.data_scale > 0.0 and math.isfinite(self.data_scale)):
+            raise ValueError(
+                f"data_scale of {self.name!r} is {self.data_scale}; expected a finite number > 0"
+            )
 
     def expected_yield(self, lumi: float) -> float:
         """Expected number of skimmed events at integrated luminosity ``lumi`` (fb^-1)."""
         lumi = _check_lumi(lumi)
         return self.cross_section_fb * lumi
+
+    def data_yield(self, lumi: float) -> float:
+        """Mean number of this process's events in the pseudo-data: ``data_scale`` times
+        :meth:`expected_yield`."""
+        return self.data_scale * self.expected_yield(lumi)
 
 
 SAMPLES: Mapping[str, SampleSpec] = types.MappingProxyType(
@@ -159,6 +181,7 @@ SAMPLES: Mapping[str, SampleSpec] = types.MappingProxyType(
             description="Z/gamma* -> mu+ mu- (m > 50 GeV): Z peak plus falling continuum",
             fraction=0.25,
             cross_section_fb=9.0,
+            data_scale=0.94,
         ),
         "ttbar": SampleSpec(
             name="ttbar",
@@ -166,6 +189,7 @@ SAMPLES: Mapping[str, SampleSpec] = types.MappingProxyType(
             fraction=0.30,
             cross_section_fb=13.5,
             negative_weight_fraction=0.15,
+            data_scale=1.10,
         ),
         "multijet": SampleSpec(
             name="multijet",
@@ -849,7 +873,8 @@ def _write_sample(
 
 
 def _write_data(path: pathlib.Path, seed: int, lumi: float, chunk_size: int) -> int:
-    """Pseudo-data: Poisson(Y_s) unweighted events per sample s, concatenated and shuffled.
+    """Pseudo-data: Poisson(data_scale_s Y_s) unweighted events per sample s
+    (:meth:`SampleSpec.data_yield`), concatenated and shuffled.
 
     Each sample's events come from its own data stream (independent of its Monte Carlo). The
     shuffle is realised without holding all events: a random permutation of the sample labels
@@ -858,7 +883,7 @@ def _write_data(path: pathlib.Path, seed: int, lumi: float, chunk_size: int) -> 
     """
     names = list(SAMPLES)
     rngs = {k: _rng(seed, k, _PURPOSE_DATA) for k in names}
-    counts = [int(rngs[k].poisson(SAMPLES[k].expected_yield(lumi))) for k in names]
+    counts = [int(rngs[k].poisson(SAMPLES[k].data_yield(lumi))) for k in names]
     order_rng = _rng(seed, _DATA_NAME, _PURPOSE_DATA_ORDER)
     labels = np.repeat(np.arange(len(names), dtype=np.int8), counts)
     order_rng.shuffle(labels)
@@ -901,7 +926,7 @@ def generate(
         Non-negative integer seed of all random streams.
     lumi
         Integrated luminosity in fb^-1: Monte Carlo weights sum to ``expected_yield(lumi)`` per
-        sample and pseudo-data has Poisson(``expected_yield(lumi)``) events per sample.
+        sample and pseudo-data has Poisson(``data_yield(lumi)``) events per sample.
     chunk_size
         Events generated and written at a time (bounds the memory).
 

@@ -75,8 +75,14 @@ def hard_histograms(
     """Histogram every template of ``config`` with boolean cuts at the configured values.
 
     ``events`` may be given (from :func:`analysis.io.read_events`) to avoid reading again.
-    Returns ``{(region, sample, variation): Histogram}`` in float64.
+    Returns ``{(region, sample, variation): Histogram}`` in float64. A configuration with
+    histogram inputs (no sample has a Tree) has no events: its histograms are read as they are
+    (:func:`analysis.histogram_inputs.read_histograms`).
     """
+    if events is None and config.general.input_type == "histogram":
+        from analysis.histogram_inputs import read_histograms  # imports this module
+
+        return read_histograms(config, device=device)
     if events is None:
         events = read_events(config, device=device, cache_dir=cache_dir)
     regions = {region.name: region for region in config.regions}
@@ -272,6 +278,7 @@ def kde_histograms(
     bandwidth: torch.Tensor | float,
     *,
     reach: int | None = None,
+    ascending: bool | None = None,
 ) -> list[Histogram]:
     """:func:`kde_histogram` of several sets of events with the same edges and bandwidth.
 
@@ -281,6 +288,12 @@ def kde_histograms(
     (the sums of each group are formed the same way), computed in one autograd node: the
     per-call work (window constants, the final shift-and-add, the backward pass's tables) is
     done once for all groups, which matters when there are many groups of few events.
+
+    ``ascending``: ``True`` when the caller knows that every group's values are sorted
+    ascending and free of NaN (e.g. stored sorted, as :class:`~analysis.pipeline.AnalysisPipeline`
+    does): skips the check, a pass over all values per call (like ``reach``, not verified; other
+    values then give wrong sums). ``None`` (default): checked per group (the sorted path on CPU
+    where they are sorted, :class:`_KDEHistogram`); ``False``: the unsorted path.
     """
     if not groups:
         return []
@@ -311,6 +324,7 @@ def kde_histograms(
         reach,
         KDE_TAIL_CUTOFF[dtype],
         save_kernels,
+        ascending,
         *[values for values, _ in groups],
         *rows,
     )
@@ -415,6 +429,11 @@ class _KDEWindow:
         return torch.arange(2 * self.reach, dtype=torch.int32, device=self.edges.device)[:, None]
 
     @functools.cached_property
+    def one(self) -> torch.Tensor:
+        """``1`` as a 0-d tensor in the dtype of the edges (for ``1 - erf`` in one operation)."""
+        return torch.ones((), dtype=self.edges.dtype, device=self.edges.device)
+
+    @functools.cached_property
     def half(self) -> torch.Tensor:
         """``half_r = -side_{r+1} / 2`` ``(2K-1, 1)`` in float64: ``+1/2`` left, ``-1/2`` right."""
         half = [-0.5 * s for s in self.signs[1:]]
@@ -502,18 +521,25 @@ class _KDEWindow:
         out[-1].fill_(1.0)
         if r1 == r0:
             return out
+        tail = out[:-1]
+        a, b = e0 - r0, e1 - r0
         if bin_j is None:
             bins = torch.bucketize(y, self.edges, out_int32=True, right=True)
             x = self.x(y, None, bins, (r0, r1))[0]
-        else:  # x() for one bin, inlined: this runs once per chunk, and no NaN can arise
+        else:  # x() for one bin, inlined and written into the output (the kernel is computed
+            # in place): no NaN can arise, and at the rows e0 .. e1-1 every event has
+            # x <= _KDE_ERF_MAX < k / sqrt2 (active_rows), so only the others need the clamp
             edge = self.padded_col[bin_j + r0 : bin_j + r1]
-            x = torch.sub(edge, y).mul_(self.signed_scale[r0:r1]).clamp_max_(self.x_max)
-        tail = out[:-1]
-        a, b = e0 - r0, e1 - r0
+            x = torch.sub(edge, y, out=tail).mul_(self.signed_scale[r0:r1])
+            if a > 0:
+                x[:a].clamp_max_(self.x_max)
+            if r1 - r0 > b:
+                x[b:].clamp_max_(self.x_max)
         if a > 0:
             torch.special.erfc(x[:a], out=tail[:a])
         if b > a:
-            torch.special.erf(x[a:b], out=tail[a:b]).neg_().add_(1.0)
+            erf = torch.special.erf(x[a:b], out=tail[a:b])
+            torch.sub(self.one, erf, out=erf)  # 1 - erf, bitwise (-erf) + 1, in one pass
         if r1 - r0 > b:
             torch.special.erfc(x[b:], out=tail[b:])
         return out
@@ -538,7 +564,9 @@ def _window_table(grad: torch.Tensor, window: _KDEWindow) -> torch.Tensor:
     return padded.index_select(1, window.window_index).view(grad.shape[0], 2 * k - 1, -1)
 
 
-def _bin_bounds(values: torch.Tensor, edges: torch.Tensor) -> list[int] | None:
+def _bin_bounds(
+    values: torch.Tensor, edges: torch.Tensor, ascending: bool | None = None
+) -> list[int] | None:
     """On CPU, for values sorted ascending, the first event of every bin: events ``bounds[j]``
     to ``bounds[j+1]`` lie in bin ``j`` (``j = 0 .. B+1`` as from ``bucketize(right=True)``);
     ``None`` for unsorted values and on other devices (where per-bin chunks would multiply
@@ -546,11 +574,13 @@ def _bin_bounds(values: torch.Tensor, edges: torch.Tensor) -> list[int] | None:
 
     ``bounds = [0, searchsorted(values, edges), N]`` (the events below ``e_b`` are the
     ``#(y < e_b)`` first ones; the comparisons of ``bucketize``), read on the host. NaN values
-    are not sorted (every comparison with NaN is false).
+    are not sorted (every comparison with NaN is false). ``ascending`` (of
+    :func:`kde_histograms`): ``None`` checks the order, ``True`` takes it as given, ``False``
+    takes the values as unsorted.
     """
-    if values.device.type != "cpu":
+    if values.device.type != "cpu" or ascending is False:
         return None
-    if values.shape[0] > 1 and not bool(torch.all(values[1:] >= values[:-1])):
+    if ascending is None and values.shape[0] > 1 and not bool(torch.all(values[1:] >= values[:-1])):
         return None
     return [0, *torch.searchsorted(values, edges).tolist(), values.shape[0]]
 
@@ -604,12 +634,18 @@ class _Group:
     chunks (:func:`_chunks`) and, for unsorted values, the events' bins ``bin_of``."""
 
     def __init__(
-        self, values: torch.Tensor, n_rows: int, row: int, n_rows_total: int, window: _KDEWindow
+        self,
+        values: torch.Tensor,
+        n_rows: int,
+        row: int,
+        n_rows_total: int,
+        window: _KDEWindow,
+        ascending: bool | None,
     ) -> None:
         self.row, self.n_rows = row, n_rows
         yields = list(range(row, row + n_rows))
         self.rows = yields + [n_rows_total + r for r in yields]  # of [w; w^2] in the sums
-        bounds = _bin_bounds(values, window.edges)
+        bounds = _bin_bounds(values, window.edges, ascending)
         # sorted chunks hold (2K, C) arrays, unsorted ones also (2W, 2K-1, C)
         size = _kde_chunk_size(values, window.reach, n_rows if bounds is None else 1)
         self.chunks = _chunks(values.shape[0], size, bounds)
@@ -661,12 +697,12 @@ class _KDEHistogram(torch.autograd.Function):
     coefficients of all segments are gathered at once). The other inputs' gradients recompute
     each chunk's whole window (:func:`_input_gradients`).
 
-    Inputs: ``edges, h, reach, cutoff, save_kernels``, then the ``G`` groups' values, then their
-    weights.
+    Inputs: ``edges, h, reach, cutoff, save_kernels, ascending``, then the ``G`` groups'
+    values, then their weights.
     """
 
     @staticmethod
-    def forward(ctx, edges, h, reach, cutoff, save_kernels, *tensors):
+    def forward(ctx, edges, h, reach, cutoff, save_kernels, ascending, *tensors):
         n_groups = len(tensors) // 2
         all_values, all_weights = tensors[:n_groups], tensors[n_groups:]
         n_bins, f64, device = edges.numel() - 1, torch.float64, edges.device
@@ -674,7 +710,7 @@ class _KDEHistogram(torch.autograd.Function):
         n_rows = sum(weights.shape[0] for weights in all_weights)
         groups, row = [], 0
         for values, weights in zip(all_values, all_weights, strict=True):
-            groups.append(_Group(values, weights.shape[0], row, n_rows, window))
+            groups.append(_Group(values, weights.shape[0], row, n_rows, window, ascending))
             row += weights.shape[0]
         plan = _SortedPlan(window, groups, all_values, n_rows)
         # mass sums per (yields | sumw2 row, window row r, event bin j)
@@ -728,8 +764,8 @@ class _KDEHistogram(torch.autograd.Function):
         n_groups, n_rows = len(groups), grad_yields.shape[0]
         all_values, all_weights = tensors[:n_groups], tensors[n_groups:]
         need_e, need_h = ctx.needs_input_grad[:2]
-        need_y = ctx.needs_input_grad[5 : 5 + n_groups]
-        need_w = ctx.needs_input_grad[5 + n_groups :]
+        need_y = ctx.needs_input_grad[6 : 6 + n_groups]
+        need_w = ctx.needs_input_grad[6 + n_groups :]
         f64, device = torch.float64, edges.device
         # upstream gradient per (yields | sumw2 row, window row r, event bin j)
         g_table = _window_table(torch.cat([grad_yields, grad_sumw2]), window)
@@ -785,7 +821,7 @@ class _KDEHistogram(torch.autograd.Function):
             else None
         )
         grad_h_out = (grad_h * density).to(h.dtype) if need_h else None
-        return grad_e_out, grad_h_out, None, None, None, *grads_y, *grads_w
+        return grad_e_out, grad_h_out, None, None, None, None, *grads_y, *grads_w
 
 
 def _weight_gradient(

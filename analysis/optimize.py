@@ -125,8 +125,9 @@ CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 CUTS = "cuts.json"
 LOCK = ".lock"
-CHECKPOINT_FORMAT = "diffana optimize checkpoint 2"
-"""The ``format`` entry of a checkpoint; a file without it is refused on resume."""
+CHECKPOINT_FORMAT = "diffana optimize checkpoint 3"
+"""The ``format`` entry of a checkpoint; a file without it is refused on resume. (3: the
+pipeline's ``cut_fixed_values`` holds the non-trainable cuts only.)"""
 
 
 @dataclass(frozen=True)
@@ -326,17 +327,17 @@ def relaxed_loss(
     hard selection in the ordinary bins, :meth:`AnalysisPipeline.selected_counts`: the KDE's
     smoothing would fill the holes that the hard histograms have) and the loss to minimise,
     ``-value * g`` for an objective to maximize and ``value / g`` otherwise
-    (:func:`analysis.mc_statistics.guarded`).
+    (:func:`analysis.mc_statistics.guarded`). The soft cuts are evaluated once for both
+    (:meth:`AnalysisPipeline.histograms_and_selected_counts`).
     """
     config = pipeline.config
     minimum = config.optimization.min_effective_events
-    histograms = pipeline.histograms(tau, bandwidth)
+    keys = mc_statistics.background_templates(config) if minimum > 0 else []
+    histograms, counts = pipeline.histograms_and_selected_counts(tau, bandwidth, keys)
     value = objective(pipeline.likelihood(histograms), None)
     guard = None
     if minimum > 0:  # n_eff of the expected hard selection (pipeline.selected_counts)
-        n_eff = mc_statistics.background_effective_events(
-            config, pipeline.selected_counts(tau, mc_statistics.background_templates(config))
-        )
+        n_eff = mc_statistics.background_effective_events(config, counts)
         guard = mc_statistics.guard_factor(n_eff, minimum)
     penalised = mc_statistics.guarded(value, guard, objective.maximize)
     return value, guard, -penalised if objective.maximize else penalised

@@ -12,22 +12,42 @@
   them), so no optimizer step can leave them. A configured ``Value`` exactly on a bound has no
   finite ``u``; it is nudged inside by ``BOUND_NUDGE = 1e-6`` of the range
   (``(c - low) / (high - low)`` clamped to ``[1e-6, 1 - 1e-6]``), where ``sigmoid`` still has a
-  usable slope (``1e-6``). Non-trainable cuts keep their value as a buffer.
-- **Events** of every template (nominal, tree- and weight-based variations, data): the
-  observable, each cut variable's column and the weight, as (non-persistent) buffers, so
-  ``.to(device)`` moves them and ``state_dict()`` holds only the small state. Templates of a
-  region with equal observable columns (``torch.equal``: the nominal events and the
-  weight-based variations of a sample) form a *group*; its events are stored sorted by the
-  observable (one stable permutation for all its columns; sums do not depend on the order
-  beyond rounding), and a cut column equal to that of an earlier template of the group is
-  stored, and its soft cut computed, once.
-- **Temperature scales.** Per cut, ``spread_k = column_spread(x_k, |w|)`` over all nominal
-  prediction samples of the cut's region, measured once at construction (a buffer);
+  usable slope (``1e-6``). Non-trainable cuts keep their value in the buffer
+  ``cut_fixed_values``. A cut Name used in several regions is one threshold (one ``u``, or one
+  fixed value), applied in each of them.
+- **Fixed cuts are a selection.** A cut with ``Trainable: false`` is a selection: applied as a
+  boolean cut in the relaxed path too. When the pipeline is built, every template of a region
+  (nominal, variations, data) keeps only its events that pass the region's fixed cuts, by the
+  boolean mask of the hard path (:func:`analysis.histograms.hard_cut_mask`: the strict
+  ``x > c`` / ``x < c``, as ``1[s (x - c) > 0]`` of :func:`analysis.selection.selection_weights`
+  at ``tau = 0``); the other events are not stored at all, and only the trainable cuts are
+  softened. So the relaxed histograms are ``sum_i w_i F_i prod_{k trainable} sigmoid(...)``
+  with ``F_i`` the 0/1 pass flag of the fixed cuts: dropping an event is its factor 0 of the
+  boolean cut, so ``tau = 0`` still gives the hard path's histograms (equal up to the order of
+  additions). A fixed cut has no gradient to carry; softening it would spend time on events it
+  rejects (on the demo most of a control region's events) and let events on its wrong side
+  leak into the region by its temperature. A region whose cuts are all fixed uses the plain
+  event weights (no soft-cut call). Because the failing events are gone, a fixed cut's value
+  cannot change on a built pipeline: :meth:`~AnalysisPipeline.set_cut_values` and
+  ``load_state_dict`` refuse another value (a new pipeline from ``config.with_cut_values``
+  moves it).
+- **Events** of every template (nominal, tree- and weight-based variations, data) after the
+  fixed cuts: the observable, each trainable cut variable's column and the weight, as
+  (non-persistent) buffers, so ``.to(device)`` moves them and ``state_dict()`` holds only the
+  small state. Templates of a region with equal (selected) observable columns (``torch.equal``:
+  the nominal events and the weight-based variations of a sample) form a *group*; its events
+  are stored sorted by the observable (one stable permutation for all its columns; sums do not
+  depend on the order beyond rounding), and a cut column equal to that of an earlier template
+  of the group is stored, and its soft cut computed, once.
+- **Temperature scales.** Per trainable cut, ``spread_k = column_spread(x_k, |w|)`` over the
+  nominal prediction events of the cut's region (of all its regions, for a shared cut) that
+  pass the fixed cuts of their region, measured once at construction (a buffer);
   ``tau_k = tau * spread_k`` for a relative temperature ``tau`` (DESIGN.md: knobs in natural
-  units).
+  units). A fixed cut's ``spread_k`` is 0 (a boolean cut: temperature 0).
 
 :meth:`AnalysisPipeline.histograms` passes every template of a region through the same soft cuts
-(``w_i prod_k sigmoid(s_k (x_ik - c_k) / tau_k)``, by :func:`~analysis.selection.selection_weight`:
+(the trainable ones: ``w_i prod_k sigmoid(s_k (x_ik - c_k) / tau_k)``, by
+:func:`~analysis.selection.selection_weight`:
 ``w_i exp(sum_k log_soft_cut(x_ik, c_k, tau_k, dir_k))``) and fills a KDE histogram of the
 observable with bandwidth ``h = bandwidth * (smallest bin width of the region)`` (the smallest
 width, so no bin of non-uniform binning is smoothed by more than ``bandwidth`` of its own width).
@@ -62,8 +82,14 @@ import torch
 
 from analysis import workspace as workspace_builder
 from analysis.config import Config, Cut
-from analysis.errors import ConfigError
-from analysis.histograms import KDE_TAIL_CUTOFF, Histogram, kde_histograms, kde_reach
+from analysis.errors import ConfigError, DataError
+from analysis.histograms import (
+    KDE_TAIL_CUTOFF,
+    Histogram,
+    hard_cut_mask,
+    kde_histograms,
+    kde_reach,
+)
 from analysis.io import Events, TemplateKey, read_events, template_key
 from analysis.likelihood import Model, Workspace
 from analysis.selection import column_spread, selection_weights
@@ -76,10 +102,12 @@ BOUND_NUDGE = 1e-6
 
 @dataclass(frozen=True)
 class _TemplateSlot:
-    """Where one template's buffers live: ``t<j>_observable``, ``t<j>_weight``, ``t<j>_x<k>``.
+    """Where one template's buffers live: ``t<j>_observable``, ``t<j>_weight``, ``t<j>_x<k>``
+    (``k``: the position of a trainable cut in the region's cuts; fixed cuts have no column).
 
-    ``observable`` and ``cut_columns`` name the buffers the computation reads: the first
-    template's buffer holding an equal column (possibly this template's own).
+    ``observable`` and ``cut_columns`` (one per trainable cut of the region, in its order) name
+    the buffers the computation reads: the first template's buffer holding an equal column
+    (possibly this template's own).
     """
 
     key: TemplateKey
@@ -96,14 +124,19 @@ class AnalysisPipeline(torch.nn.Module):
 
     - ``cut_parameters``: ``nn.Parameter`` of shape ``(n_trainable,)``, the unconstrained
       ``u`` of the trainable cuts in config order (``trainable_cut_names``).
-    - ``cut_names``: all cuts in config order; :meth:`thresholds` gives their values as a
+    - ``cut_names``: all cuts in config order (``config.cuts``: a cut shared by several
+      regions, one Name, once); :meth:`thresholds` gives their values as a
       tensor, :meth:`cut_values` as a ``cuts.json`` dictionary.
+    - ``cut_fixed_values``: the values of the non-trainable cuts in config order, a selection
+      applied when the pipeline is built (boolean; their failing events are not stored).
     """
 
     # buffers (register_buffer), declared for the type checker
     cut_low: torch.Tensor
     cut_high: torch.Tensor
     cut_trainable: torch.Tensor
+    cut_trainable_index: torch.Tensor
+    cut_order: torch.Tensor
     cut_fixed_values: torch.Tensor
     cut_spread: torch.Tensor
 
@@ -128,26 +161,43 @@ class AnalysisPipeline(torch.nn.Module):
         self.register_buffer("cut_low", low)
         self.register_buffer("cut_high", high)
         self.register_buffer("cut_trainable", trainable)
-        self.register_buffer("cut_fixed_values", value.clone())
+        # each threshold is kept once: a trainable one as its u, a fixed one in cut_fixed_values
+        # (the non-trainable cuts in config order); thresholds() puts them in config order by
+        # cut_order, the position of each cut in [fixed values, trainable thresholds]
+        self.register_buffer("cut_fixed_values", value[~trainable].clone())
         self.cut_parameters = torch.nn.Parameter(self._unconstrained(value)[trainable])
-        # cut k of the whole config <-> (region, position in the region's cuts)
-        self._region_cuts: list[list[int]] = []
-        start = 0
-        for region in config.regions:
-            self._region_cuts.append(list(range(start, start + len(region.cuts))))
-            start += len(region.cuts)
+        self.register_buffer(
+            "cut_trainable_index", torch.nonzero(trainable).squeeze(-1), persistent=False
+        )
+        order = torch.argsort(trainable.to(torch.int8), stable=True)  # fixed first, then trainable
+        self.register_buffer("cut_order", torch.argsort(order), persistent=False)
+        # per region: the cuts it softens, the trainable ones, as (indices in config.cuts,
+        # directions); a cut shared by several regions (one Name) is one threshold. The fixed
+        # cuts are applied at construction (below), not in the relaxed computation.
+        cut_index = {name: k for k, name in enumerate(self.cut_names)}
+        self._soft_cuts: list[tuple[tuple[int, ...], tuple[str, ...]]] = [
+            (
+                tuple(cut_index[cut.name] for cut in region.cuts if cut.trainable),
+                tuple(cut.direction for cut in region.cuts if cut.trainable),
+            )
+            for region in config.regions
+        ]
 
         region_index = {region.name: i for i, region in enumerate(config.regions)}
         for i, region in enumerate(config.regions):
             edges = torch.tensor(region.binning, dtype=dtype)
             self.register_buffer(f"edges{i}", edges)
             self.register_buffer(f"bin_width{i}", torch.diff(edges).min())
-        # Templates of a region whose observable columns are equal (the nominal events and the
-        # weight-based variations of a sample) form a group: one KDE call with one row of
-        # weights per template. Each group's events are sorted by the observable (one stable
-        # permutation for all its columns), so the events within reach of the bins are one
-        # slice and the events of one bin are contiguous (see histograms()).
+        # The fixed (non-trainable) cuts of a region are a selection: the events of each
+        # template that fail them (the boolean mask of the hard path, hard_cut_mask) are dropped
+        # here, and only the passing ones are stored. Templates of a region whose selected
+        # observable columns are equal (the nominal events and the weight-based variations of a
+        # sample) form a group: one KDE call with one row of weights per template. Each group's
+        # events are sorted by the observable (one stable permutation for all its columns), so
+        # the events within reach of the bins are one slice and the events of one bin are
+        # contiguous (see histograms()).
         templates = list(config.templates())
+        passing: dict[TemplateKey, torch.Tensor | None] = {}  # fixed-cut mask (None: no cut)
         groups: list[tuple[int, torch.Tensor, list[int]]] = []  # (region, observable, members)
         for j, template in enumerate(templates):
             key = template_key(template)
@@ -157,7 +207,9 @@ class AnalysisPipeline(torch.nn.Module):
                     "entry per template of the configuration (analysis.io.read_events)"
                 )
             r = region_index[key[0]]
-            observable = events[key].observable.to(dtype)
+            fixed = tuple(cut for cut in template.region.cuts if not cut.trainable)
+            passing[key] = hard_cut_mask(events[key], fixed) if fixed else None
+            observable = _selected(events[key].observable, passing[key]).to(dtype)
             for group_region, other, members in groups:
                 if group_region == r and torch.equal(other, observable):
                     members.append(j)
@@ -170,17 +222,19 @@ class AnalysisPipeline(torch.nn.Module):
             order = torch.argsort(observable, stable=True)
             observable_name = f"t{members[0]}_observable"
             observable = observable[order]
-            seen: list[list[tuple[torch.Tensor, str]]] = [[] for _ in config.regions[r].cuts]
+            soft = [k for k, cut in enumerate(config.regions[r].cuts) if cut.trainable]
+            seen: dict[int, list[tuple[torch.Tensor, str]]] = {k: [] for k in soft}
             for j in members:
                 template, prefix = templates[j], f"t{j}_"
-                ev = events[template_key(template)]
+                key = template_key(template)
+                ev, keep = events[key], passing[key]
                 self.register_buffer(prefix + "observable", observable, persistent=False)
-                self.register_buffer(
-                    prefix + "weight", ev.weight.to(dtype)[order], persistent=False
-                )
+                weight = _selected(ev.weight, keep).to(dtype)[order]
+                self.register_buffer(prefix + "weight", weight, persistent=False)
                 names = []
-                for k, cut in enumerate(template.region.cuts):
-                    column = ev.columns[cut.variable].to(dtype)
+                for k in soft:  # buffer t<j>_x<k>: position k in the region's cuts
+                    column = _selected(ev.columns[template.region.cuts[k].variable], keep)
+                    column = column.to(dtype)
                     # an equal column of an earlier template of the group is stored once
                     name = next((n for c, n in seen[k] if torch.equal(c, column)), None)
                     if name is None:
@@ -191,27 +245,49 @@ class AnalysisPipeline(torch.nn.Module):
                         self.register_buffer(f"{prefix}x{k}", getattr(self, name), persistent=False)
                     names.append(name)
                 slots[j] = _TemplateSlot(
-                    key=template_key(template),
+                    key=key,
                     region=r,
                     prefix=prefix,
                     observable=observable_name,
                     cut_columns=tuple(names),
                 )
             self._kde_groups += ((observable_name, tuple(members)),)
+        del groups
         self._slots: list[_TemplateSlot] = [slots[j] for j in range(len(templates))]
+        # the observables are stored sorted: without NaN (sorted last, but unordered) the KDE
+        # takes the order as given instead of checking it every call (kde_histograms ascending)
+        self._observables_ascending = all(
+            bool(torch.isfinite(getattr(self, name)).all()) for name, _ in self._kde_groups
+        )
         self._likelihood_structure: tuple[object, Model] | None = None  # see likelihood()
 
-        # temperature scale per cut: spread on the nominal prediction samples of its region
-        spreads = []
+        # temperature scale per trainable cut: spread on the nominal prediction events of its
+        # region (of every region that shares it) that pass the region's fixed cuts; a fixed cut
+        # is not softened: its scale is 0 (temperature 0, the boolean cut it is)
+        pooled: dict[str, list[tuple[Events, torch.Tensor | None]]] = {
+            name: [] for name in self.cut_names
+        }
         for region in config.regions:
-            nominal = [
-                events[(region.name, sample.name, "nominal")]
-                for sample in config.samples_in(region)
-            ]
+            nominal = [(region.name, s.name, "nominal") for s in config.samples_in(region)]
             for cut in region.cuts:
-                x = torch.cat([ev.columns[cut.variable].to(dtype) for ev in nominal])
-                w = torch.cat([ev.weight.to(dtype) for ev in nominal])
-                spreads.append(column_spread(x, w.abs()))
+                pooled[cut.name] += [(events[key], passing[key]) for key in nominal]
+        spreads = []
+        for cut in cuts:
+            if not cut.trainable:
+                spreads.append(torch.zeros((), dtype=dtype))
+                continue
+            x = torch.cat(
+                [_selected(ev.columns[cut.variable], keep) for ev, keep in pooled[cut.name]]
+            )
+            w = torch.cat([_selected(ev.weight, keep) for ev, keep in pooled[cut.name]])
+            try:
+                spreads.append(column_spread(x.to(dtype), w.to(dtype).abs()))
+            except DataError as err:
+                raise DataError(
+                    f"{config.source}: cut '{cut.name}': {err} (the nominal prediction events "
+                    "of its region(s) that pass the fixed cuts)"
+                ) from None
+        del passing, pooled
         self.register_buffer(
             "cut_spread",
             torch.stack(spreads) if spreads else torch.zeros(0, dtype=dtype),
@@ -243,15 +319,15 @@ class AnalysisPipeline(torch.nn.Module):
 
     def thresholds(self) -> torch.Tensor:
         """All cut thresholds ``(n_cuts,)`` in config order; trainable ones carry gradient:
-        ``c = low + (high - low) sigmoid(u)``."""
-        values = self.cut_fixed_values
+        ``c = low + (high - low) sigmoid(u)``; non-trainable ones are ``cut_fixed_values``.
+        Each threshold has one source (``u`` or the buffer); this is computed from them."""
         if self.cut_parameters.numel() == 0:
-            return values
-        index = torch.nonzero(self.cut_trainable).squeeze(-1)
+            return self.cut_fixed_values
+        index = self.cut_trainable_index
         bounded = self.cut_low[index] + (self.cut_high[index] - self.cut_low[index]) * (
             torch.sigmoid(self.cut_parameters)
         )
-        return values.index_put((index,), bounded)
+        return torch.cat([self.cut_fixed_values, bounded])[self.cut_order]
 
     def cut_values(self) -> dict[str, float]:
         """Cut name -> threshold, all cuts (the format of ``cuts.json``)."""
@@ -263,10 +339,16 @@ class AnalysisPipeline(torch.nn.Module):
         """Set thresholds from ``cuts.json``-style ``values`` (a subset of the cuts is fine).
 
         A trainable cut's ``u`` is set to ``logit`` of its position in the bounds (a value on a
-        bound is nudged inside, see the module docstring); a non-trainable cut's buffer is set
-        as given. Raises ConfigError for an unknown name or a value outside the Bounds.
+        bound is nudged inside, see the module docstring). A non-trainable cut is a selection
+        applied when the pipeline was built (its failing events are not stored): it may be
+        given at its current value (``cut_values()`` of this pipeline, or the configured value,
+        compared in the pipeline's dtype), as a whole ``cuts.json`` has it, and any other value
+        is refused; build a new pipeline from ``config.with_cut_values(...)`` to move it.
+        Raises ConfigError for an unknown name, a value outside the Bounds or a moved fixed
+        cut, before changing anything.
         """
         index = {name: k for k, name in enumerate(self.cut_names)}
+        fixed = dict(zip(self._fixed_cut_names(), self.cut_fixed_values, strict=True))
         for name, value in values.items():
             if name not in index:
                 raise ConfigError(
@@ -278,15 +360,57 @@ class AnalysisPipeline(torch.nn.Module):
                     f"cut '{name}' = {value!r} is outside its Bounds "
                     f"[{cut.bounds[0]}, {cut.bounds[1]}]"
                 )
+            current = fixed.get(name)
+            if current is not None and float(current.new_tensor(float(value))) != float(current):
+                raise ConfigError(
+                    f"cut '{name}' is not trainable (Trainable: false): it is a selection applied "
+                    f"when the pipeline was built, at {float(current)!r}, and cannot be moved to "
+                    f"{value!r}; build a new pipeline from config.with_cut_values(...) instead"
+                )
         with torch.no_grad():
             current = self.thresholds().clone()
             for name, value in values.items():
                 current[index[name]] = float(value)
-            self.cut_fixed_values.copy_(current)  # trainable entries: overridden by u
+            self.cut_fixed_values.copy_(current[~self.cut_trainable])
             self.cut_parameters.copy_(self._unconstrained(current)[self.cut_trainable])
 
+    def _fixed_cut_names(self) -> tuple[str, ...]:
+        """The non-trainable cuts in config order (the entries of ``cut_fixed_values``)."""
+        return tuple(cut.name for cut in self._cuts if not cut.trainable)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """``load_state_dict``: a state whose ``cut_fixed_values`` differ from this pipeline's
+        is refused (``RuntimeError`` from ``load_state_dict``; the fixed cuts were applied when
+        the pipeline was built, so the stored events belong to these values) and the buffer is
+        left as it is."""
+        key = prefix + "cut_fixed_values"
+        given = state_dict.get(key)
+        if isinstance(given, torch.Tensor) and not (
+            given.shape == self.cut_fixed_values.shape
+            and torch.equal(given.to(self.cut_fixed_values), self.cut_fixed_values)
+        ):
+            error_msgs.append(
+                f"{key}: the state's non-trainable cut values {given.tolist()} differ from "
+                f"{self.cut_fixed_values.tolist()}, the selection this pipeline was built with "
+                f"({', '.join(self._fixed_cut_names())})"
+            )
+            state_dict = {**state_dict, key: self.cut_fixed_values}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def temperatures(self, tau: float | torch.Tensor) -> torch.Tensor:
-        """Cut temperatures in the cut variables' units, ``tau * spread`` per cut."""
+        """Cut temperatures in the cut variables' units, ``tau * spread`` per cut (0 for a
+        non-trainable cut: it is applied as a boolean cut)."""
         return tau * self.cut_spread
 
     def _cut_temperatures(self, tau: float | torch.Tensor) -> list[float] | list[torch.Tensor]:
@@ -317,6 +441,20 @@ class AnalysisPipeline(torch.nn.Module):
         histogram). Every template of a region (nominal, variations, data) passes through the
         same thresholds. No floor is applied here (see :meth:`workspace_spec`).
         """
+        return self.histograms_and_selected_counts(tau, bandwidth, ())[0]
+
+    def histograms_and_selected_counts(
+        self,
+        tau: float | torch.Tensor,
+        bandwidth: float | torch.Tensor,
+        keys: Sequence[TemplateKey],
+    ) -> tuple[dict[TemplateKey, Histogram], dict[TemplateKey, Histogram]]:
+        """``(histograms(tau, bandwidth), selected_counts(tau, keys))`` from one evaluation of
+        the soft cuts: the selected counts (the MC-statistics guard's input) take the selection
+        weights of the events inside the bins from those the histograms computed (the same
+        numbers as :meth:`selected_counts` computes on its own, in one autograd node and one
+        pass over the events instead of two).
+        """
         _check_knob("tau", tau)
         _check_knob("bandwidth", bandwidth)
         thresholds = self.thresholds().unbind()  # one 0-d view per cut, indexed once
@@ -342,23 +480,24 @@ class AnalysisPipeline(torch.nn.Module):
             ]
         ).tolist()
 
-        # selection weights prod_k sigmoid(s_k (x_k - c_k) / tau_k), once per distinct set of cut
-        # columns (the templates of a group share theirs) and one selection_weights call (one
-        # autograd node) per region
+        # selection weights prod_k sigmoid(s_k (x_k - c_k) / tau_k) over the trainable cuts k
+        # (the fixed ones were applied at construction; a region without a trainable cut keeps
+        # the plain weights), once per distinct set of cut columns (the templates of a group
+        # share theirs) and one selection_weights call (one autograd node) per region
         selections: dict[tuple[str, ...], torch.Tensor] = {}  # cut columns -> weights
         pending: dict[int, dict[tuple[str, ...], list[torch.Tensor]]] = {}
         for (_, members), (lo, hi) in zip(self._kde_groups, bounds, strict=True):
             for slot in (self._slots[j] for j in members):
-                if slot.cut_columns:
+                if slot.cut_columns and hi > lo:  # no event in reach: nothing to select
                     columns = [getattr(self, name)[lo:hi] for name in slot.cut_columns]
                     pending.setdefault(slot.region, {}).setdefault(slot.cut_columns, columns)
         for r, sets in pending.items():
-            cuts = self.config.regions[r].cuts
+            soft, directions = self._soft_cuts[r]
             selected = selection_weights(
                 list(sets.values()),
-                [thresholds[k] for k in self._region_cuts[r]],
-                [taus[k] for k in self._region_cuts[r]],
-                [cut.direction for cut in cuts],
+                [thresholds[k] for k in soft],
+                [taus[k] for k in soft],
+                directions,
             )
             selections.update(zip(sets, selected, strict=True))
 
@@ -382,11 +521,30 @@ class AnalysisPipeline(torch.nn.Module):
                 edges,
                 widths[r],
                 reach=reach[r],
+                ascending=True if self._observables_ascending else None,
             )
             for (slots, _, _), hist in zip(groups, hists, strict=True):
                 for i, slot in enumerate(slots):
                     out[slot.key] = Histogram(edges, hist.yields[i], hist.sumw2[i])
-        return {slot.key: out[slot.key] for slot in self._slots}
+
+        # the selected counts of keys: the selection weights of the events in the bins, a part
+        # of the slice [lo, hi) that the histograms used (its margin around the bins is >= 0)
+        counts = {}
+        if keys:
+            slots_by_key = {slot.key: slot for slot in self._slots}
+            starts = {
+                self._slots[j].key: lo
+                for (_, members), (lo, _) in zip(self._kde_groups, bounds, strict=True)
+                for j in members
+            }
+            for key in keys:
+                slot = slots_by_key[key]
+                positions, first, last = self._bin_positions(slot)
+                selection = selections.get(slot.cut_columns)
+                if selection is not None:
+                    selection = selection[first - starts[key] : last - starts[key]]
+                counts[key] = self._selected_count(slot, positions, first, last, selection)
+        return {slot.key: out[slot.key] for slot in self._slots}, counts
 
     def selected_counts(
         self, tau: float | torch.Tensor, keys: Sequence[TemplateKey]
@@ -413,29 +571,46 @@ class AnalysisPipeline(torch.nn.Module):
         out = {}
         for key in keys:
             slot = slots[key]
-            edges = getattr(self, f"edges{slot.region}")
-            observable = getattr(self, slot.observable)  # sorted ascending
-            positions = torch.searchsorted(observable, edges)  # first event >= e_b
-            lo, hi = positions[0].item(), positions[-1].item()
-            weight = getattr(self, slot.prefix + "weight")[lo:hi]
-            if slot.cut_columns:
-                cuts = self.config.regions[slot.region].cuts
+            positions, lo, hi = self._bin_positions(slot)
+            selected = None
+            if slot.cut_columns and hi > lo:  # (no event in the bins: nothing to select)
+                soft, directions = self._soft_cuts[slot.region]
                 (selected,) = selection_weights(
                     [[getattr(self, name)[lo:hi] for name in slot.cut_columns]],
-                    [thresholds[k] for k in self._region_cuts[slot.region]],
-                    [taus[k] for k in self._region_cuts[slot.region]],
-                    [cut.direction for cut in cuts],
+                    [thresholds[k] for k in soft],
+                    [taus[k] for k in soft],
+                    directions,
                 )
-            else:
-                selected = torch.ones_like(weight)
-            counts = torch.diff(positions)
-            bins = torch.repeat_interleave(torch.arange(len(counts), device=edges.device), counts)
-            ws = weight * selected
-            zeros = torch.zeros(len(counts), dtype=ws.dtype, device=ws.device)
-            out[key] = Histogram(
-                edges, zeros.index_add(0, bins, ws), zeros.index_add(0, bins, ws * weight)
-            )
+            out[key] = self._selected_count(slot, positions, lo, hi, selected)
         return out
+
+    def _bin_positions(self, slot: _TemplateSlot) -> tuple[torch.Tensor, int, int]:
+        """``positions[b]``: the first of the template's events (sorted by the observable) at or
+        above edge ``e_b`` (so bin ``b`` holds events ``positions[b] .. positions[b+1]-1``), and
+        the first and last + 1 event inside the bins as numbers."""
+        edges = getattr(self, f"edges{slot.region}")
+        positions = torch.searchsorted(getattr(self, slot.observable), edges)
+        first, last = positions[[0, -1]].tolist()
+        return positions, first, last
+
+    def _selected_count(
+        self,
+        slot: _TemplateSlot,
+        positions: torch.Tensor,
+        first: int,
+        last: int,
+        selected: torch.Tensor | None,
+    ) -> Histogram:
+        """:meth:`selected_counts` of one template from the selection weights ``selected`` of
+        its events ``first .. last-1`` (the events in the bins, :meth:`_bin_positions`; None:
+        no cuts)."""
+        edges = getattr(self, f"edges{slot.region}")
+        weight = getattr(self, slot.prefix + "weight")[first:last]
+        counts = torch.diff(positions)
+        bins = torch.repeat_interleave(torch.arange(len(counts), device=edges.device), counts)
+        ws = weight if selected is None else weight * selected
+        zeros = torch.zeros(len(counts), dtype=ws.dtype, device=ws.device)
+        return Histogram(edges, zeros.index_add(0, bins, ws), zeros.index_add(0, bins, ws * weight))
 
     # ------------------------------------------------------------------ likelihood
     def workspace_spec(self, tau: float | torch.Tensor, bandwidth: float | torch.Tensor) -> dict:
@@ -516,7 +691,8 @@ class AnalysisPipeline(torch.nn.Module):
         )
 
     def event_counts(self) -> dict[TemplateKey, int]:
-        """Number of (filtered) events per template."""
+        """Number of stored events per template: those that pass the region's Filter and its
+        fixed (non-trainable) cuts."""
         return {s.key: int(getattr(self, s.prefix + "weight").shape[0]) for s in self._slots}
 
 
@@ -548,6 +724,11 @@ def _detached(value: Any) -> Any:
 def _check_knob(name: str, value: float | torch.Tensor) -> None:
     if not isinstance(value, torch.Tensor) and not (0 <= value < math.inf):
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+
+
+def _selected(column: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The entries of ``column`` where ``keep`` (a boolean mask) is True; all of it for None."""
+    return column if keep is None else column[keep]
 
 
 def _as_float64(hist: Histogram) -> Histogram:

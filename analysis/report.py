@@ -149,12 +149,16 @@ def build_report(
     summary: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
     sections: Sequence[Section] = (),
     footer: str | None = None,
+    notice: str | Sequence[str] = (),
 ) -> str:
-    """The HTML text of a report: title, summary table, contents, sections, optional footer.
+    """The HTML text of a report: title, notice, summary table, contents, sections, optional
+    footer.
 
-    ``summary`` is a mapping or a sequence of ``(label, value)`` pairs, shown as a two-column
-    table under the title. Raises :class:`~analysis.errors.InputFileError` for a figure path
-    that does not exist or is not a PNG file.
+    ``notice``: paragraphs the reader must see first (blinding, missing results), in a framed
+    box under the title (CSS class ``notice``). ``summary`` is a mapping or a sequence of
+    ``(label, value)`` pairs, shown as a two-column table under the title. Raises
+    :class:`~analysis.errors.InputFileError` for a figure path that does not exist or is not a
+    PNG file.
     """
     pairs = list(summary.items() if isinstance(summary, Mapping) else summary)
     parts = [
@@ -170,6 +174,10 @@ def build_report(
         "<body>",
         f"<header><h1>{_escape(title)}</h1></header>",
     ]
+    paragraphs = _paragraphs(notice)
+    if paragraphs:
+        text = "".join(f"<p>{_escape(p)}</p>" for p in paragraphs)
+        parts.append(f'<section class="notice">{text}</section>')
     if pairs:
         rows = "".join(
             f'<tr><th scope="row">{_escape(label)}</th>{_cell(value)}</tr>'
@@ -361,6 +369,8 @@ thead th { background: #f0f0f0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.marked { background: #fbdcdc; font-weight: 600; }
 .summary th { background: #f7f7f7; font-weight: 600; }
+.notice { border: 2px solid #b45f06; background: #fff4e5; padding: .2rem .9rem;
+  margin: 0 0 1rem; }
 pre { background: #f6f6f6; border: 1px solid #ddd; padding: .7rem; font-size: .82rem;
   white-space: pre-wrap; word-break: break-word; }
 footer { margin-top: 2.5rem; font-size: .85rem; color: #555; border-top: 1px solid #ccc;
@@ -380,27 +390,50 @@ footer { margin-top: 2.5rem; font-size: .85rem; color: #555; border-top: 1px sol
 CUT_SETS = ("start", "optimized")
 """The two cut sets of the workflow: the analysis YAML's values and the optimized ones."""
 
+RESULT_FILES = ("workspace", "fit", "pyhf_fit", "significance", "limit", "ranking", "scan")
+"""The JSON files of one cut set (``<cut set>/<name>.json``) in a workflow results folder."""
 
-def analysis_report(results: str | os.PathLike[str], config_path: str | os.PathLike[str]) -> str:
+
+def analysis_report(
+    results: str | os.PathLike[str],
+    config_path: str | os.PathLike[str],
+    *,
+    unblind: bool = False,
+) -> str:
     """The report of a workflow run (``diffana report``): HTML text built from its files.
 
     ``results`` is the workflow's results folder (``results/<analysis>``) with
     ``optimize/result.json``, ``cutflow.json``, per cut set (``start``, ``optimized``)
     ``workspace.json``, ``fit.json``, ``pyhf_fit.json``, ``significance.json``,
-    ``limit.json``, ``ranking.json``, ``scan.json``, and ``plots/`` as the workflow writes them
-    (workflows/rules/). A section whose files are missing is left out and named in the summary
-    ("not available"), so the report also serves partial runs.
+    ``limit.json``, ``ranking.json``, ``scan.json``, ``plots/`` and ``blinding.json`` as the
+    workflow writes them (workflows/rules/). A section whose files are missing is left out;
+    a notice at the top names what is missing, so the report also serves partial runs. A
+    folder with none of these files is an :class:`~analysis.errors.InputFileError`.
+
+    Blinding (:mod:`analysis.blinding`): unless ``unblind``, the data of the analysis' Signal
+    regions are not shown (no data rows in their tables, no observed significance, p-value or
+    limit), and fits, significances and limits are shown only when ``blinding.json`` says the
+    workflow made them blinded (Asimov data in the signal regions); results made from the
+    signal regions' data are left out. With ``unblind``, observed results are shown when the
+    results were made unblinded. The notice at the top says which case holds and which regions
+    are blinded.
     """
     from analysis import config as configuration
 
     folder = pathlib.Path(results)
     config_path = pathlib.Path(config_path)
     config = configuration.load(config_path)
+    _check_results_folder(folder)
     found = _ResultFiles(folder)
+    blinding = _Blinding.of(folder, config, unblind=unblind)
     optimization = found.json("optimize/result.json")
-    per_set = {name: _CutSetResults.read(found, name) for name in CUT_SETS}
+    per_set = {
+        name: _CutSetResults.read(found, name) if blinding.results_shown else _CutSetResults(name)
+        for name in CUT_SETS
+    }
 
     summary: list[tuple[str, Any]] = [
+        ("blinding", blinding.summary),
         ("analysis", config_path.name),
         ("measurement", config.general.measurement),
         ("parameter of interest", config.general.poi or "none"),
@@ -424,10 +457,13 @@ def analysis_report(results: str | os.PathLike[str], config_path: str | os.PathL
             ("device", optimization["device"]),
         ]
     candidates = [
-        _results_section(per_set),
+        _results_section(per_set, blinding) if blinding.results_shown else None,
         _optimization_section(found, optimization, config),
-        _cutflow_section(found, config),
-        *(_fit_section(found, name, per_set[name]) for name in reversed(CUT_SETS)),
+        _cutflow_section(found, config, blinding),
+        *(
+            _fit_section(found, name, per_set[name], blinding) if blinding.results_shown else None
+            for name in reversed(CUT_SETS)
+        ),
         _templates_section(found),
         Section(
             "Software and configuration",
@@ -439,14 +475,107 @@ def analysis_report(results: str | os.PathLike[str], config_path: str | os.PathL
         ),
     ]
     sections = [section for section in candidates if section is not None]
+    notice = list(blinding.notice)
     if found.missing:
-        summary.append(("not available", ", ".join(sorted(found.missing))))
+        missing = ", ".join(sorted(found.missing))
+        summary.append(("not available", missing))
+        notice.append(
+            f"Missing from {folder} (the sections that need them are left out): {missing}."
+        )
     return build_report(
         title=f"diffana report: {config.general.measurement}",
         summary=summary,
         sections=sections,
         footer=f"diffana {software_versions()['diffana']}, from {folder}",
+        notice=notice,
     )
+
+
+def _check_results_folder(folder: pathlib.Path) -> None:
+    """An :class:`InputFileError` unless ``folder`` holds at least one workflow result file."""
+    names = ["optimize/result.json", "cutflow.json"]
+    names += [f"{cuts}/{name}.json" for cuts in CUT_SETS for name in RESULT_FILES]
+    if not any((folder / name).is_file() for name in names):
+        raise InputFileError(
+            f"{folder}: not a diffana results folder: none of optimize/result.json, "
+            f"cutflow.json, {{{','.join(CUT_SETS)}}}/{{{','.join(RESULT_FILES)}}}.json found "
+            "(expected the folder a workflow run writes, results/<analysis>)"
+        )
+
+
+@dataclass(frozen=True)
+class _Blinding:
+    """What the report may show, from the analysis' region types, the results folder's
+    ``blinding.json`` and ``--unblind``.
+
+    Attributes:
+        hidden: regions whose data rows and data plots are not shown (the signal regions,
+            unless the report is unblinded and the results were made unblinded).
+        observed: whether observed significances, p-values and limits are shown.
+        results_shown: whether significance, limits and fits are shown at all (not when a
+            blinded report meets results made from the signal regions' data).
+        blinded_results: whether the results were made blinded (Asimov signal-region data).
+        summary: one line for the summary table.
+        notice: paragraphs for the top of the report.
+    """
+
+    hidden: tuple[str, ...]
+    observed: bool
+    results_shown: bool
+    blinded_results: bool
+    summary: str
+    notice: tuple[str, ...]
+
+    @classmethod
+    def of(cls, folder: pathlib.Path, config: Any, *, unblind: bool) -> _Blinding:
+        import json
+
+        from analysis.blinding import BLINDING_FILE, METHOD, signal_regions
+
+        signal = signal_regions(config)
+        control = [r.name for r in config.regions if r.name not in signal]
+        path = folder / BLINDING_FILE
+        try:
+            record = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError as err:
+            raise InputFileError(f"{path}: not valid JSON: {err}") from None
+        blinded_results = isinstance(record, dict) and record.get("blinded") is True
+        sr, cr = ", ".join(signal), ", ".join(control) or "none"
+        again = "rerun the workflow with unblind: true and the report with --unblind"
+        if not signal or (unblind and not blinded_results):
+            notice = (
+                "Not blinded: every region of this analysis is a Control region."
+                if not signal
+                else f"UNBLINDED: observed data and results are shown in every region, the "
+                f"signal regions ({sr}) included."
+            )
+            summary = "not blinded (no Signal region)" if not signal else f"UNBLINDED ({sr})"
+            return cls((), True, True, False, summary, (notice,))
+        notice = (
+            f"BLINDED: the data of the signal regions ({sr}) are hidden; the control regions "
+            f"({cr}) show their data."
+        )
+        if blinded_results:
+            made = (
+                f"The results were made blinded ({BLINDING_FILE}): {METHOD}. Significances "
+                "and limits are expected results, the fits use the control regions' data and "
+                "the Asimov signal regions, and no observed significance, p-value or limit is "
+                "shown."
+            )
+            made += (
+                f" --unblind was given, but these results are blinded: {again}."
+                if unblind
+                else f" To unblind, {again}."
+            )
+        else:
+            made = (
+                f"{folder} holds results made from the signal regions' data (no "
+                f"{BLINDING_FILE} of a blinded workflow run), so significances, limits and "
+                f"fits are left out. Run the workflow with unblind: false for blinded results, "
+                f"or {again}."
+            )
+        summary = f"BLINDED (signal regions: {sr})"
+        return cls(signal, False, blinded_results, blinded_results, summary, (notice, made))
 
 
 class _ResultFiles:
@@ -482,11 +611,11 @@ class _ResultFiles:
 @dataclass(frozen=True)
 class _CutSetResults:
     name: str
-    significance: Mapping[str, Any] | None
-    limit: Mapping[str, Any] | None
-    fit: Mapping[str, Any] | None
-    pyhf_fit: Mapping[str, Any] | None
-    workspace: Mapping[str, Any] | None
+    significance: Mapping[str, Any] | None = None
+    limit: Mapping[str, Any] | None = None
+    fit: Mapping[str, Any] | None = None
+    pyhf_fit: Mapping[str, Any] | None = None
+    workspace: Mapping[str, Any] | None = None
 
     @classmethod
     def read(cls, found: _ResultFiles, name: str) -> _CutSetResults:
@@ -508,7 +637,8 @@ class _CutSetResults:
         return poi, self.fit["bestfit"][i], self.fit["uncertainty"][i]
 
 
-def _results_section(per_set: Mapping[str, _CutSetResults]) -> Section:
+def _results_section(per_set: Mapping[str, _CutSetResults], blinding: _Blinding) -> Section:
+    """Significance, limits and fit per cut set; observed rows only when ``blinding`` allows."""
     rows: list[dict[str, Any]] = []
 
     def row(label: str, get: Any) -> None:
@@ -523,9 +653,10 @@ def _results_section(per_set: Mapping[str, _CutSetResults]) -> Section:
 
     row("expected significance Z0", lambda r: r.significance["expected"]["significance"])
     row("expected p-value", lambda r: r.significance["expected"]["p_value"])
-    row("observed significance Z0", lambda r: r.significance["observed"]["significance"])
-    row("observed p-value", lambda r: r.significance["observed"]["p_value"])
-    row("observed 95% CLs upper limit", lambda r: r.limit["observed"])
+    if blinding.observed:
+        row("observed significance Z0", lambda r: r.significance["observed"]["significance"])
+        row("observed p-value", lambda r: r.significance["observed"]["p_value"])
+        row("observed 95% CLs upper limit", lambda r: r.limit["observed"])
     for i, band in enumerate(("-2 sigma", "-1 sigma", "median", "+1 sigma", "+2 sigma")):
         row(f"expected limit, {band}", lambda r, i=i: r.limit["expected"][i])
     row("best-fit POI", lambda r: r.poi()[1])
@@ -535,13 +666,20 @@ def _results_section(per_set: Mapping[str, _CutSetResults]) -> Section:
         lambda r: r.pyhf_fit["mle_parameters"][r.poi()[0]][0],
     )
     row("-2 ln L at the best fit", lambda r: r.fit["twice_nll"])
+    text = [
+        "Asymptotic discovery significance (q0), CLs upper limits (qtilde) and the "
+        "maximum-likelihood fit, at the analysis' starting cuts and at the optimized cuts. "
+        "The pyhf row is an independent fit of the same workspace with pyhf."
+    ]
+    if blinding.blinded_results:
+        text.append(
+            "Blinded: the fit is to the control regions' data and the Asimov expectation in "
+            f"the signal regions ({', '.join(blinding.hidden)}), so the best-fit POI is its "
+            "nominal value by construction and its uncertainty is the expected one."
+        )
     return Section(
         "Results before and after optimization",
-        text=(
-            "Asymptotic discovery significance (q0), CLs upper limits (qtilde) and the "
-            "maximum-likelihood fit, at the analysis' starting cuts and at the optimized cuts. "
-            "The pyhf row is an independent fit of the same workspace with pyhf."
-        ),
+        text=text,
         tables=[Table("Significance, limits and fit", rows)],
     )
 
@@ -657,8 +795,7 @@ def _mc_statistics_parts(
     figure = effective_events_per_bin(
         tables,
         minimum=minimum,
-        edges={r.name: r.binning for r in config.regions},
-        observables={r.name: r.variable for r in config.regions},
+        config=config,  # edges, axis titles with units, experiment label
     )
     caption = (
         "Effective background MC events per bin at the initial (dashed) and the best (solid) "
@@ -668,12 +805,19 @@ def _mc_statistics_parts(
     return text, out_tables, [Image(figure, caption)]
 
 
-def _cutflow_section(found: _ResultFiles, config: Any) -> Section | None:
+def _cutflow_section(found: _ResultFiles, config: Any, blinding: _Blinding) -> Section | None:
+    """Cut values and cut flows; the data column of the hidden regions is removed, and their
+    cut-flow figure left out if it was drawn with data."""
+    from analysis.blinding import blind_cut_flows
     from analysis.cutflow import CutFlow, cut_flow_table
 
     payload = found.json("cutflow.json")
     if payload is None:
         return None
+    drawn_with_data = {
+        region for region, flow in payload["start"].items() if flow.get("data") is not None
+    }
+    payload = blind_cut_flows(payload, blinding.hidden)
     tables = []
     if "cuts" in payload:
         tables.append(Table("Cut values: starting against optimized", payload["cuts"]))
@@ -683,6 +827,8 @@ def _cutflow_section(found: _ResultFiles, config: Any) -> Section | None:
         optimized = payload.get("optimized", {}).get(region)
         optimized = None if optimized is None else CutFlow.from_dict(optimized)
         tables.append(Table(f"Cut flow, {region}", cut_flow_table(start, optimized)))
+        if region in blinding.hidden and region in drawn_with_data:
+            continue  # a figure drawn with the region's data
         image = found.image(f"cutflow_{region}.png", f"Cut flow, {region}")
         figures += [image] if image is not None else []
     return Section(
@@ -697,7 +843,9 @@ def _cutflow_section(found: _ResultFiles, config: Any) -> Section | None:
     )
 
 
-def _fit_section(found: _ResultFiles, name: str, res: _CutSetResults) -> Section | None:
+def _fit_section(
+    found: _ResultFiles, name: str, res: _CutSetResults, blinding: _Blinding
+) -> Section | None:
     figures = found.images(
         *(
             (f"{name}/{stage}_{region}.png", f"{stage.replace('fit', '-fit')} {region}")
@@ -708,18 +856,32 @@ def _fit_section(found: _ResultFiles, name: str, res: _CutSetResults) -> Section
         (f"{name}/correlation.png", "Correlation matrix"),
         (f"{name}/ranking.png", "Impact of the nuisance parameters on the POI"),
         (f"{name}/scan.png", "Profile-likelihood scan of the POI"),
-        (f"{name}/cls.png", "CLs against the POI (Brazil plot)"),
+        (
+            f"{name}/cls.png",
+            "Expected CLs against the POI (Brazil plot; blinded: no observed curve)"
+            if blinding.blinded_results
+            else "CLs against the POI (Brazil plot)",
+        ),
     )
-    tables = _yield_tables(res)
+    tables = _yield_tables(res, blinding.hidden)
     if not figures and not tables:
         return None
+    text = [
+        "Pre-fit and post-fit distributions with the total uncertainty band (linear error "
+        "propagation with the fit's correlations, as cabinetry), yields, pulls, correlations, "
+        "impacts, the POI scan and CLs."
+    ]
+    if blinding.hidden:
+        text.append(
+            f"Blinded: no data in the signal regions ({', '.join(blinding.hidden)}); the "
+            "post-fit pictures show the fit to the control regions' data and the Asimov "
+            "signal regions, and the scan is an expected one. The CLs figure (Brazil plot) is "
+            "not drawn while blinded, since its observed curve would be that of the blinded "
+            "data; the expected limit and its bands are in the results table."
+        )
     return Section(
         f"Fit at the {name} cuts",
-        text=(
-            "Pre-fit and post-fit distributions with the total uncertainty band (linear error "
-            "propagation with the fit's correlations, as cabinetry), yields, pulls, correlations, "
-            "impacts, the POI scan and CLs."
-        ),
+        text=text,
         tables=tables,
         figures=figures,
     )
@@ -751,7 +913,8 @@ def _regions(res: _CutSetResults) -> list[str]:
     return [channel["name"] for channel in res.workspace["channels"]]
 
 
-def _yield_tables(res: _CutSetResults) -> list[Table]:
+def _yield_tables(res: _CutSetResults, hidden: Sequence[str] = ()) -> list[Table]:
+    """Pre- and post-fit yield tables; no data row for the ``hidden`` regions."""
     if res.workspace is None:
         return []
     from analysis.fit import FitResult
@@ -761,10 +924,19 @@ def _yield_tables(res: _CutSetResults) -> list[Table]:
     workspace = Workspace.load(res.workspace)
     model = workspace.model()
     data = workspace.data(model, include_auxdata=False)
-    tables = [Table("Pre-fit yields", yield_table(prediction(model), data))]
+
+    def rows(pred: Any) -> list[dict[str, Any]]:
+        return [
+            row
+            for row in yield_table(pred, data)
+            if not (row["sample"] == "data" and row["channel"] in hidden)
+        ]
+
+    tables = [Table("Pre-fit yields", rows(prediction(model)))]
     if res.fit is not None:
-        post = prediction(model, FitResult.from_dict(res.fit))
-        tables.append(Table("Post-fit yields", yield_table(post, data)))
+        tables.append(
+            Table("Post-fit yields", rows(prediction(model, FitResult.from_dict(res.fit))))
+        )
     return tables
 
 

@@ -386,6 +386,7 @@ class _SelectionWeight(torch.autograd.Function):
             f = factors.view(n_cuts, -1)
             if need_c:  # q @ H with q = 1 - f formed in pieces, in a small reused buffer
                 size = min(_SELECTION_PIECE, f.shape[1]) if f.device.type == "cpu" else f.shape[1]
+                size = max(size, 1)  # a group without events
                 q = f.new_empty((n_cuts, size))
                 for start in range(0, f.shape[1], size):
                     piece = q[:, : min(size, f.shape[1] - start)]

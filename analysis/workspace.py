@@ -16,6 +16,14 @@ NormFactors acting on the sample, then the Systematics in config order:
   which has the nominal's total yield. A ``Symmetrize`` side is the mirror of the other side
   after normalising: template ``2 n - v/k`` and factor ``2 - k`` (cabinetry's "method 1": first
   normalise, then symmetrise). Single-bin regions get no ``histosys`` (a shape needs two bins).
+  The mirrored template is not floored: where the normalised variation is more than twice the
+  nominal (``v_b/k > 2 n_b``, e.g. a bin that the nominal leaves empty and a momentum-scale
+  shift fills), it is negative, exactly as cabinetry writes it
+  (``workspace._symmetrized_templates_and_norm``: ``2 * reference.yields - variation.yields``,
+  no post-processing of it) and as pyhf uses it (``pyhf.Model`` clips no sample or bin by
+  default). Only the sample's template is negative there; the yield floor below concerns the
+  nominal background of a bin, and its pad is added to the mirrored template like to every
+  other one.
 
 **Yield floor.** HistFactory needs a positive expected yield in every bin (``log lambda``), also
 at ``mu = 0``. Cuts, negative weights (and, in the relaxed pipeline, KDE smearing) can leave a
@@ -36,9 +44,12 @@ background populates every bin gives cabinetry's workspace number for number. Da
 floored. ``YieldFloor: 0`` switches it off.
 
 A sample whose nominal total in a region is ``<= 0`` (all its events cut away) cannot be split
-into a normalisation and a shape part (``k = sum(v) / sum(n)``); its ``NormPlusShape``
-systematics keep their two modifiers with ``normsys`` ``hi = lo = 1`` and the unnormalised
-variations as the ``histosys`` templates.
+into a normalisation and a shape part (``k = sum(v) / sum(n)``); neither can a systematic one of
+whose (not symmetrized) variations has a total ``<= 0`` (``k <= 0``: no shape ``v / k``, and a
+``normsys`` factor must be positive). Such ``NormPlusShape`` systematics keep their two
+modifiers with ``normsys`` ``hi = lo = 1`` and the unnormalised variations as the ``histosys``
+templates, so the prediction at ``alpha = +-1`` is still the variation. (cabinetry divides by
+``k`` regardless and writes NaN.)
 
 The same functions build the relaxed pipeline's model, so at ``tau = 0``, ``bandwidth = 0`` it
 is this workspace exactly.
@@ -220,10 +231,16 @@ def _systematic_modifiers(
             }
         ]
     total = nominal.yields.sum()
-    splittable = bool(total > 0)  # module docstring: a sample cut away keeps its variations
+
+    def variation(side: str) -> torch.Tensor:
+        return histograms[(region.name, sample.name, f"{syst.name}_{side}")].yields
+
+    # module docstring: without a positive nominal and variation total, no norm/shape split
+    given = [side for side, over in (("Up", syst.up), ("Down", syst.down)) if not over.symmetrize]
+    splittable = bool(total > 0) and all(bool(variation(side).sum() > 0) for side in given)
 
     def normalised(side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        varied = histograms[(region.name, sample.name, f"{syst.name}_{side}")].yields
+        varied = variation(side)
         if not splittable:
             return varied, torch.ones_like(total)
         factor = varied.sum() / total

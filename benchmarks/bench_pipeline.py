@@ -22,19 +22,26 @@ float64``; ``--workdir DIR`` keeps the generated demo data for the next run.)
    gradient (relative to its largest component).
 2. ``step``: one full optimization step on the demo analysis (``models/dimuon.yaml``) with
    ``--step-events`` Monte Carlo events in total (generated with :func:`analysis.generate.generate`
-   into a temporary folder, read once): ``pipeline.histograms(tau, bandwidth)`` at the configured
-   initial temperature and bandwidth, ``pipeline.likelihood(histograms)`` (the float64 model,
-   its structure built on the first call and fed new numbers afterwards), the configured
-   objective (fit), the MC-statistics guard (``pipeline.selected_counts`` of the background and
-   the guard factor, :func:`analysis.optimize.relaxed_loss`), backward and an Adam step. Events
-   in each of ``--step-dtypes`` (default float64 and float32), with each of ``--threads``
-   (default 1 and 2). Breakdown per step: soft cuts + KDE histograms (``pipeline.histograms``),
-   model build (``pipeline.likelihood``: floors, spec, HistFactory model), objective (fit),
-   guard and backward + Adam step.
+   into a temporary folder, read once), as :func:`analysis.optimize.relaxed_loss` takes it:
+   ``pipeline.histograms_and_selected_counts(tau, bandwidth, background)`` at the configured
+   initial temperature and bandwidth (the soft cuts evaluated once for the KDE histograms of
+   every template and the MC-statistics guard's selected counts of the background),
+   ``pipeline.likelihood(histograms)`` (the float64 model, its structure built on the first
+   call and fed new numbers afterwards), the configured objective (fit), the guard factor,
+   backward and an Adam step. Events in each of ``--step-dtypes`` (default float64 and
+   float32), with each of ``--threads`` (default 1 and 2). Breakdown per step: soft cuts, KDE
+   histograms and selected counts (``soft_cuts_and_histograms``), model build
+   (``pipeline.likelihood``: floors, spec, HistFactory model), objective (fit), guard factor
+   (``mc_statistics_guard``: n_eff and the discount) and backward + Adam step. The pipeline
+   applies the fixed (``Trainable: false``) cuts of the control regions as a boolean selection
+   when it is built: ``input_template_rows`` counts the Monte Carlo rows read (after the
+   regions' Filter), ``template_rows`` those the pipeline keeps and softens.
 
 Times are medians over ``--repeats`` after one warm-up, in milliseconds (``ops``) and seconds
 (``step``); CUDA is synchronised around each timed part. On a shared machine wall times include
-time spent descheduled: the load average is recorded at the start and the end. The micro
+time spent descheduled: the load average is recorded at the start and the end, and the step's
+CPU time of the calling thread (``step_thread_cpu``; with one thread the whole step's work) is
+recorded beside its wall time. The micro
 benchmark runs with the first of ``--threads`` (default 1: on small shared machines OpenMP with
 as many threads as cores stalls whenever another process takes a core).
 ``--quick``: 1e4 and 1e5 events, a 1e5-event demo, 2 repeats (a smoke run).
@@ -262,8 +269,8 @@ def time_steps(pipeline, objective, settings, repeats: int, device: torch.device
     parts: dict[str, list[float]] = {}
     for i in range(repeats + 1):
         sync(device)
-        t0 = time.perf_counter()
-        histograms = pipeline.histograms(tau, bandwidth)
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        histograms, counts = pipeline.histograms_and_selected_counts(tau, bandwidth, keys)
         sync(device)
         t1 = time.perf_counter()
         model = pipeline.likelihood(histograms)
@@ -272,8 +279,7 @@ def time_steps(pipeline, objective, settings, repeats: int, device: torch.device
         value = objective(model, None)  # the objectives use Asimov data of the model
         sync(device)
         t3 = time.perf_counter()
-        counts = pipeline.selected_counts(tau, keys)  # the MC-statistics guard
-        guard = mc_statistics.guard_factor(
+        guard = mc_statistics.guard_factor(  # the MC-statistics guard
             mc_statistics.background_effective_events(config, counts), minimum
         )
         penalised = mc_statistics.guarded(value, guard, objective.maximize)
@@ -284,10 +290,11 @@ def time_steps(pipeline, objective, settings, repeats: int, device: torch.device
         loss.backward()
         optimizer.step()
         sync(device)
-        t4 = time.perf_counter()
+        t4, cpu4 = time.perf_counter(), time.thread_time()
         if i:
             for name, seconds in (
                 ("step", t4 - t0),
+                ("step_thread_cpu", cpu4 - cpu0),
                 ("soft_cuts_and_histograms", t1 - t0),
                 ("model_build", t2 - t1),
                 ("objective_fit", t3 - t2),
@@ -336,6 +343,9 @@ def bench_step(args, device: torch.device, workdir: pathlib.Path) -> dict:
         del pipeline
     return {
         "mc_events_generated": args.step_events,
+        "input_template_rows": sum(
+            len(ev.weight) for key, ev in events.items() if key[1] != data_name
+        ),
         "template_rows": sum(n for key, n in counts.items() if key[1] != data_name),
         "data_events": sum(n for key, n in counts.items() if key[1] == data_name),
         "templates": len(counts),

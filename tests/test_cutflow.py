@@ -53,9 +53,15 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def flows(demo):
+def all_flows(demo):
+    """The cut flows of every region (signal and control), at the start and optimized cuts."""
     config, events, _ = demo
-    return cut_flow(config, events)["SR"], cut_flow(config, events, cuts=OPTIMIZED)["SR"]
+    return cut_flow(config, events), cut_flow(config, events, cuts=OPTIMIZED)
+
+
+@pytest.fixture(scope="module")
+def flows(all_flows):
+    return all_flows[0]["SR"], all_flows[1]["SR"]
 
 
 def numpy_columns(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -87,10 +93,11 @@ def numpy_columns(path: pathlib.Path) -> dict[str, np.ndarray]:
     }
 
 
-def numpy_cut_flow(config, sample_name: str, folder: pathlib.Path, values: dict[str, float]):
+def numpy_cut_flow(
+    config, region, sample_name: str, folder: pathlib.Path, values: dict[str, float]
+):
     """Per step: (events, sum w, sum w^2, events within 1 MeV of a range edge, their sum |w|)."""
     sample = next(s for s in config.samples if s.name == sample_name)
-    region = config.regions[0]
     columns = numpy_columns(folder / "generated" / sample.sample_paths[0])
     weight = columns["weight"]
     mask = columns["filter"].copy()
@@ -109,16 +116,19 @@ def numpy_cut_flow(config, sample_name: str, folder: pathlib.Path, values: dict[
 
 # ----------------------------------------------------------------------------- numbers
 @pytest.mark.parametrize("optimized", [False, True], ids=["start", "optimized"])
-def test_cut_flow_matches_numpy(demo, flows, optimized):
-    """Every step of every sample equals the same selection done by hand on the ROOT files."""
+@pytest.mark.parametrize("region", ["SR", "CR_DY", "CR_TTbar"])
+def test_cut_flow_matches_numpy(demo, all_flows, optimized, region):
+    """Every step of every sample in every region equals the same selection done by hand on the
+    ROOT files (the optimized values of the shared muon cuts act in the control regions too)."""
     config, _, folder = demo
-    flow = flows[1] if optimized else flows[0]
+    flow = all_flows[1 if optimized else 0][region]
     values = OPTIMIZED if optimized else {}
+    (config_region,) = (r for r in config.regions if r.name == region)
     for sample in flow.samples:
-        expected, n_edge, w_edge = numpy_cut_flow(config, sample, folder, values)
+        expected, n_edge, w_edge = numpy_cut_flow(config, config_region, sample, folder, values)
         assert len(expected) == len(flow.steps)
         for step, (n, sumw, sumw2) in enumerate(expected):
-            where = (sample, flow.steps[step])
+            where = (region, sample, flow.steps[step])
             # the mass is computed differently (float32 in vector): allow for events on an edge
             slack = (n_edge, w_edge, 1e-9) if flow.steps[step] == IN_RANGE_STEP else (0, 0.0, 0)
             assert abs(flow.events[sample][step] - n) <= slack[0], where
@@ -128,9 +138,10 @@ def test_cut_flow_matches_numpy(demo, flows, optimized):
             assert flow.uncertainties[sample][step] ** 2 == pytest.approx(
                 sumw2, rel=RTOL, abs=slack[1] ** 2 + 1e-12
             ), where
-    # the optimized cuts remove events: at least one sample loses some in the signal region
+    # the optimized cuts remove events: at least one sample loses some in every region
     if optimized:
-        assert any(flows[1].events[s][-1] < flows[0].events[s][-1] for s in flow.samples)
+        start = all_flows[0][region]
+        assert any(flow.events[s][-1] < start.events[s][-1] for s in flow.samples)
 
 
 @pytest.mark.parametrize("optimized", [False, True], ids=["start", "optimized"])
@@ -227,10 +238,28 @@ def test_errors(demo):
 
 
 def test_cut_comparison(demo):
+    """One row per cut of each region; a cut shared by the regions (the muon cuts) shows its
+    one optimized value in each."""
     config, _, _ = demo
     rows = cut_comparison(config, OPTIMIZED)
-    assert [row["name"] for row in rows] == ["mu1_pt", "mu2_pt", "iso", "met", "btag"]
-    by_name = {row["name"]: row for row in rows}
+    assert [(row["region"], row["name"]) for row in rows] == [
+        (region.name, cut.name) for region in config.regions for cut in region.cuts
+    ]
+    assert [row["name"] for row in rows if row["region"] == "SR"] == [
+        "mu1_pt",
+        "mu2_pt",
+        "iso",
+        "met",
+        "btag",
+    ]
+    shared = [row for row in rows if row["name"] == "iso"]
+    assert [row["region"] for row in shared] == ["SR", "CR_DY", "CR_TTbar"]
+    assert all(row["optimized"] == 0.08 and row["start"] == 0.15 for row in shared)
+    fixed = [row for row in rows if not row["trainable"]]
+    assert fixed and all(
+        row["region"] != "SR" and row["optimized"] == row["start"] for row in fixed
+    )
+    by_name = {row["name"]: row for row in rows if row["region"] == "SR"}
     assert by_name["mu1_pt"]["start"] == by_name["mu1_pt"]["optimized"] == 30.0
     assert by_name["iso"] == {
         "name": "iso",

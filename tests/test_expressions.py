@@ -21,6 +21,7 @@ from analysis.expressions import (
     METHODS,
     VECTOR_FIELDS,
     ExpressionError,
+    definition_order,
     evaluate,
     parse,
     record_fields,
@@ -483,3 +484,58 @@ def test_regular_dimensions_broadcast_within_events():
     assert ak.to_list(ak.firsts(lead)) == [max(row) if row else None for row in pt]
     with pytest.raises(ExpressionError, match="cannot broadcast nested list"):
         value("Muon_pt[:, None] + Muon_pt[:, :, None]")
+
+
+def test_stack_builds_collections_from_flat_columns():
+    """``np.stack`` has numpy's semantics (against ``np.stack`` on the flat columns), also for
+    jagged arrays of one structure (against a Python loop), and turns the flat columns of two
+    muons into one list per event, so vector.zip gives a collection (mass against the formula
+    for two massless muons at the same phi: m^2 = 2 pt1 pt2 (cosh(deta) - 1))."""
+    flat = {"a": COLUMNS["x"], "b": COLUMNS["y"]}
+    for axis in (0, 1):
+        got = ak.to_numpy(value(f"np.stack([a, b], axis={axis})", flat))
+        np.testing.assert_array_equal(got, np.stack([flat["a"], flat["b"]], axis=axis))
+    pairs = ak.to_list(value("np.stack([Muon_pt, Muon_eta], axis=2)"))
+    pt, eta = ak.to_list(COLUMNS["Muon_pt"]), ak.to_list(COLUMNS["Muon_eta"])
+    assert pairs == [
+        [[p, e] for p, e in zip(ps, es, strict=True)] for ps, es in zip(pt, eta, strict=True)
+    ]
+    source = (
+        "vector.zip({'pt': np.stack([pt1, pt2], axis=1), 'eta': np.stack([eta1, eta2], axis=1), "
+        "'phi': np.stack([0 * pt1, 0 * pt2], axis=1), "
+        "'mass': np.stack([0 * pt1, 0 * pt2], axis=1)})"
+    )
+    two = {
+        "pt1": RNG.uniform(10, 50, 50),
+        "pt2": RNG.uniform(10, 50, 50),
+        "eta1": RNG.uniform(-2, 2, 50),
+        "eta2": RNG.uniform(-2, 2, 50),
+    }
+    mass = ak.to_numpy(value(f"(({source})[:, 0] + ({source})[:, 1]).mass", two))
+    deta = two["eta1"] - two["eta2"]
+    expected = np.sqrt(2 * two["pt1"] * two["pt2"] * (np.cosh(deta) - 1))
+    np.testing.assert_allclose(mass, expected, rtol=1e-9)
+    with pytest.raises(ExpressionError, match="np.stack axis must be an integer from 0 to 1"):
+        value("np.stack([x, y], axis=2)")
+    with pytest.raises(ExpressionError, match="np.stack takes a list of arrays"):
+        value("np.stack([x, 1.0], axis=1)")
+    with pytest.raises(ConfigError, match="keyword 'out' is not allowed for np.stack"):
+        parse("np.stack([x, y], out=x)", "test")
+
+
+def test_definition_order_follows_what_each_definition_reads():
+    """Each Definition after those it reads, otherwise in the given order; a Definition that
+    reads its own name reads the branch (no cycle); other cycles are named."""
+    reads = {
+        "mass": {"lead", "sub"},
+        "lead": {"muons"},
+        "sub": {"muons"},
+        "muons": {"pt"},
+        "pt": {"pt"},
+        "other": {"x"},
+    }
+    assert definition_order(reads, "w") == ["pt", "muons", "lead", "sub", "mass", "other"]
+    with pytest.raises(ConfigError, match=r"^w: Definitions 'a' -> 'b' -> 'a' form a cycle"):
+        definition_order({"a": {"b"}, "b": {"a"}}, "w")
+    chain = {f"d{i}": {f"d{i + 1}"} for i in range(5000)}  # no recursion limit
+    assert definition_order(chain, "w")[:2] == ["d4999", "d4998"]

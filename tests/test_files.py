@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from analysis.cli import main
 from analysis.errors import AnalysisError, InputFileError, OutputError
-from analysis.files import write_atomically
+from analysis.files import expand_paths, write_atomically
 from tests.conftest import MODELS
 
 
@@ -191,3 +191,34 @@ def test_json_text_is_strict_and_says_what_was_not_finite():
         "inner": {"p": 0.5},
         "n": 3,
     }
+
+
+def test_expand_paths_lists_the_sorted_matches(tmp_path):
+    """Wildcards (``*``, ``?``, ``[...]``, ``**``) become the regular files they match, sorted
+    by name whatever the order of creation; plain paths and the order of the list stay; a
+    pattern without a match is kept for the reader to report; a folder is not a match."""
+    for name in ("b_2.root", "b_10.root", "a_1.root", "b_1.root", "sub/b_3.root", "b_x.root/"):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if name.endswith("/") else path.write_bytes(b"")
+    got = expand_paths(
+        [
+            tmp_path / "b_*.root",
+            str(tmp_path / "a_1.root"),
+            tmp_path / "b_?.root",
+            tmp_path / "**" / "b_[3]*",
+            tmp_path / "none_*.root",
+            tmp_path / "missing.root",
+        ]
+    )
+    assert [p.relative_to(tmp_path).as_posix() for p in got] == [
+        "b_1.root",
+        "b_10.root",
+        "b_2.root",
+        "a_1.root",
+        "b_1.root",
+        "b_2.root",
+        "sub/b_3.root",
+        "none_*.root",
+        "missing.root",
+    ]

@@ -133,3 +133,40 @@ def test_jagged_cut_variable_is_rejected(toy):
     cfg = configuration.from_dict(toy.config)
     with pytest.raises(ConfigError, match="'Muon_pt' has 2 dimensions"):
         read_events(cfg)
+
+
+def test_per_sample_definitions_on_one_tree(toy, tmp_path, monkeypatch):
+    """Two samples read one tree: "Scaled" replaces the global Definition ``lead_pt`` and
+    calibrates the branch ``met`` by a Definition of its own name (it reads the branch). Each
+    gets its own columns (against the event-by-event computation), from the files and again
+    from the cache, whose key holds each request's Definitions."""
+    toy.config["Samples"].append(
+        {
+            "Name": "Scaled",
+            "Tree": "bkg",
+            "SamplePath": "mc.root",
+            "Weight": "weight",
+            "Definitions": [
+                {"Name": "met", "Expression": "met * 1.5"},
+                {"Name": "lead_pt", "Expression": "Muon_pt[:, 0] * 2"},
+            ],
+        }
+    )
+    cfg = configuration.from_dict(toy.config)
+    expected = _expected(toy, "mc.root:bkg", "weight")
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        events = read_events(cfg, cache_dir=cache, progress=False)
+        plain, scaled = events[("SR", "Background", "nominal")], events[("SR", "Scaled", "nominal")]
+        np.testing.assert_array_equal(plain.columns["lead_pt"].numpy(), expected["lead_pt"])
+        np.testing.assert_array_equal(plain.columns["met"].numpy(), expected["met"])
+        np.testing.assert_array_equal(scaled.columns["lead_pt"].numpy(), 2 * expected["lead_pt"])
+        np.testing.assert_array_equal(scaled.columns["met"].numpy(), 1.5 * expected["met"])
+        np.testing.assert_array_equal(scaled.observable.numpy(), expected["x"])
+        monkeypatch.setattr(uproot, "open", lambda *a, **k: pytest.fail("opened on a hit"))
+    assert len(list(cache.glob("*.npz"))) == 4  # still one per (files, tree)
+    monkeypatch.undo()  # a changed per-sample Definition is a new key: no stale columns
+    toy.config["Samples"][-1]["Definitions"][1]["Expression"] = "Muon_pt[:, 0] * 3"
+    events = read_events(configuration.from_dict(toy.config), cache_dir=cache, progress=False)
+    scaled = events[("SR", "Scaled", "nominal")].columns["lead_pt"].numpy()
+    np.testing.assert_array_equal(scaled, 3 * expected["lead_pt"])

@@ -226,7 +226,7 @@ def test_guard_keeps_the_reported_significance_honest(thin_tail, tmp_path):
     reported = result.best.hard
     assert result.best.below_guard == ()
     n_eff = background_n_eff(spec["channels"][0], {"Background"})
-    assert n_eff.min() >= GUARD
+    assert n_eff.min() >= GUARD * (1 - 1e-12)  # sum w^2 rebuilt from sqrt(sum w^2): rounding
     reference = pyhf_discovery_z(merge_thin_bins(spec))
     assert reported == pytest.approx(reference, rel=0.2)
     assert reported > 1.2 * result.initial.hard

@@ -11,6 +11,7 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from scipy import special
 
 from analysis import config as config_module
 from analysis import objectives, workspace
@@ -114,29 +115,35 @@ def test_thresholds_stay_within_bounds(toy_setup):
 
 
 def test_non_trainable_cut_is_a_buffer(toy, tmp_path):
+    """A fixed cut's value lives in ``cut_fixed_values`` (state_dict); it was applied when the
+    pipeline was built, so set_cut_values and load_state_dict accept it at its value only and
+    refuse another one, changing nothing."""
     toy.config["Regions"][0]["Cuts"][1]["Trainable"] = False
     config = config_module.from_dict(toy.config)
-    pipeline = AnalysisPipeline.from_config(config, cache_dir=tmp_path / "cache")
-    assert pipeline.trainable_cut_names == (config.cuts[0].name,)
+    events = read_events(config, cache_dir=tmp_path / "cache")
+    pipeline = AnalysisPipeline.from_config(config, events)
+    lead, met = (cut.name for cut in config.cuts)
+    assert pipeline.trainable_cut_names == (lead,)
     assert pipeline.cut_parameters.shape == (1,)
-    pipeline.set_cut_values({config.cuts[1].name: 100.0})
-    assert pipeline.cut_values()[config.cuts[1].name] == 100.0
-    values = other_cut_values(config)
-    pipeline.set_cut_values(values)
-    expected = hard_histograms(config.with_cut_values(pipeline.cut_values()), _events(pipeline))
-    assert_close_histograms(pipeline.histograms(0.0, 0.0), expected)
-
-
-def _events(pipeline):
-    """The events a pipeline holds, as read_events returns them (for hard_histograms)."""
-    out = {}
-    for slot in pipeline._slots:
-        region = pipeline.config.regions[slot.region]
-        columns = {region.variable: getattr(pipeline, slot.prefix + "observable")}
-        for k, cut in enumerate(region.cuts):
-            columns[cut.variable] = getattr(pipeline, f"{slot.prefix}x{k}")
-        out[slot.key] = Events(region.variable, columns, getattr(pipeline, slot.prefix + "weight"))
-    return out
+    assert pipeline.state_dict()["cut_fixed_values"].tolist() == [60.0]
+    pipeline.set_cut_values({lead: 30.0, met: 60.0})  # a whole cuts.json: the fixed cut as is
+    assert pipeline.cut_values() == pytest.approx({lead: 30.0, met: 60.0}, rel=1e-12)
+    u = pipeline.cut_parameters.detach().clone()
+    with pytest.raises(ConfigError, match=f"cut '{met}' is not trainable.*at 60.0.*100.0"):
+        pipeline.set_cut_values({lead: 20.0, met: 100.0})
+    assert torch.equal(pipeline.cut_parameters.detach(), u)  # nothing changed
+    state = pipeline.state_dict()
+    state["cut_fixed_values"] = torch.tensor([100.0], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="non-trainable cut values"):
+        pipeline.load_state_dict(state)
+    assert pipeline.cut_fixed_values.tolist() == [60.0]
+    with torch.no_grad():
+        got = pipeline.histograms(0.0, 0.0)
+    assert_close_histograms(got, hard_histograms(config.with_cut_values({lead: 30.0}), events))
+    # the events failing met < 60 are not stored
+    assert pipeline.event_counts() == {
+        key: int((ev.columns["met"] < 60.0).sum()) for key, ev in events.items()
+    }
 
 
 # ----------------------------------------------------------------------------- hard limit
@@ -166,6 +173,142 @@ def test_hard_spec_equals_workspace_build(which, request):
     with torch.no_grad():
         spec = workspace.to_json(pipeline.workspace_spec(0.0, 0.0))
     compare_leaves(spec, workspace.build(config, hard_histograms(config, events)), RTOL)
+
+
+# ----------------------------------------------------------------------------- fixed cuts
+def fixed_cut_config(toy):
+    """The toy with fixed (Trainable: false) cuts in three regions, unlike the demo: the SR has
+    two trainable cuts and a fixed cut ``eta`` shared with CR_fixed, whose cuts are all fixed;
+    CR_lead shares the SR's trainable ``lead`` and has a fixed MET window of its own."""
+    raw = toy.config
+    raw["Definitions"].append({"Name": "eta1", "Expression": "Muon_eta[:, 0]"})
+    eta = {"Name": "eta", "Variable": "eta1", "Direction": "<", "Value": 0.8, "Trainable": False}
+    lead = {"Name": "lead", "Variable": "lead_pt", "Direction": ">", "Value": 15.0}
+    sr = raw["Regions"][0]
+    sr["Cuts"] = [lead | {"Bounds": [5.0, 60.0]}, sr["Cuts"][1], eta]
+    raw["Regions"] += [
+        {
+            "Name": "CR_fixed",
+            "Variable": "x",
+            "Binning": [-3.0, -1.0, 0.0, 1.0, 3.0],
+            "Cuts": [eta, {"Variable": "met", "Direction": ">", "Value": 40.0, "Trainable": False}],
+        },
+        {
+            "Name": "CR_lead",
+            "Variable": "x",
+            "Binning": [-2.0, -0.5, 0.5, 2.0],
+            "Filter": "n_central >= 1",
+            "Cuts": [
+                lead | {"Bounds": [5.0, 60.0]},
+                {"Variable": "met", "Direction": ">", "Value": 20.0, "Trainable": False},
+                {"Variable": "met", "Direction": "<", "Value": 90.0, "Trainable": False},
+            ],
+        },
+    ]
+    return config_module.from_dict(raw, source="fixed.yaml")
+
+
+def numpy_histograms(config, events, values, tau, bandwidth, spreads):
+    """Per template: fixed cuts as a boolean mask, trainable cuts as
+    ``sigmoid(s (x - c) / (tau * spread))`` (boolean at tau = 0), then the KDE histogram
+    ``n_b = sum_i v_i m_ib``, ``s_b = sum_i v_i^2 m_ib`` of ``v_i = w_i * prod sigmoid`` with the
+    Gaussian kernel mass ``m_ib`` of bin b (``h`` = bandwidth * smallest bin width; an ordinary
+    histogram with half-open bins at bandwidth 0)."""
+    regions = {region.name: region for region in config.regions}
+    out = {}
+    for key, ev in events.items():
+        region = regions[key[0]]
+        edges = np.asarray(region.binning)
+        y, w = ev.observable.numpy(), ev.weight.numpy()
+        keep, s = np.ones(len(w), dtype=bool), np.ones(len(w))
+        for cut in region.cuts:
+            sign = 1.0 if cut.direction == ">" else -1.0
+            distance = sign * (ev.columns[cut.variable].numpy() - values[cut.name])
+            if not cut.trainable:
+                keep &= distance > 0
+            elif tau == 0:
+                s *= distance > 0
+            else:
+                s *= special.expit(distance / (tau * spreads[cut.name]))
+        y, v = y[keep], (w * s)[keep]
+        if bandwidth == 0:
+            inside = (y >= edges[0]) & (y < edges[-1])
+            bins = np.searchsorted(edges, y[inside], side="right") - 1
+            n = np.bincount(bins, v[inside], len(edges) - 1)
+            n2 = np.bincount(bins, v[inside] ** 2, len(edges) - 1)
+        else:
+            h = bandwidth * np.diff(edges).min()
+            mass = np.diff(special.ndtr((edges[None, :] - y[:, None]) / h), axis=1)
+            n, n2 = v @ mass, v**2 @ mass
+        out[key] = (n, n2)
+    return out
+
+
+def test_fixed_cuts_are_a_boolean_selection(toy, tmp_path):
+    """Fixed cuts are applied as boolean cuts in the relaxed path too: at tau > 0 the KDE
+    histograms of every template (variations and data included) equal numpy's with the fixed
+    cuts as a mask and the trainable ones as sigmoids, also in a region with fixed cuts only;
+    the hard limit equals numpy's boolean selection; a shared trainable cut's temperature scale
+    is the weighted IQR / 1.349 of the nominal prediction events that pass the fixed cuts of
+    its regions; the gradient in the trainable thresholds equals central finite differences."""
+    config = fixed_cut_config(toy)
+    events = read_events(config, cache_dir=tmp_path / "cache")
+    pipeline = AnalysisPipeline.from_config(config, events)
+    assert pipeline.trainable_cut_names == ("lead", "SR:met<")
+    names = pipeline.cut_names
+    spreads = dict(zip(names, pipeline.cut_spread.tolist(), strict=True))
+    # temperature scale of the shared "lead": SR events with eta1 < 0.8 and CR_lead events with
+    # 20 < met < 90, nominal prediction samples only; fixed cuts: 0 (boolean)
+    x, w = [], []
+    for (region, sample, variation), ev in events.items():
+        if variation != "nominal" or sample == "Data" or region == "CR_fixed":
+            continue
+        columns = {name: column.numpy() for name, column in ev.columns.items()}
+        keep = (
+            columns["eta1"] < 0.8
+            if region == "SR"
+            else (columns["met"] > 20.0) & (columns["met"] < 90.0)
+        )
+        x.append(columns["lead_pt"][keep])
+        w.append(np.abs(ev.weight.numpy()[keep]))
+    q1, q3 = np.quantile(
+        np.concatenate(x), [0.25, 0.75], weights=np.concatenate(w), method="inverted_cdf"
+    )
+    assert spreads["lead"] == pytest.approx((q3 - q1) / 1.3489795003921634, rel=1e-12)
+    fixed = [name for name in names if name not in pipeline.trainable_cut_names]
+    assert len(fixed) == 4 and all(spreads[name] == 0.0 for name in fixed)
+
+    values = {**config.cut_values(), "lead": 21.0, "SR:met<": 45.0}
+    pipeline.set_cut_values(values)
+    for tau, bandwidth in ((0.3, 0.5), (0.0, 0.0)):
+        with torch.no_grad():
+            got = pipeline.histograms(tau, bandwidth)
+        expected = numpy_histograms(config, events, values, tau, bandwidth, spreads)
+        assert got.keys() == expected.keys()
+        assert {key[0] for key in got} == {"SR", "CR_fixed", "CR_lead"}
+        assert ("CR_fixed", "Data", "nominal") in got and ("SR", "Background", "Modeling_Up") in got
+        for key, (n, n2) in expected.items():
+            np.testing.assert_allclose(got[key].yields.numpy(), n, rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(got[key].sumw2.numpy(), n2, rtol=1e-10, atol=1e-12)
+    # the hard limit is also the hard path's (hard_histograms, boolean cuts at the values)
+    assert_close_histograms(got, hard_histograms(config.with_cut_values(values), events))
+
+    def loss():
+        hists = pipeline.histograms(0.3, 0.5)
+        return sum((h.yields**2 / (h.sumw2 + 1.0)).sum() for h in hists.values())
+
+    (grad,) = torch.autograd.grad(loss(), pipeline.cut_parameters)
+    assert bool((grad != 0).all())
+    fd = torch.zeros_like(grad)
+    with torch.no_grad():
+        for i in range(grad.numel()):
+            pipeline.cut_parameters[i] += 1e-5
+            up = loss()
+            pipeline.cut_parameters[i] -= 2e-5
+            down = loss()
+            pipeline.cut_parameters[i] += 1e-5
+            fd[i] = (up - down) / 2e-5
+    torch.testing.assert_close(grad, fd, rtol=1e-6, atol=0.0)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -399,3 +542,38 @@ def test_selected_counts_are_the_expected_hard_selection(toy_setup):
         step[i] = 1e-5
         numeric = (n_eff_total(u0 + step)[0] - n_eff_total(u0 - step)[0]) / 2e-5
         assert float(grad[i]) == pytest.approx(numeric, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("knobs", [(0.3, 0.5), (0.0, 0.0)], ids=["soft", "hard"])
+def test_histograms_and_selected_counts_share_one_selection(toy_setup, knobs):
+    """``histograms_and_selected_counts`` (the optimizer's step: the guard's counts from the
+    histograms' selection weights) equals ``histograms`` and ``selected_counts`` computed
+    separately: the same numbers bit for bit, and the gradient of a loss of both in the
+    thresholds to 1e-12."""
+    config, events = toy_setup
+    tau, bandwidth = knobs
+    pipeline = AnalysisPipeline.from_config(config, events)
+    pipeline.set_cut_values(other_cut_values(config))
+    keys = [k for k in events if k[2] == "nominal" and k[1] != "Data"]
+
+    def loss_of(hists, counts):
+        fit_like = sum((h.yields**2 / (h.sumw2 + 1.0)).sum() for h in hists.values())
+        n_eff = sum((c.yields**2 / c.sumw2.clamp(min=1e-300)).sum() for c in counts.values())
+        return fit_like + n_eff
+
+    together = pipeline.histograms_and_selected_counts(tau, bandwidth, keys)
+    separate = (pipeline.histograms(tau, bandwidth), pipeline.selected_counts(tau, keys))
+    assert together[1].keys() == set(keys)
+    for got, ref in zip(together, separate, strict=True):
+        assert got.keys() == ref.keys()
+        for key in ref:
+            assert torch.equal(got[key].yields, ref[key].yields), key
+            assert torch.equal(got[key].sumw2, ref[key].sumw2), key
+    assert pipeline.histograms_and_selected_counts(tau, bandwidth, [])[1] == {}
+    if tau > 0:
+        grads = [
+            torch.autograd.grad(loss_of(*result), pipeline.cut_parameters)[0]
+            for result in (together, separate)
+        ]
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)
+        assert bool((grads[0] != 0).any())

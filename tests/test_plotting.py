@@ -29,6 +29,7 @@ from analysis.likelihood import Workspace
 from analysis.optimize import optimize
 from analysis.plotting import data_mc
 from analysis.plotting import fit as fit_module
+from analysis.plotting import labels as labels_module
 from analysis.plotting import limits as limits_module
 from analysis.plotting import optimization as optimization_module
 from analysis.prediction import prediction
@@ -44,6 +45,24 @@ def example():
     model = ws.model()
     data = ws.data(model)
     return model, data, fitting.fit_model(model, data)
+
+
+def garwood_reference(counts):
+    """The central 68.27% Poisson interval from its definition (Garwood 1936): ``low`` solves
+    ``P(N >= n | low) = alpha/2`` and ``high`` solves ``P(N <= n | high) = alpha/2``, by root
+    finding on scipy's Poisson distribution (``low = 0`` at ``n = 0``)."""
+    from scipy.optimize import brentq
+    from scipy.stats import poisson
+
+    alpha = 1 - 0.6826894921370859
+
+    def edges(n):
+        low = 0.0 if n == 0 else brentq(lambda m: poisson.sf(n - 1, m) - alpha / 2, 1e-9, n)
+        high = brentq(lambda m: poisson.cdf(n, m) - alpha / 2, n, n + 20 * np.sqrt(n + 1) + 5)
+        return low, high
+
+    low, high = zip(*(edges(n) for n in np.asarray(counts, dtype=float)), strict=True)
+    return np.asarray(low), np.asarray(high)
 
 
 def patches_by_label(ax) -> dict[str, StepPatch]:
@@ -90,11 +109,13 @@ def test_distribution_draws_the_prediction(example, post_fit):
     x, y, segments = errorbar_by_label(ax, data_mc.DATA_LABEL)
     np.testing.assert_allclose(x, [250.0, 350.0, 450.0, 550.0])
     np.testing.assert_array_equal(y, counts)
-    half_widths = [(s[1][1] - s[0][1]) / 2 for s in segments]
-    np.testing.assert_allclose(half_widths, np.sqrt(counts), rtol=1e-12)
+    low, high = garwood_reference(counts)  # Poisson intervals, not sqrt(n)
+    np.testing.assert_allclose([s[0][1] for s in segments], low, rtol=1e-9)
+    np.testing.assert_allclose([s[1][1] for s in segments], high, rtol=1e-9)
 
     _, ratio, ratio_segments = errorbar_by_label(ratio_ax, data_mc.DATA_LABEL)
     np.testing.assert_allclose(ratio, counts / channel.total, rtol=1e-12)
+    np.testing.assert_allclose([s[1][1] for s in ratio_segments], high / channel.total)
     ratio_band = patches_by_label(ratio_ax)[data_mc.BAND_LABEL].get_data()
     np.testing.assert_allclose(ratio_band.values, 1 + channel.total_stdev / channel.total)
     low, high = ratio_ax.get_ylim()
@@ -139,6 +160,172 @@ def test_distribution_without_data_or_edges(example):
         plotting.distribution(pred, "CR")
     with pytest.raises(ValueError, match="4 bins but 3 bin edges"):
         plotting.distribution(pred, "Signal_region", edges=[0.0, 1.0, 2.0])
+
+
+def test_poisson_interval_is_garwoods():
+    """Against the interval's definition (root finding on scipy's Poisson cdf), against hist's
+    ``intervals.poisson_interval`` (n > 0) and at n = 0, where the upper edge is -ln(alpha/2)
+    = 1.841 (the upper error bar of an empty bin); Asimov (non-integer) counts have the same formula
+    with real degrees of freedom, between the neighbouring integers' intervals."""
+    from hist.intervals import poisson_interval as hist_interval
+
+    from analysis.plotting import labels
+
+    counts = np.array([0.0, 1.0, 2.0, 7.0, 30.0, 250.0])
+    low, high = labels.poisson_interval(counts)
+    ref_low, ref_high = garwood_reference(counts)
+    np.testing.assert_allclose(low, ref_low, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(high, ref_high, rtol=1e-9)
+    # hist gives NaN at n = 0 (its scale sumw2 / sumw is 0 / 0): why diffana has its own
+    hist_low, hist_high = hist_interval(counts, counts)
+    assert np.isnan(hist_high[0])
+    np.testing.assert_allclose(high[1:], hist_high[1:], rtol=1e-9)
+    np.testing.assert_allclose(low[1:], hist_low[1:], rtol=1e-9)
+    assert low[0] == 0.0 and high[0] == pytest.approx(-np.log((1 - labels.ONE_SIGMA) / 2))
+    assert high[0] == pytest.approx(1.8410216, rel=1e-7)
+    errors = labels.poisson_errors([0.0, 4.0, 2.5])
+    np.testing.assert_allclose(errors[:, 0], [0.0, 1.8410216], rtol=1e-7)
+    integer_low, _ = labels.poisson_interval([2.0, 3.0])
+    assert integer_low[0] < labels.poisson_interval([2.5])[0][0] < integer_low[1]
+
+
+def test_bin_width_labels():
+    assert labels_module.events_label([120, 123, 126, 129], "GeV") == "Events / 3 GeV"
+    assert labels_module.events_label([0.0, 2.5, 5.0], "GeV") == "Events / 2.5 GeV"
+    assert labels_module.events_label(np.linspace(0.0, 0.5, 11)) == "Events / 0.05"
+    assert labels_module.events_label([0.0, 0.1, 0.2, 0.30000000000000004], "cm") == (
+        "Events / 0.1 cm"
+    )
+    assert labels_module.events_label([0, 10, 30, 100], "GeV") == "Events / bin"
+    assert labels_module.events_label(None, "GeV") == "Events / bin"
+    assert labels_module.split_unit("invariant mass of the two muons [GeV]") == (
+        "invariant mass of the two muons",
+        "GeV",
+    )
+    assert labels_module.split_unit("isolation (a fraction)") == ("isolation (a fraction)", None)
+
+
+@pytest.fixture(scope="module")
+def labelled():
+    """A two-region analysis unlike the demo (no ROOT file is read): a Definition with a
+    Unit, one with the unit only in its Description, one with a Label; variable bins in one
+    region; the experiment label in General; and a workspace whose data have an empty bin."""
+    raw = {
+        "General": {
+            "Measurement": "m",
+            "POI": "mu",
+            "InputPath": "unused/{SamplePath}",
+            "Experiment": "CMS",
+            "Label": "Open Data",
+            "Luminosity": 11.6,
+            "Energy": 8,
+        },
+        "Definitions": [
+            {"Name": "m4l", "Expression": "x * 2", "Description": "four-lepton mass [MeV]",
+             "Unit": "GeV"},
+            {"Name": "ht", "Expression": "x + 1", "Description": "scalar sum of jet pT [GeV]",
+             "Label": "$H_T$"},
+        ],
+        "Regions": [
+            {"Name": "A", "Variable": "m4l", "Binning": [100.0, 102.5, 105.0, 107.5]},
+            {"Name": "B", "Variable": "ht", "Binning": [0.0, 50.0, 150.0]},
+            {"Name": "C", "Variable": "x", "Binning": [0.0, 0.05, 0.1]},
+        ],
+        "Samples": [
+            {"Name": "Data", "Tree": "t", "SamplePath": "d.root", "Data": True},
+            {"Name": "S", "Tree": "t", "SamplePath": "s.root"},
+            {"Name": "B", "Tree": "t", "SamplePath": "b.root"},
+        ],
+        "NormFactors": [{"Name": "mu", "Samples": "S", "Nominal": 1, "Bounds": [0, 10]}],
+    }  # fmt: skip
+    config = config_module.from_dict(raw, source="labelled.yaml")
+
+    def channel(name, background, signal):
+        return {
+            "name": name,
+            "samples": [
+                {"name": "B", "data": background, "modifiers": [
+                    {"name": f"staterror_{name}", "type": "staterror",
+                     "data": [0.1 * b for b in background]}]},
+                {"name": "S", "data": signal, "modifiers": [
+                    {"name": "mu", "type": "normfactor", "data": None}]},
+            ],
+        }  # fmt: skip
+
+    spec = {
+        "channels": [
+            channel("A", [5.0, 3.0, 1.0], [0.5, 2.0, 0.2]),
+            channel("B", [8.0, 4.0], [1.0, 0.5]),
+            channel("C", [2.0, 2.0], [0.1, 0.1]),
+        ],
+        "observations": [
+            {"name": "A", "data": [6.0, 0.0, 2.0]},
+            {"name": "B", "data": [9.0, 3.0]},
+            {"name": "C", "data": [40.0, 1.0]},
+        ],
+        "measurements": [{"name": "m", "config": {"poi": "mu", "parameters": []}}],
+        "version": "1.0.0",
+    }
+    return config, Workspace.load(spec)
+
+
+def test_axis_titles_units_and_experiment_label(labelled):
+    """What the axes say comes from the configuration: the Definition's Unit over the one in
+    its Description, its Label over its Description, none for a raw branch; the y axis says
+    the bin width with the unit, or "Events / bin" for bins of different widths; the experiment
+    label (mplhep) names the experiment, the text, luminosity and energy. An empty data bin
+    has the error bar 0 .. 1.84; a data / model point above the ratio panel is marked at its
+    edge."""
+    config, ws = labelled
+    model = ws.model()
+    pred, data = prediction(model), ws.data(model, include_auxdata=False)
+    figures = {
+        # the experiment label is drawn once (mplhep draws the figure to place it: slow)
+        name: plotting.distribution(
+            pred, name, data, config=config, experiment=None if name == "A" else no_label
+        )
+        for name, no_label in zip(
+            "ABC", [None, *[labels_module.ExperimentLabel()] * 2], strict=True
+        )
+    }
+    texts = [t.get_text() for t in figures["A"].axes[0].texts]
+    assert "CMS" in texts and "Open Data" in texts
+    assert "11.6 fb$^{-1}$ (8 TeV)" in texts
+    assert labels_module.ExperimentLabel.from_config(config) == labels_module.ExperimentLabel(
+        "CMS", "Open Data", 11.6, 8.0
+    )
+    titles = {}
+    for name, figure in figures.items():
+        ax, ratio_ax = figure.axes
+        titles[name] = (ax.get_ylabel(), ratio_ax.get_xlabel())
+    assert titles == {
+        "A": ("Events / 2.5 GeV", "four-lepton mass [GeV]"),
+        "B": ("Events / bin", "$H_T$ [GeV]"),
+        "C": ("Events / 0.05", "x"),
+    }
+    ax, ratio_ax = figures["A"].axes
+    x, y, segments = errorbar_by_label(ax, data_mc.DATA_LABEL)
+    assert y[1] == 0.0
+    assert segments[1][0][1] == 0.0 and segments[1][1][1] == pytest.approx(1.8410216, rel=1e-7)
+    ax, ratio_ax = figures["C"].axes
+    top = ratio_ax.get_ylim()[1]
+    (marker,) = [line for line in ratio_ax.lines if line.get_gid() == data_mc.OFF_SCALE_GID]
+    assert list(marker.get_xdata()) == [0.025] and marker.get_ydata()[0] < top
+    assert 40.0 / 2.1 > top  # the point itself is off the panel
+    # the effective-events figure of the report takes the same titles and sample colours
+    from analysis.plotting.mc_statistics import effective_events_per_bin, line_gid
+    from analysis.plotting.style import sample_colours
+
+    table = {"initial": {"A": {"B": [10.0, 20.0, 30.0], "background": [10.0, 20.0, 30.0]}}}
+    (mc_ax,) = effective_events_per_bin(table, minimum=10.0, config=config).axes
+    assert mc_ax.get_xlabel() == "four-lepton mass [GeV]"
+    (line,) = [p for p in mc_ax.patches if p.get_gid() == line_gid("initial", "A", "B")]
+    np.testing.assert_array_equal(line.get_data().edges, [100.0, 102.5, 105.0, 107.5])
+    assert matplotlib.colors.same_color(line.get_edgecolor(), sample_colours(["S", "B"])["B"])
+    # without the configuration: no unit, no label, as before
+    plain = plotting.distribution(prediction(model), "A", edges=[100.0, 102.5, 105.0, 107.5])
+    assert plain.axes[0].get_ylabel() == "Events / 2.5"
+    assert not plain.axes[0].texts[1:]  # only the corner text
 
 
 # ----------------------------------------------------------------------------- fit results
@@ -308,6 +495,17 @@ def test_cls_brazil(example):
     np.testing.assert_array_equal(
         line_by_label(again, limits_module.OBSERVED_LABEL).get_ydata(), observed.get_ydata()
     )
+    # blinded: the expected curve, bands and limit only
+    blind = plotting.cls_brazil(tests, limit, observed=False).axes[0]
+    labels = blind.get_legend_handles_labels()[1]
+    assert limits_module.OBSERVED_LABEL not in labels
+    assert not any(label.startswith("observed") for label in labels)
+    np.testing.assert_allclose(
+        line_by_label(blind, limits_module.EXPECTED_LABEL).get_ydata(), exp[:, 2], rtol=1e-12
+    )
+    lines = [line.get_xdata() for line in blind.lines]
+    vertical = [x[0] for x in lines if x[0] == x[1]]
+    assert vertical == pytest.approx([limit.expected[2]], rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- optimization
@@ -521,8 +719,8 @@ def test_systematic_templates(cabinetry_histograms):
     ratios = {p.get_gid(): p.get_data() for p in ratio_ax.patches if p.get_gid()}
     np.testing.assert_allclose(ratios["ratio:up"].values, up / n, rtol=1e-12)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert f"up {100 * (up.sum() / n.sum() - 1):+.1f}%" in labels
-    assert any(label.startswith("down (symmetrized)") for label in labels)
+    assert f"up: {100 * (up.sum() / n.sum() - 1):+.1f}% yield" in labels
+    assert any(label.startswith("down (symmetrized): ") for label in labels)
     assert ratio_ax.get_xlabel() == "jet_pt"
     ax, _ = figures[(region, "Background", "WeightBasedModeling")].axes
     drawn = {p.get_gid(): p.get_data() for p in ax.patches if p.get_gid()}

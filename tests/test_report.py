@@ -335,3 +335,125 @@ def test_marked_cells_are_shaded_and_show_their_mark():
     assert '<td class="num">35</td>' in text
     assert "td.marked {" in text  # the style sheet shades them
     assert Parsed(text).tables[0] == [["a", "b", "c"], ["4.213 *", "thin <bin> !", "35"]]
+
+
+# ----------------------------------------------------------------------------- diffana report
+def _analysis_yaml(folder: pathlib.Path) -> pathlib.Path:
+    """One Signal region (SR) and one Control region (CR); no file is read by the report."""
+    import yaml
+
+    region = {"Variable": "x", "Binning": [0.0, 1.0, 2.0]}
+    config = {
+        "General": {"Measurement": "two_regions", "POI": "mu", "InputPath": "in/{SamplePath}"},
+        "Regions": [{"Name": "SR", **region}, {"Name": "CR", "Type": "Control", **region}],
+        "Samples": [
+            {"Name": "Data", "Tree": "t", "SamplePath": "d.root", "Data": True},
+            {"Name": "S", "Tree": "t", "SamplePath": "s.root"},
+            {"Name": "B", "Tree": "t", "SamplePath": "b.root"},
+        ],
+        "NormFactors": [{"Name": "mu", "Samples": "S", "Nominal": 1, "Bounds": [0, 10]}],
+    }
+    path = folder / "two_regions.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+SR_DATA = [71.0, 38.0]  # an excess over s + b = [35, 26]
+
+
+def _results(folder: pathlib.Path, *, blinded: bool) -> pathlib.Path:
+    """A partial results folder as the workflow writes it: start/workspace.json and
+    start/significance.json (diffana's own significance of that workspace), blinding.json."""
+    import json
+
+    from analysis.blinding import blind_workspace
+    from analysis.inference import significance
+    from analysis.likelihood import Workspace
+
+    def channel(name, s, b):
+        mu = [{"name": "mu", "type": "normfactor", "data": None}]
+        stat = [{"name": f"staterror_{name}", "type": "staterror", "data": [1.0] * len(b)}]
+        return {
+            "name": name,
+            "samples": [
+                {"name": "S", "data": s, "modifiers": mu},
+                {"name": "B", "data": b, "modifiers": stat},
+            ],
+        }
+
+    spec = {
+        "channels": [channel("SR", [15.0, 6.0], [20.0, 20.0]), channel("CR", [0.5, 0.5], [90, 80])],
+        "observations": [{"name": "SR", "data": SR_DATA}, {"name": "CR", "data": [93.0, 77.0]}],
+        "measurements": [{"name": "m", "config": {"poi": "mu", "parameters": []}}],
+        "version": "1.0.0",
+    }
+    if blinded:
+        spec = blind_workspace(spec, ["SR"])
+    results = folder / ("blinded" if blinded else "unblinded")
+    (results / "start").mkdir(parents=True)
+    workspace = Workspace.from_spec(spec)
+    model = workspace.model()
+    result = significance(model, workspace.data(model)).to_dict()
+    (results / "start" / "workspace.json").write_text(json.dumps(spec))
+    (results / "start" / "significance.json").write_text(json.dumps(result))
+    if blinded:
+        record = {"blinded": True, "signal_regions": ["SR"], "control_regions": ["CR"]}
+        (results / "blinding.json").write_text(json.dumps(record))
+    return results
+
+
+def _report(*args: str):
+    from click.testing import CliRunner
+
+    from analysis.cli import main
+
+    return CliRunner().invoke(main, ["report", *args])
+
+
+def test_report_on_a_folder_without_results_is_a_one_line_error(tmp_path):
+    config = _analysis_yaml(tmp_path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a result")
+    output = tmp_path / "report.html"
+    result = _report(str(tmp_path / "other"), "--config", str(config), "-o", str(output))
+    assert result.exit_code == 2
+    message = result.output.strip()
+    assert "\n" not in message and str(tmp_path / "other") in message
+    assert "not a diffana results folder" in message and "optimize/result.json" in message
+    assert not output.exists()
+
+
+def test_blinded_and_unblinded_reports_of_partial_results(tmp_path):
+    """What is there is shown and what is missing is named at the top; blinded, no SR data row
+    and no observed row; results made unblinded are left out of a blinded report and shown,
+    with the observed significance, by --unblind."""
+    import json
+
+    config = _analysis_yaml(tmp_path)
+    pages = {}
+    for blinded in (True, False):
+        results = _results(tmp_path, blinded=blinded)
+        for unblind in (False, True):
+            output = tmp_path / f"{results.name}_{unblind}.html"
+            args = [str(results), "--config", str(config), "-o", str(output)]
+            result = _report(*args, *(["--unblind"] if unblind else []))
+            assert result.exit_code == 0, result.output
+            pages[blinded, unblind] = output.read_text()
+    sr_total, cr_total = format_value(sum(SR_DATA)), format_value(93.0 + 77.0)
+    for (blinded, unblind), page in pages.items():
+        notice = Parsed(page).tables[0]  # (the notice precedes the summary table)
+        assert page.index('class="notice"') < page.index('class="summary"')
+        assert "Missing from" in page and "optimize/result.json" in page
+        shows_results = blinded or unblind
+        assert ("Results before and after optimization" in page) == shows_results
+        assert (f'<td class="num">{sr_total}</td>' in page) == (unblind and not blinded)
+        assert (f'<td class="num">{cr_total}</td>' in page) == shows_results  # CR data row
+        assert ("observed significance Z0" in page) == (unblind and not blinded)
+        assert ("UNBLINDED" in page) == (unblind and not blinded)
+        assert notice[0][0] == "blinding"
+    observed = json.loads((tmp_path / "unblinded/start/significance.json").read_text())
+    z = format_value(observed["observed"]["significance"])
+    assert f'<td class="num">{z}</td>' in pages[False, True]
+    assert z not in pages[False, False] and z not in pages[True, False]
+    assert "left out" in pages[False, False]  # results made from the SR data
+    assert "--unblind was given, but these results are blinded" in pages[True, True]

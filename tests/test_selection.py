@@ -332,7 +332,8 @@ def test_selection_weight_hard_limit_and_mixed_temperatures(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_selection_weights_of_several_sets_equal_separate_calls(device):
-    sets = [selection_columns(n, seed, device) for n, seed in ((3000, 1), (17, 2), (1, 3))]
+    sizes = ((3000, 1), (17, 2), (1, 3), (0, 4))  # a set without events too
+    sets = [selection_columns(n, seed, device) for n, seed in sizes]
     thresholds = torch.tensor([c for _, c, _ in SPEC], dtype=torch.float64, device=device)
     thresholds.requires_grad_()
     taus = [5.0, 10.0, 0.05, 0.0]

@@ -20,6 +20,8 @@ import pyhf
 import pytest
 import yaml
 
+from analysis.report import format_value
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EVENTS, STEPS = 20000, 20
 REPORT_SECTIONS = [
@@ -89,11 +91,12 @@ def test_every_declared_output_exists_and_a_second_run_does_nothing(workflow):
     ).stdout
     outputs = [line.split("\t")[0] for line in summary.splitlines()[1:] if line.strip()]
     # 5 ROOT files, optimize/{result,cuts}.json, cutflow.json, report.html; per cut set 8 JSON
-    # results and PNG + PDF of pre-/post-fit per region, pulls, correlation, ranking, scan, CLs;
+    # results and PNG + PDF of pre-/post-fit per region, pulls, correlation, ranking, scan and
+    # the CLs figure (blinded: expected only);
     # PNG + PDF of the optimization history, soft-vs-hard and cut flow (per region)
     regions = len(yaml.safe_load((ROOT / "models" / "dimuon.yaml").read_text())["Regions"])
-    # and the folder of systematic-template plots
-    expected = 5 + 2 + 1 + 1 + 2 * (8 + 2 * (2 * regions + 5)) + 2 * (1 + 2 * regions) + 1
+    # the folder of systematic-template plots and blinding.json
+    expected = 5 + 2 + 1 + 1 + 2 * (8 + 2 * (2 * regions + 5)) + 2 * (1 + 2 * regions) + 1 + 1
     assert len(outputs) == expected, outputs
     for name in outputs:
         path = folder / name
@@ -118,7 +121,8 @@ def test_results_agree_with_independent_computations(workflow):
         histograms = json.loads((results / cuts / "histograms.json").read_text())
         # the cut flow's last step is what the histograms hold
         flow = cutflow[cuts]["SR"]
-        for sample in workspace["channels"][0]["samples"]:
+        channel = next(c for c in workspace["channels"] if c["name"] == "SR")
+        for sample in channel["samples"]:
             name = sample["name"]
             total = sum(histograms["SR"][name]["nominal"]["yields"])
             assert flow["yields"][name][-1] == pytest.approx(total, rel=1e-9, abs=1e-9)
@@ -150,7 +154,7 @@ def test_report_has_every_section_and_its_images_are_not_blank(workflow):
     report = _Report()
     report.feed(text)
     assert report.headings[1:] == REPORT_SECTIONS  # after "Contents"
-    # per cut set: pre-fit, post-fit, pulls, correlation, ranking, scan, CLs; plus the
+    # per cut set: pre-fit, post-fit, pulls, correlation, ranking, scan, CLs (expected only); the
     # optimization history, soft against hard, the cut flow and one figure per (region,
     # sample, systematic) with variations at the optimized cuts
     histograms = json.loads((folder / "results/dimuon/optimized/histograms.json").read_text())
@@ -161,9 +165,11 @@ def test_report_has_every_section_and_its_images_are_not_blank(workflow):
         for variation in variations
         if variation != "nominal"
     }
-    assert len(varied) == 8  # 4 MC samples x (MuonScale, MuonEfficiency)
+    assert len({(sample, syst) for _, sample, syst in varied}) == 8  # 4 MC samples x 2
+    regions = len(histograms)
     # + 1: the effective MC events per bin at the initial and best cuts (optimization section)
-    assert len(report.images) == 2 * 7 + 3 + len(varied) + 1
+    expected = 2 * (2 * regions + 5) + 1 + 2 * regions + len(varied) + 1
+    assert len(report.images) == expected
     for src in report.images:
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix)
@@ -217,3 +223,249 @@ def test_demo_files_are_generated_only_for_an_analysis_that_reads_them(
     assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = [line.split()[0] for line in proc.stdout.splitlines() if line[:1].isalpha()]
     assert ("generate" in jobs) == generates, proc.stdout[-2000:]
+
+
+# ----------------------------------------------------------------------------- any analysis
+TINY_EDGES = [0.0, 1.0, 2.0, 3.0, 4.0]
+TINY_CUT = 0.2  # SR and CR: y > TINY_CUT (trainable; the optimizer may move it)
+
+
+def _tiny_columns(rng, n, x_scale, signal_fraction_sr):
+    """x: the observable; y: the cut variable; z > 0 selects the SR, z <= 0 the CR."""
+    return {
+        "x": rng.exponential(x_scale, n).clip(0.0, 3.999),
+        "y": rng.uniform(0.0, 1.0, n),
+        "z": np.where(rng.uniform(size=n) < signal_fraction_sr, 1.0, -1.0),
+        "w": np.full(n, 0.5),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small analysis unlike the demo, run by snakemake from a path outside models/: one
+    Signal and one Control region, a free background normalisation, only a Normalization
+    systematic (no shape variations), and data with a large excess in the signal region.
+    Returns (working directory, results folder, observed SR counts, the raw columns)."""
+    from tests.conftest import write_tree
+
+    folder = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(11)
+    columns = {
+        "sig": _tiny_columns(rng, 400, 0.6, 0.95),  # signal: low x, mostly in the SR
+        "bkg": _tiny_columns(rng, 3000, 2.0, 0.3),  # background: flat-ish x, mostly in the CR
+    }
+    # pseudo-data: the background (weight 0.5) and three times the signal
+    bkg = _tiny_columns(rng, 1500, 2.0, 0.3)
+    sig = _tiny_columns(rng, 600, 0.6, 0.95)
+    columns["data"] = {k: np.concatenate([bkg[k], sig[k]]) for k in ("x", "y", "z")}
+    inputs = folder / "inputs"
+    inputs.mkdir()
+    for name in ("sig", "bkg"):
+        write_tree(inputs / "mc.root", name, columns[name])
+    write_tree(inputs / "data.root", "data", columns["data"])
+    cut = {"Name": "ycut", "Variable": "y", "Direction": ">", "Value": TINY_CUT}
+    analysis = {
+        "General": {
+            "Measurement": "tiny",
+            "POI": "mu",
+            "InputPath": str(inputs / "{SamplePath}"),
+        },
+        "Regions": [
+            {
+                "Name": "SR",
+                "Variable": "x",
+                "Binning": TINY_EDGES,
+                "Filter": "z > 0",
+                "Cuts": [{**cut, "Bounds": [0.0, 0.6]}],
+            },
+            {
+                "Name": "CR",
+                "Type": "Control",
+                "Variable": "x",
+                "Binning": TINY_EDGES,
+                "Filter": "z <= 0",
+                "Cuts": [{**cut, "Name": "ycut_cr", "Trainable": False}],
+            },
+        ],  # fmt: skip
+        "Samples": [
+            {"Name": "Data", "Tree": "data", "SamplePath": "data.root", "Data": True},
+            {"Name": "Signal", "Tree": "sig", "SamplePath": "mc.root", "Weight": "w"},
+            {"Name": "Background", "Tree": "bkg", "SamplePath": "mc.root", "Weight": "w"},
+        ],
+        "NormFactors": [
+            {"Name": "mu", "Samples": "Signal", "Nominal": 1, "Bounds": [0, 20]},
+            {"Name": "k_bkg", "Samples": "Background", "Nominal": 1, "Bounds": [0.1, 5]},
+        ],
+        "Systematics": [
+            {
+                "Name": "Lumi",
+                "Type": "Normalization",
+                "Up": {"Normalization": 0.02},
+                "Down": {"Normalization": -0.02},
+            },
+        ],  # fmt: skip
+        "Optimization": {"Steps": 2, "EvaluateEvery": 1},
+    }
+    (folder / "analyses").mkdir()
+    (folder / "analyses" / "sr_cr.yaml").write_text(yaml.safe_dump(analysis))
+    bin_dir = pathlib.Path(sys.executable).parent
+    env = dict(os.environ, PATH=os.pathsep.join([str(bin_dir), os.environ["PATH"]]))
+    env["OMP_NUM_THREADS"] = "1"
+    snakemake = [
+        str(bin_dir / "snakemake"),
+        "-c2",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(folder),
+    ]
+    settings = ["--config", "analysis=analyses/sr_cr.yaml", "device=cpu", "steps=2"]
+    results = folder / "results" / "sr_cr"
+
+    def run(command):
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    def report(*options):
+        command = [str(bin_dir / "diffana"), "report", str(results), "--config"]
+        command += [str(folder / "analyses" / "sr_cr.yaml"), *options, "--output"]
+        run([*command, str(folder / f"report{'_'.join(options)}.html")])
+        return (folder / f"report{'_'.join(options)}.html").read_text()
+
+    # the whole DAG: no template plots without shape systematics, the report at the end
+    jobs = run([*snakemake, "-n", *settings])
+    # one real run of the rules blinding touches, at the starting cuts (a full run takes ~40
+    # diffana processes; the demo's full run above draws the blinded distributions); the
+    # report on this partial folder names what is missing
+    targets = ["blinding.json", "start/significance.json"]
+    run([*snakemake, *(f"results/sr_cr/{t}" for t in targets), *settings])
+    blinded = {p.relative_to(results).as_posix(): p.read_text() for p in results.rglob("*.json")}
+    blinded["report.html"] = report()
+    # unblinded: the workspace and significance are remade with the signal region's data
+    run([*snakemake, *(f"results/sr_cr/{t}" for t in targets), *settings, "unblind=true"])
+    unblinded = {p.relative_to(results).as_posix(): p.read_text() for p in results.rglob("*.json")}
+    unblinded["report.html"] = report("--unblind")
+    data = columns["data"]
+    observed = {}
+    for region, selected in (("SR", data["z"] > 0), ("CR", data["z"] <= 0)):
+        keep = selected & (data["y"] > TINY_CUT)
+        observed[region] = np.histogram(data["x"][keep], TINY_EDGES)[0].astype(float)
+    return {"jobs": jobs, "blinded": blinded, "unblinded": unblinded, "observed": observed}
+
+
+def _number_lists(node):
+    """Every list of numbers inside a JSON document."""
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _number_lists(value)
+    elif isinstance(node, list):
+        if node and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in node):
+            yield node
+        for value in node:
+            yield from _number_lists(value)
+
+
+def _contains_run(values, run):
+    n = len(run)
+    return any(list(values[i : i + n]) == list(run) for i in range(len(values) - n + 1))
+
+
+def _text(html_text):
+    """The report without its embedded images."""
+    import re
+
+    return re.sub(r'src="data:image/png;base64,[^"]*"', "", html_text)
+
+
+def _real_workspace(blinded_workspace, observed_sr):
+    spec = json.loads(blinded_workspace)
+    for observation in spec["observations"]:
+        if observation["name"] == "SR":
+            observation["data"] = observed_sr.tolist()
+    return spec
+
+
+def test_tiny_analysis_has_no_template_rule_and_ends_with_the_report(tiny):
+    jobs = [line.split()[0] for line in tiny["jobs"].splitlines() if line[:1].isalpha()]
+    assert "report" in jobs and "blinding" in jobs
+    assert "plot_templates" not in jobs  # only Normalization systematics: nothing to draw
+
+
+def test_blinded_signal_region_data_appear_in_no_result(tiny):
+    """The observed SR counts (numpy on the ROOT file's arrays) are in no JSON file of the
+    blinded run and not in its report; the unblinded run has them (the check can fail)."""
+    observed = tiny["observed"]
+    for files, present in ((tiny["blinded"], False), (tiny["unblinded"], True)):
+        json_files = {
+            name: json.loads(text) for name, text in files.items() if name.endswith("json")
+        }
+        hits = [
+            name
+            for name, payload in json_files.items()
+            for values in _number_lists(payload)
+            if _contains_run(values, observed["SR"])
+        ]
+        assert bool(hits) == present, hits
+        cell = f'<td class="num">{int(observed["SR"].sum())}</td>'  # the SR data row's total
+        assert (cell in _text(files["report.html"])) == present
+        # the control region's data are shown either way
+        assert f'<td class="num">{int(observed["CR"].sum())}</td>' in files["report.html"]
+    histograms = json.loads(tiny["blinded"]["start/histograms.json"])
+    assert "Data" not in histograms["SR"]
+    assert histograms["CR"]["Data"]["nominal"]["yields"] == observed["CR"].tolist()
+
+
+def test_blinded_workspace_holds_the_control_region_fitted_asimov_data(tiny):
+    """SR observation = expected yields at mu = 1 (the NormFactor's Nominal) and the other
+    parameters fitted to the CR alone: pyhf's fit of the pruned workspace as reference."""
+    spec = json.loads(tiny["blinded"]["start/workspace.json"])
+    observations = {o["name"]: o["data"] for o in spec["observations"]}
+    assert observations["CR"] == tiny["observed"]["CR"].tolist()
+    workspace = pyhf.Workspace(spec)
+    control = workspace.prune(channels=["SR"])
+    cr_model = control.model(poi_name=None)
+    names = cr_model.config.par_order
+    fixed = cr_model.config.suggested_fixed()
+    init = cr_model.config.suggested_init()
+    assert "mu" in names  # the signal leaks into the CR: mu is held at 1 there
+    fixed[cr_model.config.par_slice("mu").start] = True
+    best = pyhf.infer.mle.fit(control.data(cr_model), cr_model, init_pars=init, fixed_params=fixed)
+    model = workspace.model()
+    pars = np.asarray(model.config.suggested_init(), dtype=float)
+    for name in names:
+        pars[model.config.par_slice(name)] = best[cr_model.config.par_slice(name)]
+    k_bkg = pars[model.config.par_slice("k_bkg")][0]
+    assert abs(k_bkg - 1.0) > 0.05  # the CR data pull the background normalisation
+    expected = model.expected_actualdata(pars)[model.config.channel_slices["SR"]]
+    np.testing.assert_allclose(observations["SR"], expected, rtol=2e-3)
+
+
+def test_blinded_report_shows_expected_results_only_and_unblinded_the_observed(tiny):
+    blinded, unblinded = tiny["blinded"], tiny["unblinded"]
+    real = pyhf.Workspace(_real_workspace(blinded["start/workspace.json"], tiny["observed"]["SR"]))
+    model = real.model()
+    observed_p0, expected_p0 = pyhf.infer.hypotest(
+        0.0, real.data(model), model, test_stat="q0", return_expected=True
+    )
+    significance = json.loads(unblinded["start/significance.json"])
+    assert significance["observed"]["p_value"] == pytest.approx(float(observed_p0), rel=2e-2)
+    z_observed = significance["observed"]["significance"]
+    assert z_observed > significance["expected"]["significance"] + 1  # the data's excess
+    text = format_value(z_observed)
+    assert f'<td class="num">{text}</td>' in unblinded["report.html"]
+    assert "<td>observed significance Z0</td>" in unblinded["report.html"]
+    assert "UNBLINDED" in unblinded["report.html"]
+    # blinded: the significance of the blinded workspace is an expected one, far from the real
+    blinded_significance = json.loads(blinded["start/significance.json"])
+    assert abs(blinded_significance["observed"]["significance"] - z_observed) > 1
+    page = _text(blinded["report.html"])
+    assert text not in page
+    labels = ("observed significance Z0", "observed p-value", "observed 95% CLs upper limit")
+    assert not [label for label in labels if f"<td>{label}</td>" in page]
+    assert "BLINDED: the data of the signal regions (SR) are hidden" in page
+    assert "control regions (CR) show their data" in page
+    assert page.index("BLINDED") < page.index("<nav>")  # at the top
+    # the partial folder: what is there is shown, what is missing is named
+    assert "Missing from" in page and "optimize/result.json" in page
+    assert "expected significance Z0" in page and "Fit at the start cuts" in page

@@ -257,3 +257,109 @@ def test_a_bin_with_signal_but_no_background_gets_the_floor(toy):
     bare = pyhf.Workspace(workspace.build(dataclasses.replace(cfg, general=general), hists))
     with np.errstate(all="ignore"):
         assert not np.isfinite(bare.model().logpdf(pars, asimov)[0])
+
+
+def test_symmetrized_template_is_cabinetrys_mirror_also_where_negative(toy):
+    """The toy's Modeling (Background: Up from another tree, Down Symmetrize), with the Up
+    template set to 5 times the nominal in the last bin, so that its normalised value there
+    exceeds twice the nominal:
+    the mirrored template ``2 n - v/k`` is negative in that bin and written as such, as
+    cabinetry's ``_symmetrized_templates_and_norm`` (``2 * reference - variation``, no floor)
+    does; the normsys is ``(k, 2 - k)``. The total prediction stays positive at the nominal
+    parameters (pyhf's likelihood is finite). With the nominal emptied in that bin, the yield
+    floor's pad is added to the mirrored template like to the nominal, and nothing else
+    changes (the documented semantics: the floor concerns the nominal background)."""
+    cfg = configuration.from_dict(copy.deepcopy(toy.config))
+    original = hard_histograms(cfg)
+    hists = dict(original)
+    region = cfg.regions[0].name
+    up_key = (region, "Background", "Modeling_Up")
+    up = hists[up_key]
+    nominal = hists[(region, "Background", "nominal")]
+    scale = torch.ones_like(up.yields)
+    scale[-1] = 5.0 * nominal.yields[-1] / up.yields[-1]
+    hists[up_key] = Histogram(up.edges, up.yields * scale, up.sumw2 * scale**2)
+
+    def modeling(spec):
+        channel = spec["channels"][0]
+        background = next(s for s in channel["samples"] if s["name"] == "Background")
+        found = {m["type"]: m["data"] for m in background["modifiers"] if m["name"] == "Modeling"}
+        return background["data"], found["normsys"], found["histosys"]
+
+    n = hists[(region, "Background", "nominal")].yields.numpy()
+    v = hists[up_key].yields.numpy()
+    k = v.sum() / n.sum()  # cabinetry: normalize_to_yield
+    mirrored = 2 * n - v / k
+    assert mirrored[-1] < 0 < n[-1]
+    spec = workspace.build(cfg, hists)
+    data, normsys, histosys = modeling(spec)
+    np.testing.assert_allclose(histosys["hi_data"], v / k, rtol=1e-12)
+    np.testing.assert_allclose(histosys["lo_data"], mirrored, rtol=1e-12, atol=1e-12)
+    assert histosys["lo_data"][-1] < 0
+    assert normsys["hi"] == pytest.approx(k, rel=1e-12)
+    assert normsys["lo"] == pytest.approx(2 - k, rel=1e-12)
+    assert data == n.tolist()  # populated: no floor
+    ws = pyhf.Workspace(spec)
+    model = ws.model()
+    assert np.isfinite(model.logpdf(model.config.suggested_init(), ws.data(model))[0])
+
+    # the nominal background emptied in the last bin: the floor pads nominal and mirror alike
+    keep = torch.ones_like(nominal.yields)
+    keep[-1] = 0.0
+    hists[(region, "Background", "nominal")] = Histogram(
+        nominal.edges, nominal.yields * keep, nominal.sumw2 * keep
+    )
+    n0 = n * keep.numpy()
+    k0 = v.sum() / n0.sum()
+    data, normsys, histosys = modeling(workspace.build(cfg, hists))
+    pad = data[-1]
+    assert pad > 0 and data[:-1] == n0[:-1].tolist()
+    np.testing.assert_allclose(histosys["lo_data"][-1], -v[-1] / k0 + pad, rtol=1e-12)
+    np.testing.assert_allclose(histosys["lo_data"][:-1], (2 * n0 - v / k0)[:-1], rtol=1e-12)
+    assert normsys["lo"] == pytest.approx(2 - k0, rel=1e-12)
+
+    # a systematic's Weight replaces the sample's (cabinetry's templates.builder._weight: the
+    # override is used instead of the sample's Weight, not multiplied with it): WeightSys Up
+    # "weight_up" (= 1.1 weight in the files) gives 1.1 times the nominal, not weight^2 * 1.1
+    for sample in ("Background", "Signal"):
+        nominal_yields = original[(region, sample, "nominal")].yields
+        up_yields = original[(region, sample, "WeightSys_Up")].yields
+        down_yields = original[(region, sample, "WeightSys_Down")].yields
+        torch.testing.assert_close(up_yields, 1.1 * nominal_yields, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(down_yields, 0.95 * nominal_yields, rtol=1e-12, atol=1e-12)
+
+
+def test_a_variation_cut_away_keeps_the_systematic_unsplit(toy):
+    """A variation whose events the cuts removed entirely while the nominal kept some (the
+    demo's ttbar in the Drell-Yan control region at hard shared muon cuts) has no norm factor
+    ``k = sum(v) / sum(n) > 0``: the systematic keeps normsys hi = lo = 1 and the raw variations
+    as histosys templates, so the workspace holds no NaN and pyhf's prediction at alpha = +1 is
+    the (empty) variation, at alpha = -1 the other side."""
+    raw = copy.deepcopy(toy.config)
+    next(s for s in raw["Systematics"] if s["Name"] == "WeightSys")["Samples"] = "Signal"
+    cfg = configuration.from_dict(raw)
+    hists = hard_histograms(cfg)
+    region, sample = cfg.regions[0].name, "Signal"
+    syst = next(s for s in cfg.systematics if s.name == "WeightSys")  # on the signal only
+    up_key = (region, sample, f"{syst.name}_Up")
+    emptied = dict(hists)
+    up = hists[up_key]
+    emptied[up_key] = Histogram(up.edges, up.yields * 0, up.sumw2 * 0)
+    spec = workspace.build(cfg, emptied)
+    json.dumps(spec, allow_nan=False)  # no NaN anywhere
+    channel = next(c for c in spec["channels"] if c["name"] == region)
+    entry = next(s for s in channel["samples"] if s["name"] == sample)
+    modifiers = {(m["name"], m["type"]): m["data"] for m in entry["modifiers"]}
+    assert modifiers[(syst.modifier_name, "normsys")] == {"hi": 1.0, "lo": 1.0}
+    down = hists[(region, sample, f"{syst.name}_Down")].yields.numpy()
+    histosys = modifiers[(syst.modifier_name, "histosys")]
+    np.testing.assert_array_equal(histosys["hi_data"], 0.0)
+    np.testing.assert_allclose(histosys["lo_data"], down, rtol=1e-12)
+    model = pyhf.Workspace(spec).model()
+    pars = model.config.suggested_init()
+    others = model.expected_actualdata(pars)[: len(down)] - np.asarray(entry["data"])
+    for alpha, expected in ((1.0, 0.0 * down), (-1.0, down)):
+        shifted = list(pars)
+        shifted[model.config.par_slice(syst.modifier_name).start] = alpha
+        signal = model.expected_actualdata(shifted)[: len(down)] - others
+        np.testing.assert_allclose(signal, expected, rtol=1e-9, atol=1e-9)

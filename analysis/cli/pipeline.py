@@ -67,13 +67,49 @@ def generate(
 
 @click.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=pathlib.Path))
+@click.option(
+    "--data",
+    is_flag=True,
+    help="Also open the input files: check every tree and branch, and evaluate every "
+    "expression on the first --entries entries of each file (no histogram is filled); "
+    "every problem is printed, one line each.",
+)
+@click.option(
+    "--entries",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    metavar="N",
+    help="With --data: entries per file the expressions are evaluated on.",
+)
 @common_options
-def validate(config_path: pathlib.Path, output: pathlib.Path | None) -> None:
-    """Validate an analysis configuration (schema and semantics)."""
+def validate(
+    config_path: pathlib.Path, data: bool, entries: int, output: pathlib.Path | None
+) -> None:
+    """Validate an analysis configuration (schema, names, expressions, Definition cycles;
+    no file is opened); with --data also its input files.
+
+    Example: diffana validate models/dimuon.yaml --data
+    """
     from analysis import config as configuration
 
-    configuration.load(config_path)
-    emit({"valid": True}, output)
+    config = configuration.load(config_path)
+    if not data:
+        emit({"valid": True}, output)
+        return
+    if config.general.input_type == "histogram":
+        from analysis.histogram_inputs import read_histograms
+
+        emit({"valid": True, "histograms": len(read_histograms(config))}, output)
+        return
+    from analysis.io import check_inputs
+
+    result = check_inputs(config, entries=entries)
+    if result.problems:
+        for problem in result.problems:
+            click.echo(f"Error: {problem}", err=True)
+        click.get_current_context().exit(2)
+    emit(result.to_dict(), output)
 
 
 @click.command()
@@ -102,13 +138,61 @@ def workspace(
 
 
 def _out_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--out DIR``: the run's folder (optimize, scan-cuts). Not ``-o/--output FILE``, which
+    every command has for its JSON (DESIGN.md, CLI contract)."""
     return click.option(
         "--out",
         "out_dir",
         type=click.Path(file_okay=False, path_type=pathlib.Path),
         required=True,
-        help="Folder for result.json and cuts.json (and checkpoint.pt).",
+        metavar="DIR",
+        help="Folder the run writes into: DIR/result.json, DIR/cuts.json (the best cuts, for "
+        "--cuts of other commands) and DIR/checkpoint.pt. -o/--output FILE is another thing: "
+        "where the JSON summary (the content of result.json) is printed, stdout by default.",
     )(func)
+
+
+def _objective_names() -> tuple[str, ...]:
+    """The objectives' registry names (:data:`analysis.objectives.OBJECTIVES`), as the config
+    schema's ``Optimization.Objective`` enum lists them (tests keep the two equal): read from
+    the schema so that ``--help`` imports no torch."""
+    import json
+    from importlib import resources
+
+    schema = json.loads(resources.files("analysis").joinpath("schemas/config.json").read_text())
+    return tuple(schema["definitions"]["optimization"]["properties"]["Objective"]["enum"])
+
+
+def _objective_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--objective",
+        type=click.Choice(_objective_names()),
+        default=None,
+        help="Figure of merit (default: the config's Optimization.Objective).",
+    )(func)
+
+
+def check_run_outputs(out_dir: pathlib.Path, output: pathlib.Path | None) -> None:
+    """Refuse (OutputError, exit 2) an ``--output FILE`` that is ``--out DIR`` itself or a file
+    the run writes in it (result.json, cuts.json, checkpoint.pt): the JSON summary would
+    replace the best cuts or the checkpoint."""
+    from analysis.errors import OutputError
+    from analysis.optimize import CHECKPOINT, CUTS, RESULT
+
+    if output is None:
+        return
+    target, folder = output.resolve(), out_dir.resolve()
+    if target == folder:
+        raise OutputError(
+            f"--output {output}: is the --out folder; --output takes a FILE for the JSON "
+            f"summary (e.g. {out_dir / 'summary.json'}), --out the folder of the run"
+        )
+    if target.parent == folder and target.name in (RESULT, CUTS, CHECKPOINT):
+        raise OutputError(
+            f"--output {output}: the run writes {target.name} in --out {out_dir} itself; "
+            "give --output another file name, or leave it out (DIR/result.json holds the same "
+            "JSON)"
+        )
 
 
 @click.command()
@@ -130,8 +214,11 @@ def cutflow(
     (Optimization.MinEffectiveEvents), which a warning names.
     """
     from analysis import cutflow as flows
+    from analysis.histogram_inputs import require_events
     from analysis.io import read_events
     from analysis.mc_statistics import guard_warning
+
+    require_events(start_config, "a cut flow")
 
     templates = [t for t in start_config.templates() if t.variation == "nominal"]
     events = read_events(start_config, templates, device=device, cache_dir=cache_dir)
@@ -167,7 +254,7 @@ def _report_outputs(out_dir: pathlib.Path) -> None:
 @config_options
 @common_options
 @_out_option
-@click.option("--objective", default=None, help="Objective name (default: the config's).")
+@_objective_option
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Number of Adam steps.")
 @click.option("--seed", type=int, default=None, help="Random seed (default: the config's).")
 @click.option("--resume", is_flag=True, help="Continue from DIR/checkpoint.pt.")
@@ -184,13 +271,22 @@ def optimize(
 ) -> None:
     """Optimize the trainable cuts by gradient descent (writes DIR/result.json, DIR/cuts.json).
 
+    --out DIR is the run's folder; -o/--output FILE, as in every command, receives the JSON
+    summary (the content of result.json; stdout by default) and may not be DIR or a file in it
+    that the run writes.
+
     Fails at once (exit 2) when DIR or --output cannot be written or another run is using DIR.
     DIR/result.json is written last: while it is absent the run has not finished. A warning
     names the bins whose background MC is below the guard (Optimization.MinEffectiveEvents)
     at the initial or the best cuts (:func:`analysis.optimize.optimize`).
+
+    Example: diffana optimize models/dimuon.yaml --out results/opt --steps 50 -o summary.json
     """
     from analysis import optimize as optimization
+    from analysis.histogram_inputs import require_events
 
+    require_events(config, "cut optimization")
+    check_run_outputs(out_dir, output)
     if output is not None:
         check_writable(output)
     result = optimization.optimize(
@@ -213,7 +309,7 @@ def optimize(
 @_out_option
 @click.option("--method", type=click.Choice(["grid", "random"]), required=True)
 @click.option("--budget", type=click.IntRange(min=1), required=True, help="Hard evaluations.")
-@click.option("--objective", default=None, help="Objective name (default: the config's).")
+@_objective_option
 @click.option("--seed", type=int, default=None, help="Random seed (default: the config's).")
 def scan_cuts(
     config: Any,
@@ -228,13 +324,22 @@ def scan_cuts(
 ) -> None:
     """Grid or random search of the trainable cuts, hard evaluations only (the baseline).
 
+    --out DIR is the run's folder; -o/--output FILE, as in every command, receives the JSON
+    summary (the content of result.json; stdout by default) and may not be DIR or a file in it
+    that the run writes.
+
     Fails at once (exit 2) when DIR or --output cannot be written or another run is using DIR.
     DIR/result.json is written last: while it is absent the run has not finished. A warning
     names the bins whose background MC is below the guard (Optimization.MinEffectiveEvents)
     at the initial or the best cuts (:func:`analysis.optimize.optimize`).
+
+    Example: diffana scan-cuts models/dimuon.yaml --method random --budget 200 --out results/rnd
     """
     from analysis import optimize as optimization
+    from analysis.histogram_inputs import require_events
 
+    require_events(config, "a cut scan")
+    check_run_outputs(out_dir, output)
     if output is not None:
         check_writable(output)
     result = optimization.scan_cuts(
@@ -257,18 +362,34 @@ def scan_cuts(
 )
 @click.option("--config", "config_path", type=_json_file, required=True, help="Analysis YAML.")
 @click.option("--output", "-o", type=_json_file, required=True, help="The HTML file to write.")
+@click.option(
+    "--unblind",
+    is_flag=True,
+    help="Show the Signal regions' data and observed results (default: blinded, expected "
+    "results only; the results must also have been made unblinded: workflow unblind: true).",
+)
 @click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logging.")
 def report(
-    results: pathlib.Path, config_path: pathlib.Path, output: pathlib.Path, verbose: int
+    results: pathlib.Path,
+    config_path: pathlib.Path,
+    output: pathlib.Path,
+    unblind: bool,
+    verbose: int,
 ) -> None:
     """One self-contained HTML report of a workflow run from its RESULTS folder
     (results/<analysis>): summary, results before and after optimization, every plot and
-    table, software versions and the configuration."""
+    table, software versions and the configuration. Blinded by default: the data of the
+    Signal regions are hidden and only expected results are shown; a notice at the top says
+    so and names what is missing from RESULTS. A folder with no result file of the workflow
+    is an error (exit 2).
+
+    Example: diffana report results/dimuon --config models/dimuon.yaml -o report.html
+    """
     from analysis.errors import InputFileError
     from analysis.report import analysis_report
 
     _setup_logging(verbose)
     if not results.is_dir():
         raise InputFileError(f"{results}: results folder not found")
-    write_atomically(output, analysis_report(results, config_path))
+    write_atomically(output, analysis_report(results, config_path, unblind=unblind))
     click.echo(f"wrote {output}", err=True)

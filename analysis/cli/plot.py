@@ -97,13 +97,14 @@ FIT_KEYS = ("labels", "bestfit", "uncertainty", "corr_mat", "twice_nll")
 """What a ``diffana fit`` file must hold for the plots."""
 
 
-def _regions(config_path: pathlib.Path | None) -> tuple[Any, ...]:
-    """The regions of the analysis YAML ``--config`` (none without it): binning, observable."""
+def _config(config_path: pathlib.Path | None) -> Any:
+    """The analysis YAML ``--config`` (``None`` without it): binning, axis titles and units of
+    the regions, the experiment label (:mod:`analysis.plotting.labels`)."""
     if config_path is None:
-        return ()
+        return None
     from analysis import config as configuration
 
-    return configuration.load(config_path).regions
+    return configuration.load(config_path)
 
 
 @plot.command("distributions")
@@ -114,7 +115,14 @@ def _regions(config_path: pathlib.Path | None) -> tuple[Any, ...]:
     "config_path",
     type=_json_file,
     default=None,
-    help="Analysis YAML: bin edges and observable names.",
+    help="Analysis YAML: bin edges, axis titles with units (the Definitions' Unit, Label or "
+    "Description) and the experiment label (General: Experiment, Label, Luminosity, Energy).",
+)
+@click.option(
+    "--blind",
+    is_flag=True,
+    help="Draw no data in the signal regions (Regions with Type: Signal, the default) of "
+    "--config, marked 'data blinded'.",
 )
 @click.option("--log-y", is_flag=True, help="Logarithmic y axis.")
 @_plot_options
@@ -122,27 +130,31 @@ def plot_distributions(
     workspace_path: pathlib.Path,
     fit_path: pathlib.Path | None,
     config_path: pathlib.Path | None,
+    blind: bool,
     log_y: bool,
     stem: pathlib.Path,
 ) -> None:
     """Stacked pre-fit (or, with --fit, post-fit) distributions: STEM_<channel>.png/.pdf."""
     from analysis import plotting
+    from analysis.blinding import signal_regions
     from analysis.fit import FitResult
     from analysis.prediction import prediction
 
+    config = _config(config_path)
+    if blind and config is None:
+        raise click.UsageError("--blind needs --config: the analysis YAML names the signal regions")
     workspace = load_workspace(workspace_path)
     model = workspace.model()
     fit_result = None
     if fit_path is not None:
         fit_result = _read_json(fit_path, "fit", FIT_KEYS, FitResult.from_dict)
-    regions = _regions(config_path)
     figures = plotting.distributions(
         prediction(model, fit_result),
         workspace.data(model, include_auxdata=False),
-        edges={region.name: list(region.binning) for region in regions} or None,
-        observable={region.name: region.variable for region in regions} or None,
         log_y=log_y,
         signal=workspace.signal_samples(),
+        config=config,
+        blinded=signal_regions(config) if blind else (),
     )
     for channel, figure in figures.items():
         _save(figure, stem.with_name(f"{stem.name}_{channel}"))
@@ -226,7 +238,7 @@ def plot_ranking(
     "config_path",
     type=_json_file,
     default=None,
-    help="Analysis YAML: observable names.",
+    help="Analysis YAML: axis titles with units and the experiment label.",
 )
 @_plot_options
 def plot_templates(
@@ -237,11 +249,11 @@ def plot_templates(
     from analysis.errors import ConfigError
     from analysis.plotting import templates
 
-    observable = {region.name: region.variable for region in _regions(config_path)} or None
+    config = _config(config_path)
     figures = _read_json(
         histograms_path,
         "histograms (region -> sample -> variation -> edges, yields, sumw2)",
-        parse=lambda payload: templates(payload, observable=observable),
+        parse=lambda payload: templates(payload, config=config),
     )
     if not figures:
         raise ConfigError(f"{histograms_path}: no systematic variations (<name>_Up/_Down) in it")
@@ -264,31 +276,74 @@ def plot_scan(scan_path: pathlib.Path, stem: pathlib.Path) -> None:
     )
 
 
+_LABEL_CONFIG = click.option(
+    "--config",
+    "config_path",
+    type=_json_file,
+    default=None,
+    help="Analysis YAML: the experiment label (General: Experiment, Label, Luminosity, Energy).",
+)
+
+
 @plot.command("cls")
 @click.argument("limit_path", metavar="LIMIT", type=_json_file)
 @click.option("--log-y", is_flag=True, help="Logarithmic CLs axis.")
+@click.option(
+    "--blind",
+    is_flag=True,
+    help="Expected CLs and limit only (no observed curve or limit): for blinded results.",
+)
+@_LABEL_CONFIG
 @_plot_options
-def plot_cls(limit_path: pathlib.Path, log_y: bool, stem: pathlib.Path) -> None:
+def plot_cls(
+    limit_path: pathlib.Path,
+    log_y: bool,
+    blind: bool,
+    config_path: pathlib.Path | None,
+    stem: pathlib.Path,
+) -> None:
     """CLs against the POI with the expected bands and the limits (the Brazil plot)."""
     from analysis.inference import HypotestResult, LimitResult
     from analysis.plotting import cls_brazil
+    from analysis.plotting.labels import ExperimentLabel
+
+    experiment = ExperimentLabel.from_config(_config(config_path))
 
     def figure(payload: Any) -> Any:
         curve = HypotestResult.from_scan(payload["scan"])
-        return cls_brazil(curve, LimitResult.from_dict(payload), log_y=log_y)
+        limit = LimitResult.from_dict(payload)
+        return cls_brazil(curve, limit, log_y=log_y, experiment=experiment, observed=not blind)
 
     _save(_read_json(limit_path, "limit", ("cl", "observed", "expected", "scan"), figure), stem)
 
 
 @plot.command("optimization")
 @click.argument("result_path", metavar="RESULT", type=_json_file)
+@click.option(
+    "--config",
+    "config_path",
+    type=_json_file,
+    default=None,
+    help="Analysis YAML: the units of the cut variables.",
+)
 @_plot_options
-def plot_optimization(result_path: pathlib.Path, stem: pathlib.Path) -> None:
+def plot_optimization(
+    result_path: pathlib.Path, config_path: pathlib.Path | None, stem: pathlib.Path
+) -> None:
     """History of an optimization (result.json): metrics, cut values, schedule."""
     from analysis.plotting import optimization_history
 
+    config = _config(config_path)
     keys = ("objective", "history")
-    _save(_read_json(result_path, "optimization result", keys, optimization_history), stem)
+    _save(
+        _read_json(
+            result_path,
+            "optimization result",
+            keys,
+            lambda payload: optimization_history(payload, config=config),
+        ),
+        stem,
+    )
 
 
 @plot.command("soft-vs-hard")
@@ -319,6 +374,7 @@ def plot_soft_vs_hard(
     from analysis.optimize import schedule
     from analysis.pipeline import AnalysisPipeline
     from analysis.plotting import soft_vs_hard
+    from analysis.plotting.labels import ExperimentLabel, region_axes
 
     settings = config.optimization
     if result_path is not None:
@@ -338,13 +394,17 @@ def plot_soft_vs_hard(
     )
     with torch.no_grad():
         soft, hard = pipeline.histograms(tau, bandwidth), pipeline.histograms(0.0, 0.0)
+    experiment = ExperimentLabel.from_config(config)
     for region in config.regions:
         keys = [(region.name, sample.name, "nominal") for sample in config.samples_in(region)]
+        _, title, unit = region_axes(config, region.name)
         figure = soft_vs_hard(
             {key[1]: soft[key] for key in keys},
             {key[1]: hard[key] for key in keys},
-            observable=region.variable,
-            text=f"{region.name}: tau = {tau:.3g}, bandwidth = {bandwidth:.3g} bins",
+            observable=title or region.variable,
+            text=f"{region.name}\n$\\tau$ = {tau:.3g}\nbandwidth = {bandwidth:.3g} bins",
+            unit=unit,
+            experiment=experiment,
         )
         _save(figure, stem.with_name(f"{stem.name}_{region.name}"))
 

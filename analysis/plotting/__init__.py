@@ -8,10 +8,18 @@ the ``diffana`` commands write. Write figures with :func:`save_figure`.
 
 Distributions (:mod:`analysis.plotting.data_mc`)
     ``distribution(prediction, channel, data=None, *, edges=None, observable=None,
-    log_y=False, text=None)``: stacked pre-/post-fit samples of one channel
-    (:func:`analysis.prediction.prediction`), data with ``sqrt(n)`` error bars, hatched
-    total-uncertainty band, data/model ratio panel. ``distributions(prediction, data=None,
-    *, edges=None, observable=None, log_y=False)``: ``{channel: Figure}`` for all channels.
+    log_y=False, text=None, signal=(), unit=None, experiment=None, config=None)``: stacked
+    pre-/post-fit samples of one channel (:func:`analysis.prediction.prediction`), data with
+    Poisson (Garwood) intervals, hatched total-uncertainty band, data/model ratio panel;
+    with ``config`` the axis titles, units, bin width and experiment label come from the
+    analysis. ``distributions(prediction, data=None, *, edges=None, observable=None,
+    log_y=False, signal=(), blinded=(), config=None)``: ``{channel: Figure}`` for all channels.
+
+Labels (:mod:`analysis.plotting.labels`)
+    ``variable_label(config, variable)`` (title, unit) of a Definition (its ``Label`` /
+    ``Description`` / ``Unit``), ``events_label(edges, unit)`` ("Events / 3 GeV", "Events /
+    bin"), ``poisson_interval(counts)`` (Garwood), ``ExperimentLabel.from_config(config)``
+    (mplhep's ``exp_label`` from ``General``: Experiment, Label, Luminosity, Energy).
 
 Fit results (:mod:`analysis.plotting.fit`, after cabinetry's ``visualize``)
     ``pulls(fit_result, model, *, exclude=None, include_staterror=False)``: nuisance-parameter
@@ -26,9 +34,10 @@ Limits (:mod:`analysis.plotting.limits`)
     observed and expected CLs against the POI with the green/yellow bands.
 
 Optimization (:mod:`analysis.plotting.optimization`)
-    ``optimization_history(result, *, ncols=3)``: relaxed and hard metric, each cut, and the
-    tau/bandwidth schedule against the step. ``soft_vs_hard(soft, hard, *,
-    observable="observable", text=None)``: KDE histograms against hard ones.
+    ``optimization_history(result, *, ncols=3, config=None)``: relaxed and hard metric, each
+    cut, and the tau/bandwidth schedule against the step. ``soft_vs_hard(soft, hard, *,
+    observable="observable", text=None, unit=None, experiment=None)``: KDE histograms
+    against hard ones.
 
 Systematic variations (:mod:`analysis.plotting.templates`, after cabinetry's ``templates``)
     ``systematic_templates(nominal, up=None, down=None, *, observable="observable",

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.cutflow import CutFlow
-from analysis.plotting.style import DATA_COLOR, new_figure, styled
+from analysis.plotting.style import DATA_COLOR, new_figure, sample_colours, styled
 
 __all__ = ["cutflow_chart"]
 
@@ -126,6 +126,7 @@ def _values(flow: CutFlow, sample: str, weighted: bool) -> list[float]:
 
 
 def _colours(samples: tuple[str, ...]) -> dict[str, str]:
-    """One colour per prediction sample from matplotlib's default cycle (tab10), in order."""
-    palette = [f"C{i}" for i in range(10)]
-    return {sample: palette[i % len(palette)] for i, sample in enumerate(samples)}
+    """One colour per prediction sample: the colour the sample has in the distributions
+    (:func:`analysis.plotting.style.color` of its position among the samples sorted by name,
+    which is the likelihood model's order), so a sample looks the same in every figure."""
+    return sample_colours(samples)

@@ -130,9 +130,9 @@ def correlation_matrix(
 
     Drawn: the matrix as a red-blue image from -1 to +1 with a colour bar, parameters in the
     fit's order on both axes, and (``annotate``) each correlation above 0.005 in magnitude
-    written in its cell. Parameters fixed in the fit (all-zero row) are left out, and so is
-    every parameter whose correlations with all others are below ``pruning_threshold`` in
-    magnitude.
+    written in its cell, in a font that fits the cell (10 pt in cells of 0.6 inch).
+    Parameters fixed in the fit (all-zero row) are left out, and so is every parameter whose
+    correlations with all others are below ``pruning_threshold`` in magnitude.
 
     Returns:
         A figure with two axes: the matrix and the colour bar.
@@ -153,10 +153,20 @@ def correlation_matrix(
     ax.set_yticks(np.arange(n), labels)
     ax.tick_params(which="minor", bottom=False, top=False, left=False, right=False)
     if annotate:
+        # a cell is 0.6 inch (43 pt) wide; "-0.40" is about 3 font sizes wide
+        fontsize = 10.0
         for (row, column), value in np.ndenumerate(corr):
             if abs(value) > 0.005:
                 color = "white" if abs(value) > 0.75 else "black"
-                ax.text(column, row, f"{value:.2f}", ha="center", va="center", color=color)
+                ax.text(
+                    column,
+                    row,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    color=color,
+                    fontsize=fontsize,
+                )
     return figure
 
 

@@ -21,11 +21,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis.plotting.style import DATA_COLOR, color, new_figure, styled
+from analysis.plotting.labels import region_axes
+from analysis.plotting.style import DATA_COLOR, color, new_figure, sample_colours, styled
+
+if TYPE_CHECKING:
+    from analysis.config import Config
 
 TOTAL = "background"
 """The key of a table row that holds the summed background (the quantity the guard watches)."""
@@ -60,6 +65,7 @@ def effective_events_per_bin(
     minimum: float = 0.0,
     edges: Mapping[str, Sequence[float]] | None = None,
     observables: Mapping[str, str] | None = None,
+    config: Config | None = None,
 ) -> Figure:
     r"""Effective number of background MC events per bin, ``n_eff = (sum w)^2 / sum w^2``,
     of each background sample and of their sum, at each cut set, against the guard.
@@ -81,6 +87,9 @@ def effective_events_per_bin(
         edges: region -> bin edges (the region's ``Binning``); bin numbers ``0 .. B`` when not
             given or of the wrong length.
         observables: region -> x-axis label (the region's ``Variable``).
+        config: the analysis configuration: the edges and x-axis titles (with units,
+            :func:`analysis.plotting.labels.region_axes`) of the regions not in ``edges``
+            and ``observables``.
 
     Returns:
         A figure with one axes per region of the first cut set.
@@ -97,7 +106,15 @@ def effective_events_per_bin(
         raise ValueError("the effective-events tables have no region (no background sample)")
     for name in cut_sets[1:]:
         _check_same_shape(cut_sets[0], first, name, tables[name])
-    edges, observables = edges or {}, observables or {}
+    edges, observables = dict(edges or {}), dict(observables or {})
+    for region in regions:
+        region_edges, title, _ = region_axes(config, region)
+        if region not in edges and region_edges is not None:
+            edges[region] = region_edges
+        if region not in observables and title:
+            observables[region] = title
+    # with the configuration, each sample has its colour of the other figures
+    colours = {} if config is None else sample_colours(s.name for s in config.samples if not s.data)
     columns_max = max(len(first[region]) for region in regions)
     figure = new_figure((11.0, 1.0 + max(3.6, 0.35 * 2 * columns_max) * len(regions)))
     axes = figure.subplots(len(regions), 1, squeeze=False)[:, 0]
@@ -116,7 +133,7 @@ def effective_events_per_bin(
                     values,
                     x,
                     baseline=None,
-                    color=DATA_COLOR if total else color(j),
+                    color=DATA_COLOR if total else colours.get(column, color(j)),
                     linestyle=style,
                     linewidth=2.5 if total else 1.5,
                     label=line_label(column, cut_set),

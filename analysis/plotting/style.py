@@ -10,7 +10,7 @@ the Agg canvas and show inline in notebooks.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ParamSpec, cast
 
 import matplotlib
@@ -67,6 +67,13 @@ def styled(function: Callable[P, Figure]) -> Callable[P, Figure]:
 def color(index: int) -> str:
     """The ``index``-th colour of :data:`PALETTE` (cyclic)."""
     return PALETTE[index % len(PALETTE)]
+
+
+def sample_colours(samples: Iterable[str]) -> dict[str, str]:
+    """Sample name -> its colour in every figure: :func:`color` of its position among the
+    names sorted, the order of the likelihood model's samples (pyhf's), which the
+    distributions colour by."""
+    return {name: color(i) for i, name in enumerate(sorted(set(samples)))}
 
 
 def new_figure(figsize: tuple[float, float] | None = None) -> Figure:

@@ -12,24 +12,41 @@ Inputs are the histograms ``diffana histograms`` writes (region -> sample -> var
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mplhep
 import numpy as np
 from matplotlib.figure import Figure
 
 from analysis.plotting._results import array, field
+from analysis.plotting.labels import (
+    ExperimentLabel,
+    draw_experiment_label,
+    events_label,
+    region_axes,
+)
 from analysis.plotting.style import corner_text, minor_ticks, ratio_figure, styled
+
+if TYPE_CHECKING:
+    from analysis.config import Config
 
 NOMINAL_COLOR = "black"
 UP_COLOR = "#e42536"
 DOWN_COLOR = "#5790fc"
-STAT_LABEL = "stat. uncertainty"
+STAT_LABEL = "nominal MC stat. unc."
+NOMINAL_LABEL = "nominal"
 
 
 def _relative_change(varied: np.ndarray, nominal: np.ndarray) -> str:
     total = float(np.sum(nominal))
     return f"{100 * (float(np.sum(varied)) / total - 1):+.1f}%" if total else "n/a"
+
+
+def variation_label(side: str, varied: np.ndarray, nominal: np.ndarray, mirrored: bool) -> str:
+    """The legend entry of a variation: ``"up: +5.2% yield"``, ``"down (symmetrized): -5.2%
+    yield"``."""
+    name = f"{side} (symmetrized)" if mirrored else side
+    return f"{name}: {_relative_change(varied, nominal)} yield"
 
 
 @styled
@@ -40,20 +57,27 @@ def systematic_templates(
     *,
     observable: str = "observable",
     text: str | None = None,
+    unit: str | None = None,
+    experiment: ExperimentLabel | None = None,
 ) -> Figure:
     """Nominal template with its ``sqrt(sum w^2)`` band, and the up and down variations.
 
-    Drawn (top): nominal as a black step line with a grey band ``n +- sqrt(sum w^2)``, up (red)
-    and down (blue) as step lines labelled with their change of the total yield. Bottom:
-    variation / nominal and the relative statistical band. A missing side (``None``) is drawn
-    as the mirror ``2 n - v`` of the other (dashed, "symmetrized"). The step artists have the
-    gids ``"nominal"``, ``"up"``, ``"down"`` and ``"ratio:up"``, ``"ratio:down"``.
+    Drawn (top): nominal as a black step line with a grey band ``n +- sqrt(sum w^2)`` (the MC
+    statistical uncertainty of the nominal), up (red) and down (blue) as step lines labelled
+    with their change of the total yield (:func:`variation_label`). Bottom: variation /
+    nominal and the relative statistical band, in a range symmetric about 1 that holds them
+    (at least +-5%, at most 0 .. 2). A missing side (``None``) is drawn as the mirror
+    ``2 n - v`` of the other (dashed, "symmetrized"). The step artists have the gids
+    ``"nominal"``, ``"up"``, ``"down"`` and ``"ratio:up"``, ``"ratio:down"``. The y axis says
+    what a bin holds ("Events / 3 GeV", :func:`analysis.plotting.labels.events_label`).
 
     Args:
         nominal, up, down: histograms (records or dicts with ``edges``, ``yields``,
             ``sumw2``); at least one of ``up`` and ``down``.
-        observable: x-axis label.
+        observable: x-axis title (with its unit).
         text: corner text (e.g. region, sample and systematic).
+        unit: the observable's unit, for the bin width in the y-axis title.
+        experiment: the experiment label drawn above the figure.
 
     Returns:
         A figure with two axes: the templates and the ratio.
@@ -77,17 +101,18 @@ def systematic_templates(
     figure, ax, ratio_ax = ratio_figure()
     ax.stairs(n + stat, edges, baseline=n - stat, fill=True, color="0.85", label=STAT_LABEL)
     (nominal_artists,) = mplhep.histplot(
-        n, edges, histtype="step", color=NOMINAL_COLOR, label="nominal", ax=ax
+        n, edges, histtype="step", color=NOMINAL_COLOR, label=NOMINAL_LABEL, ax=ax
     )
     nominal_artists.stairs.set_gid("nominal")
     relative_stat = np.divide(stat, n, out=np.zeros_like(n), where=n != 0)
     ratio_ax.stairs(1 + relative_stat, edges, baseline=1 - relative_stat, fill=True, color="0.85")
     ratio_ax.axhline(1.0, color=NOMINAL_COLOR, linewidth=1)
     top = float(np.max(n + stat))
+    reach = [relative_stat[n != 0]]
     for side, line_color in (("up", UP_COLOR), ("down", DOWN_COLOR)):
         values, mirrored = sides[side]
         style = "--" if mirrored else "-"
-        label = f"{side}{' (symmetrized)' if mirrored else ''} {_relative_change(values, n)}"
+        label = variation_label(side, values, n, mirrored)
         ax.stairs(
             values, edges, color=line_color, linestyle=style, linewidth=2, label=label, gid=side
         )
@@ -96,14 +121,18 @@ def systematic_templates(
             ratio, edges, color=line_color, linestyle=style, linewidth=2, gid=f"ratio:{side}"
         )
         top = max(top, float(np.max(values)))
-    ax.set_ylim(0.0, 1.4 * top if top > 0 else 1.0)
-    ax.set_ylabel("Events")
+        reach.append(np.abs(ratio[np.isfinite(ratio)] - 1.0))
+    ax.set_ylim(0.0, 1.6 * top if top > 0 else 1.0)
+    ax.set_ylabel(events_label(edges, unit), loc="top")
     ax.legend(loc="upper right")
     if text:
         corner_text(ax, text)
+    draw_experiment_label(ax, experiment)
     ratio_ax.set_xlim(edges[0], edges[-1])
-    ratio_ax.set_ylim(0.5, 1.5)
-    ratio_ax.set_ylabel("variation / nominal")
+    largest = float(np.max(np.concatenate(reach))) if any(r.size for r in reach) else 0.0
+    span = min(max(0.05, 1.15 * largest), 1.0)
+    ratio_ax.set_ylim(1.0 - span, 1.0 + span)
+    ratio_ax.set_ylabel("Var. / nominal")
     ratio_ax.set_xlabel(observable)
     for axes in (ax, ratio_ax):
         minor_ticks(axes)
@@ -114,14 +143,19 @@ def templates(
     histograms: Mapping[str, Mapping[str, Mapping[str, Any]]],
     *,
     observable: str | Mapping[str, str] | None = None,
+    config: Config | None = None,
 ) -> dict[tuple[str, str, str], Figure]:
     """:func:`systematic_templates` for every (region, sample, systematic) that has a
     ``<systematic>_Up`` or ``<systematic>_Down`` histogram: ``{(region, sample, systematic):
     Figure}``, in the order of ``histograms``. ``observable``: one x-axis label or region ->
-    label."""
+    label; ``config``: the analysis configuration, for the axis titles and units not given
+    (:func:`analysis.plotting.labels.region_axes`) and the experiment label."""
     figures = {}
+    experiment = ExperimentLabel.from_config(config)
     for region, samples in histograms.items():
         label = observable.get(region) if isinstance(observable, Mapping) else observable
+        _, title, unit = region_axes(config, region)
+        label = label or title
         for sample, variations in samples.items():
             names = dict.fromkeys(
                 v.rsplit("_", 1)[0] for v in variations if v.endswith(("_Up", "_Down"))
@@ -132,6 +166,8 @@ def templates(
                     variations.get(f"{syst}_Up"),
                     variations.get(f"{syst}_Down"),
                     observable=label or "observable",
-                    text=f"{region}\n{sample}\n{syst}",
+                    text=f"{region}, {sample}\nsystematic: {syst}",
+                    unit=unit,
+                    experiment=experiment,
                 )
     return figures

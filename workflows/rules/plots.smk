@@ -6,8 +6,14 @@ def figure(stem):
     return multiext(stem, ".png", ".pdf")
 
 
+# blinded, the signal regions are drawn without data
+DISTRIBUTIONS = f"{DIFFANA} plot distributions" + (" --blind" if BLIND else "")
+CLS_BLIND = " --blind" if BLIND else ""  # expected CLs only
+
+
 rule plot_distributions:
-    """Stacked pre-fit and post-fit distributions per region, with data and uncertainty band."""
+    """Stacked pre-fit and post-fit distributions per region, with data (blinded: none in the
+    signal regions) and uncertainty band."""
     input:
         workspace=f"{RESULTS}/{{cuts}}/workspace.json",
         fit=f"{RESULTS}/{{cuts}}/fit.json",
@@ -15,12 +21,14 @@ rule plot_distributions:
     output:
         [figure(f"{PLOTS}/{{cuts}}/{stage}_{region}") for stage in ("prefit", "postfit")
          for region in REGIONS],
+    params:
+        blinding=BLINDING,
     log:
         f"{RESULTS}/logs/plot_distributions_{{cuts}}.log",
     shell:
-        "({DIFFANA} plot distributions {input.workspace} --config {input.model}"
+        "({DISTRIBUTIONS} {input.workspace} --config {input.model}"
         " --out {PLOTS}/{wildcards.cuts}/prefit"
-        " && {DIFFANA} plot distributions {input.workspace} --config {input.model}"
+        " && {DISTRIBUTIONS} {input.workspace} --config {input.model}"
         " --fit {input.fit} --out {PLOTS}/{wildcards.cuts}/postfit) 2> {log}"
 
 
@@ -67,15 +75,18 @@ rule plot_scan:
 
 
 rule plot_cls:
-    """CLs against the POI with the expected band (the Brazil plot)."""
+    """CLs against the POI with the expected band (the Brazil plot); blinded, expected only (the
+    observed curve and limit would be those of the Asimov signal-region data)."""
     input:
-        f"{RESULTS}/{{cuts}}/limit.json",
+        limit=f"{RESULTS}/{{cuts}}/limit.json",
+        model=MODEL,
     output:
         figure(f"{PLOTS}/{{cuts}}/cls"),
     log:
         f"{RESULTS}/logs/plot_cls_{{cuts}}.log",
     shell:
-        "{DIFFANA} plot cls {input} --out {PLOTS}/{wildcards.cuts}/cls 2> {log}"
+        "{DIFFANA} plot cls {input.limit} --config {input.model}{CLS_BLIND}"
+        " --out {PLOTS}/{wildcards.cuts}/cls 2> {log}"
 
 
 rule plot_optimization:
@@ -91,7 +102,8 @@ rule plot_optimization:
     log:
         f"{RESULTS}/logs/plot_optimization.log",
     shell:
-        "({DIFFANA} plot optimization {input.result} --out {PLOTS}/optimization"
+        "({DIFFANA} plot optimization {input.result} --config {input.model}"
+        " --out {PLOTS}/optimization"
         " && {DIFFANA} plot soft-vs-hard {input.model} --cuts {input.cuts}"
         " --result {input.result} {READ} --out {PLOTS}/soft_vs_hard) 2> {log}"
 
@@ -107,8 +119,13 @@ rule plot_cutflow:
         "{DIFFANA} plot cutflow {input} --out {PLOTS}/cutflow 2> {log}"
 
 
+# whether the analysis has shape variations (NormPlusShape systematics) to draw
+SHAPES = any(template.variation != "nominal" for template in _analysis.templates())
+
+
 rule plot_templates:
-    """Nominal against up/down templates of every systematic variation, at the optimized cuts."""
+    """Nominal against up/down templates of every systematic variation, at the optimized cuts
+    (only for an analysis with NormPlusShape systematics: see SHAPES)."""
     input:
         histograms=f"{RESULTS}/optimized/histograms.json",
         model=MODEL,

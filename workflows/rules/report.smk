@@ -11,7 +11,8 @@ rule report:
             name=["fit", "pyhf_fit", "significance", "limit", "ranking", "scan", "histograms"],
         ),
         plots=rules.plot_optimization.output,
-        templates=rules.plot_templates.output,
+        templates=rules.plot_templates.output if SHAPES else [],
+        blinding=rules.blinding.output,
         more_plots=[
             rules.plot_cutflow.output,
             expand(
@@ -25,5 +26,8 @@ rule report:
         f"{RESULTS}/report.html",
     log:
         f"{RESULTS}/logs/report.log",
+    params:
+        unblind="--unblind" if UNBLIND else "",
     shell:
-        "{DIFFANA} report {RESULTS} --config {input.model} --output {output} -v 2> {log}"
+        "{DIFFANA} report {RESULTS} --config {input.model} {params.unblind} --output {output}"
+        " -v 2> {log}"

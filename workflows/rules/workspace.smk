@@ -8,7 +8,8 @@ def cuts_option(wildcards, input):
 
 
 rule workspace:
-    """Hard histograms and the pyhf JSON workspace at the starting or the optimized cuts."""
+    """Hard histograms and the pyhf JSON workspace at the starting or the optimized cuts
+    (blinded: without the signal regions' data; Asimov data there in the workspace)."""
     input:
         model=MODEL,
         data=rules.generate.output if GENERATE else [],
@@ -18,23 +19,58 @@ rule workspace:
         histograms=f"{RESULTS}/{{cuts}}/histograms.json",
     params:
         cuts=cuts_option,
+        blinding=BLINDING,
     log:
         f"{RESULTS}/logs/workspace_{{cuts}}.log",
     shell:
-        "({DIFFANA} histograms {input.model} {params.cuts} {READ} --output {output.histograms} -v"
-        " && {DIFFANA} workspace {input.model} {params.cuts} {READ}"
-        " --output {output.workspace} -v) 2> {log}"
+        "("
+        + json_output(
+            "{DIFFANA} histograms {input.model} {params.cuts} {READ} -v",
+            "histograms",
+            "{output.histograms}",
+        )
+        + " && "
+        + json_output(
+            "{DIFFANA} workspace {input.model} {params.cuts} {READ} -v",
+            "workspace",
+            "{output.workspace}",
+        )
+        + ") 2> {log}"
 
 
 rule cutflow:
-    """Hard cut flow (events and weighted yields after each cut), starting and optimized cuts."""
+    """Hard cut flow (events and weighted yields after each cut), starting and optimized cuts
+    (blinded: without the signal regions' data)."""
     input:
         model=MODEL,
         data=rules.generate.output if GENERATE else [],
         cuts=rules.optimize.output.cuts,
     output:
         f"{RESULTS}/cutflow.json",
+    params:
+        blinding=BLINDING,
     log:
         f"{RESULTS}/logs/cutflow.log",
     shell:
-        "{DIFFANA} cutflow {input.model} --cuts {input.cuts} {READ} --output {output} -v 2> {log}"
+        "("
+        + json_output(
+            "{DIFFANA} cutflow {input.model} --cuts {input.cuts} {READ} -v", "cutflow", "{output}"
+        )
+        + ") 2> {log}"
+
+
+localrules:
+    blinding,
+
+
+rule blinding:
+    """Whether the results are blinded, and which regions (read by the report)."""
+    input:
+        model=MODEL,
+    output:
+        f"{RESULTS}/{BLINDING_FILE}",
+    params:
+        unblind="--unblind" if UNBLIND else "",
+        blinding=BLINDING,
+    shell:
+        "{BLIND_SCRIPT} record {input.model} {params.unblind} --output {output}"
