@@ -55,6 +55,7 @@ __all__ = [
     "CutFlow",
     "cut_comparison",
     "cut_flow",
+    "cut_flow_sums",
     "cut_flow_table",
     "format_yield",
     "mc_statistics_summary",
@@ -70,6 +71,10 @@ TOTAL_PREDICTION = "Total prediction"
 """Column of :func:`cut_flow_table` with the sum over the prediction (non-data) samples."""
 
 CutValues = Mapping[str, float] | str | os.PathLike[str]
+
+StepSums = tuple[list[float], list[float], list[float]]
+"""Per step of a sample's cut flow: the event count, ``sum w`` and ``sum w^2`` (additive over
+disjoint sets of events, e.g. the partitions of :mod:`analysis.dask_histograms`)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,7 @@ def cut_flow(
     include_data: bool = True,
     device: torch.device | str = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
+    sums: Mapping[TemplateKey, StepSums] | None = None,
 ) -> dict[str, CutFlow]:
     """The hard cut flow of every region of ``config`` (see the module docstring for the steps).
 
@@ -164,6 +170,8 @@ def cut_flow(
             cut's Bounds raise :class:`~analysis.errors.ConfigError`.
         include_data: include the data sample (weights 1).
         device, cache_dir: passed to :func:`analysis.io.read_events` when reading.
+        sums: the :func:`cut_flow_sums` of the events at these cuts, instead of ``events``
+            (summed over partitions by :mod:`analysis.dask_histograms`).
 
     Returns:
         region name -> :class:`CutFlow`, in config order.
@@ -172,11 +180,13 @@ def cut_flow(
         KeyError: ``events`` lacks a nominal template that a region needs.
     """
     config = _apply_cuts(config, cuts)
-    if events is None:
+    if sums is None and events is None:
         templates = [t for t in config.templates() if t.variation == "nominal"]
         if not include_data:
             templates = [t for t in templates if not t.sample.data]
         events = read_events(config, templates, device=device, cache_dir=cache_dir)
+    if sums is None:
+        sums = cut_flow_sums(config, events or {})
     flows = {}
     for region in config.regions:
         samples = config.samples_in(region)
@@ -185,12 +195,12 @@ def cut_flow(
         counts, yields, uncertainties = {}, {}, {}
         for sample in samples:
             key = (region.name, sample.name, "nominal")
-            if key not in events:
+            if key not in sums:
                 raise KeyError(
                     f"no events for {key}; cut_flow needs the nominal template of sample "
                     f"'{sample.name}' in region '{region.name}'"
                 )
-            n, sumw, sumw2 = _sample_flow(events[key], region)
+            n, sumw, sumw2 = sums[key]
             counts[sample.name] = tuple(int(round(x)) for x in n)
             yields[sample.name] = tuple(sumw)
             uncertainties[sample.name] = tuple(math.sqrt(max(x, 0.0)) for x in sumw2)
@@ -206,6 +216,20 @@ def cut_flow(
             uncertainties=uncertainties,
         )
     return flows
+
+
+def cut_flow_sums(
+    config: Config, events: Mapping[TemplateKey, Events]
+) -> dict[TemplateKey, StepSums]:
+    """:data:`StepSums` of every nominal template of ``events`` that a region's cut flow shows
+    (its prediction and data samples), at the cuts of ``config``."""
+    out = {}
+    for region in config.regions:
+        for sample in config.samples_in(region) + config.samples_in(region, data=True):
+            key = (region.name, sample.name, "nominal")
+            if key in events:
+                out[key] = _sample_flow(events[key], region)
+    return out
 
 
 def cut_comparison(config: Config, cuts: CutValues) -> list[dict[str, Any]]:

@@ -141,6 +141,18 @@ class _Request:
     expressions: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Partition:
+    """Entries ``[start, stop)`` of ``tree`` in the file ``path``: the unit of work of a
+    distributed read (:mod:`analysis.dask_histograms`), as uproot's ``entry_start`` and
+    ``entry_stop``."""
+
+    path: pathlib.Path
+    tree: str
+    start: int
+    stop: int
+
+
 def template_key(template: Template) -> TemplateKey:
     return (template.region.name, template.sample.name, template.variation)
 
@@ -179,8 +191,13 @@ def read_events(
     cache_dir: str | os.PathLike[str] | None = None,
     step_size: int | str = "64 MB",
     progress: bool = True,
+    partition: Partition | None = None,
 ) -> dict[TemplateKey, Events]:
     """Read the events of ``templates`` (default: all of ``config.templates()``).
+
+    With ``partition``, only its entries are read, for the templates that read its file and
+    tree (the others are left out), and a template may have no events (its other partitions
+    may); the column cache keys the entry range too.
 
     Each (files, tree) is read once for all the templates that use it; ``progress`` shows a bar
     over them on a terminal (:func:`analysis.progress.progress_bar`).
@@ -203,14 +220,20 @@ def read_events(
     bar = progress_bar(len(groups), "reading", enabled=progress, unit="tree")
     try:
         for (paths, tree), members in groups.items():
+            entries = None
+            if partition is not None:
+                if partition.tree != tree or partition.path not in paths:
+                    bar.update(1)
+                    continue
+                paths, entries = (partition.path,), (partition.start, partition.stop)
             bar.set_postfix_str(_where(paths, tree), refresh=False)
             samples = {_request(config, t): t.sample.name for t in reversed(members)}
             requests = list(dict.fromkeys(_request(config, t) for t in members))
             plan = _plan(config, fields, requests, samples)
-            arrays = _read_group(config, paths, tree, plan, members[0], cache, step_size)
+            arrays = _read_group(config, paths, tree, plan, members[0], cache, step_size, entries)
             for template in members:
                 columns, weight = arrays[requests.index(_request(config, template))]
-                if weight.shape[0] == 0:
+                if weight.shape[0] == 0 and partition is None:
                     raise DataError(
                         f"{_where(paths, tree)}: {template.label} has no events after Filter "
                         f"{template.filter!r}"
@@ -401,14 +424,16 @@ def _read_group(
     example: Template,
     cache: ColumnCache,
     step_size: int | str,
+    entries: tuple[int, int] | None = None,
 ) -> Columns:
-    """Read one (files, tree) for all its requests: [(columns, weight)] in request order."""
+    """Read one (files, tree) for all its requests: [(columns, weight)] in request order;
+    only the ``entries`` ``(start, stop)`` of each file when given."""
     for path in paths:
         _check_exists(path, example, config)
     names = plan.all_branches
     key = cache.key(
         paths,
-        tree,
+        tree if entries is None else f"{tree}[{entries[0]}:{entries[1]}]",
         [
             (
                 [(s.name, s.definition.expression) for s in steps],
@@ -438,7 +463,14 @@ def _read_group(
                 f"(used by {_user_of(name, plan)})"
             )
         try:
-            chunks = ttree.iterate(filter_name=sorted(names), step_size=step_size, library="ak")
+            start, stop = entries if entries is not None else (None, None)
+            chunks = ttree.iterate(
+                filter_name=sorted(names),
+                step_size=step_size,
+                library="ak",
+                entry_start=start,
+                entry_stop=stop,
+            )
             for chunk in chunks:
                 columns = {f: chunk[f] for f in chunk.fields}
                 for name, column in columns.items():

@@ -352,6 +352,7 @@ def _gradient_step(
     if not bool(torch.isfinite(loss.detach())):
         return f"loss is {float(loss.detach())}"
     loss.backward()
+    pipeline.synchronize_gradients()
     grad = pipeline.cut_parameters.grad
     if grad is not None and not bool(torch.isfinite(grad).all()):
         bad = [
@@ -559,12 +560,19 @@ def optimize(
     progress: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     callback: Callable[[Mapping[str, Any]], None] | None = None,
+    pipeline: AnalysisPipeline | None = None,
+    writer: bool = True,
+    record: Mapping[str, Any] | None = None,
 ) -> OptimizationResult:
     """Optimize the trainable cuts of ``config`` (module docstring); write ``result.json`` and
     ``cuts.json`` to ``out_dir`` and return the result.
 
     ``objective``, ``steps`` and ``seed`` override ``config.optimization``. ``callback`` is
     called with each step's history entry (after that step's checkpoint, if any).
+    ``pipeline``: a pipeline built already (default: from ``config`` and ``events``);
+    ``writer=False``: neither claim nor write ``out_dir`` (read only its checkpoint on
+    ``resume``): the ranks other than 0 of :mod:`analysis.distributed`; ``record``: more
+    top-level entries of ``result.json`` (e.g. ``{"distributed": {...}}``).
     Raises ConfigError for an unknown objective, no trainable cut, ``steps < 1`` or a checkpoint
     that cannot be read or does not belong to this run; InputFileError when ``resume`` finds no
     checkpoint; OutputError when ``out_dir`` cannot be written or another run holds it.
@@ -575,7 +583,10 @@ def optimize(
     seed = settings.seed if seed is None else seed
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
-    with claim_output_folder(out_dir) as out:
+    claim = (
+        claim_output_folder(out_dir) if writer else contextlib.nullcontext(pathlib.Path(out_dir))
+    )
+    with claim as out:
         return _optimize(
             config,
             objective_fn,
@@ -588,6 +599,9 @@ def optimize(
             progress=progress,
             cache_dir=cache_dir,
             callback=callback,
+            pipeline=pipeline,
+            writer=writer,
+            record=record,
         )
 
 
@@ -604,20 +618,24 @@ def _optimize(
     progress: bool,
     cache_dir: str | os.PathLike[str] | None,
     callback: Callable[[Mapping[str, Any]], None] | None,
+    pipeline: AnalysisPipeline | None = None,
+    writer: bool = True,
+    record: Mapping[str, Any] | None = None,
 ) -> OptimizationResult:
-    """:func:`optimize` in the claimed folder ``out``."""
+    """:func:`optimize` in the claimed folder ``out`` (``writer=False``: without writing)."""
     settings = config.optimization
     evaluate_every = max(1, int(settings.evaluate_every))
     checkpoint_every = max(1, int(settings.checkpoint_every))
     start_time = time.perf_counter()
-    pipeline = AnalysisPipeline.from_config(config, events, device=device, cache_dir=cache_dir)
+    if pipeline is None:
+        pipeline = AnalysisPipeline.from_config(config, events, device=device, cache_dir=cache_dir)
     if not pipeline.trainable_cut_names:
         raise ConfigError(f"{config.source}: no trainable cut to optimize")
     optimizer = torch.optim.Adam([pipeline.cut_parameters], lr=settings.learning_rate)
     # only needed for a resume or a checkpoint (hashing the input files reads them once more);
     # then taken right after the inputs were read
     identity = functools.cache(lambda: run_identity(config, objective_fn.name, steps, seed, events))
-    if resume or checkpoint_every < steps:
+    if resume or (writer and checkpoint_every < steps):
         identity()
 
     run = RunState()
@@ -645,7 +663,8 @@ def _optimize(
                 ) from None
             _check_restored_cuts(path, config, pipeline.cut_values())
             log.info("resuming %s at step %d of %d", path, run.step, steps)
-        for name in (RESULT, CUTS) if resume else (RESULT, CUTS, CHECKPOINT):
+        written = (RESULT, CUTS) if resume else (RESULT, CUTS, CHECKPOINT)
+        for name in written if writer else ():
             _remove(out / name)  # module docstring, "The output folder", step 2
 
         bar = progress_bar(
@@ -687,7 +706,7 @@ def _optimize(
                     relaxed=f"{relaxed:.4g}",
                     hard=f"{run.best['hard']:.4g}" if run.best is not None else "-",
                 )
-                if run.step % checkpoint_every == 0 and run.step < steps:
+                if writer and run.step % checkpoint_every == 0 and run.step < steps:
                     seconds = run.seconds + time.perf_counter() - start_time
                     state = run.checkpoint(identity(), pipeline, optimizer, seconds)
                     write_atomically(out / CHECKPOINT, functools.partial(torch.save, state))
@@ -718,9 +737,11 @@ def _optimize(
         hard_evaluations=run.hard_evaluations,
         seconds=run.seconds + time.perf_counter() - start_time,
         device=str(pipeline.cut_low.device),
-        extra=_mc_statistics_record(pipeline, cast(dict[str, Any], run.initial), best),
+        extra=_mc_statistics_record(pipeline, cast(dict[str, Any], run.initial), best)
+        | dict(record or {}),
     )
-    _write_outputs(out, result)
+    if writer:
+        _write_outputs(out, result)
     return result
 
 

@@ -281,7 +281,7 @@ class AnalysisPipeline(torch.nn.Module):
             )
             w = torch.cat([_selected(ev.weight, keep) for ev, keep in pooled[cut.name]])
             try:
-                spreads.append(column_spread(x.to(dtype), w.to(dtype).abs()))
+                spreads.append(self._column_spread(x.to(dtype), w.to(dtype).abs()))
             except DataError as err:
                 raise DataError(
                     f"{config.source}: cut '{cut.name}': {err} (the nominal prediction events "
@@ -407,6 +407,17 @@ class AnalysisPipeline(torch.nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _column_spread(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The temperature scale of a cut from its column ``x`` and ``|w|`` of the events at
+        construction (:func:`~analysis.selection.column_spread`); a seam for
+        :class:`analysis.distributed.DistributedPipeline`, which measures it on all ranks'
+        events."""
+        return column_spread(x, weights)
+
+    def synchronize_gradients(self) -> None:
+        """Called after the backward pass, before the optimizer step: nothing to do in one
+        process (:class:`analysis.distributed.DistributedPipeline` sums the ranks' shares)."""
 
     def temperatures(self, tau: float | torch.Tensor) -> torch.Tensor:
         """Cut temperatures in the cut variables' units, ``tau * spread`` per cut (0 for a

@@ -19,7 +19,7 @@ import re
 import sys
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import click
 
@@ -244,6 +244,62 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
         if "start_config" in inspect.signature(func).parameters:  # the config before --cuts
             kwargs["start_config"] = start
         return func(*args, config=cfg, cache_dir=cache, **kwargs)
+
+    return wrapper
+
+
+class DaskRequest(NamedTuple):
+    """``--dask [ADDRESS]``: the scheduler's ``address`` (None: a local cluster), the entries
+    per partition and the seconds to wait for the scheduler (:mod:`analysis.dask_histograms`)."""
+
+    address: str | None
+    partition_size: int
+    timeout: float
+
+
+def dask_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--dask [ADDRESS]``, ``--dask-partition-size N`` and ``--dask-timeout SECONDS``;
+    passes ``dask``, a :class:`DaskRequest` or None (one process)."""
+
+    @click.option(
+        "--dask",
+        "dask_address",
+        is_flag=False,
+        flag_value="",
+        default=None,
+        metavar="[ADDRESS]",
+        help="Read and fill the hard histograms on Dask: on a local cluster of 2 worker "
+        "processes, or on the scheduler at ADDRESS (tcp://host:8786, e.g. of a dask-jobqueue "
+        "cluster). Put it after CONFIG.",
+    )
+    @click.option(
+        "--dask-partition-size",
+        type=click.IntRange(min=1),
+        default=500_000,
+        show_default=True,
+        metavar="N",
+        help="With --dask: most entries of a file per task.",
+    )
+    @click.option(
+        "--dask-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=10.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="With --dask ADDRESS: how long to wait for the scheduler before failing.",
+    )
+    @functools.wraps(func)
+    def wrapper(
+        *args: Any,
+        dask_address: str | None,
+        dask_partition_size: int,
+        dask_timeout: float,
+        **kwargs: Any,
+    ) -> Any:
+        dask = None
+        if dask_address is not None:
+            dask = DaskRequest(dask_address or None, dask_partition_size, dask_timeout)
+        return func(*args, dask=dask, **kwargs)
 
     return wrapper
 

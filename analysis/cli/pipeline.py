@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
@@ -12,10 +13,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 
 from analysis.cli._common import (
+    DaskRequest,
     _json_file,
     _setup_logging,
     common_options,
     config_options,
+    dask_options,
     emit,
 )
 from analysis.files import check_writable, write_atomically
@@ -112,29 +115,59 @@ def validate(
     emit(result.to_dict(), output)
 
 
+def _hard_histograms(
+    config: Any, cache_dir: pathlib.Path | None, device: torch.device, dask: DaskRequest | None
+) -> Any:
+    """The hard histograms of ``config``: in this process, or with ``--dask`` on Dask
+    (:mod:`analysis.dask_histograms`)."""
+    if dask is None:
+        from analysis.histograms import hard_histograms
+
+        return hard_histograms(config, device=device, cache_dir=cache_dir)
+    from analysis.dask_histograms import dask_client, hard_histograms_dask
+
+    with dask_client(dask.address, timeout=dask.timeout) as client:
+        return hard_histograms_dask(
+            config,
+            client,
+            partition_size=dask.partition_size,
+            cache_dir=cache_dir,
+            device=device,
+        )
+
+
 @click.command()
 @config_options
 @common_options
+@dask_options
 def histograms(
-    config: Any, cache_dir: pathlib.Path | None, output: pathlib.Path | None, device: torch.device
+    config: Any,
+    cache_dir: pathlib.Path | None,
+    output: pathlib.Path | None,
+    device: torch.device,
+    dask: DaskRequest | None,
 ) -> None:
     """Hard histograms (edges, yields, sumw2) per region, sample and variation."""
-    from analysis.histograms import hard_histograms, histograms_to_dict
+    from analysis.histograms import histograms_to_dict
 
-    emit(histograms_to_dict(hard_histograms(config, device=device, cache_dir=cache_dir)), output)
+    emit(histograms_to_dict(_hard_histograms(config, cache_dir, device, dask)), output)
 
 
 @click.command()
 @config_options
 @common_options
+@dask_options
 def workspace(
-    config: Any, cache_dir: pathlib.Path | None, output: pathlib.Path | None, device: torch.device
+    config: Any,
+    cache_dir: pathlib.Path | None,
+    output: pathlib.Path | None,
+    device: torch.device,
+    dask: DaskRequest | None,
 ) -> None:
     """Build the pyhf JSON workspace of an analysis (hard cuts)."""
     from analysis import workspace as ws
-    from analysis.histograms import hard_histograms
 
-    emit(ws.build(config, hard_histograms(config, device=device, cache_dir=cache_dir)), output)
+    emit(ws.build(config, _hard_histograms(config, cache_dir, device, dask)), output)
 
 
 def _out_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -198,12 +231,14 @@ def check_run_outputs(out_dir: pathlib.Path, output: pathlib.Path | None) -> Non
 @click.command()
 @config_options
 @common_options
+@dask_options
 def cutflow(
     config: Any,
     start_config: Any,
     cache_dir: pathlib.Path | None,
     output: pathlib.Path | None,
     device: torch.device,
+    dask: DaskRequest | None,
 ) -> None:
     """Hard cut flow per region and sample: events, yields and their uncertainty after each cut.
 
@@ -220,19 +255,34 @@ def cutflow(
 
     require_events(start_config, "a cut flow")
 
-    templates = [t for t in start_config.templates() if t.variation == "nominal"]
-    events = read_events(start_config, templates, device=device, cache_dir=cache_dir)
     cut_sets = {"start": start_config}
     if config is not start_config:
         cut_sets["optimized"] = config
+    if dask is None:
+        templates = [t for t in start_config.templates() if t.variation == "nominal"]
+        events = read_events(start_config, templates, device=device, cache_dir=cache_dir)
+        computed = [
+            (flows.cut_flow(cfg, events), flows.mc_statistics_summary(cfg, events))
+            for cfg in cut_sets.values()
+        ]
+    else:
+        from analysis.dask_histograms import cut_flows_dask, dask_client
+
+        with dask_client(dask.address, timeout=dask.timeout) as client:
+            computed = cut_flows_dask(
+                list(cut_sets.values()),
+                client,
+                partition_size=dask.partition_size,
+                cache_dir=cache_dir,
+            )
     result: dict[str, Any] = {
-        name: {r: f.to_dict() for r, f in flows.cut_flow(cfg, events).items()}
-        for name, cfg in cut_sets.items()
+        name: {r: f.to_dict() for r, f in flow.items()}
+        for name, (flow, _) in zip(cut_sets, computed, strict=True)
     }
     if config is not start_config:
         result["cuts"] = flows.cut_comparison(start_config, config.cut_values())
     result["mc_statistics"] = {
-        name: flows.mc_statistics_summary(cfg, events) for name, cfg in cut_sets.items()
+        name: summary for name, (_, summary) in zip(cut_sets, computed, strict=True)
     }
     for name, summary in result["mc_statistics"].items():
         if summary["below_guard"]:
@@ -258,6 +308,20 @@ def _report_outputs(out_dir: pathlib.Path) -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Number of Adam steps.")
 @click.option("--seed", type=int, default=None, help="Random seed (default: the config's).")
 @click.option("--resume", is_flag=True, help="Continue from DIR/checkpoint.pt.")
+@click.option(
+    "--distributed",
+    is_flag=True,
+    help="One rank of a torchrun launch: read a share of the events, all-reduce histograms "
+    "and gradients (README, Scale-out: torch.distributed).",
+)
+@click.option(
+    "--dist-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --distributed: how long a rank waits for the others before failing.",
+)
 def optimize(
     config: Any,
     cache_dir: pathlib.Path | None,
@@ -266,6 +330,8 @@ def optimize(
     steps: int | None,
     seed: int | None,
     resume: bool,
+    distributed: bool,
+    dist_timeout: float,
     output: pathlib.Path | None,
     device: torch.device,
 ) -> None:
@@ -281,12 +347,37 @@ def optimize(
     at the initial or the best cuts (:func:`analysis.optimize.optimize`).
 
     Example: diffana optimize models/dimuon.yaml --out results/opt --steps 50 -o summary.json
+
+    --distributed: launched as torchrun --nproc-per-node N $(command -v diffana) optimize ...
+    --distributed; every rank reads its share of the events; rank 0 writes DIR and the summary
+    (:mod:`analysis.distributed`).
     """
     from analysis import optimize as optimization
     from analysis.histogram_inputs import require_events
 
     require_events(config, "cut optimization")
     check_run_outputs(out_dir, output)
+    if distributed:
+        from analysis.distributed import optimize_distributed
+
+        writer = os.environ.get("RANK", "0") == "0"
+        if output is not None and writer:
+            check_writable(output)
+        result = optimize_distributed(
+            config,
+            out_dir=out_dir,
+            objective=objective,
+            steps=steps,
+            seed=seed,
+            resume=resume,
+            device=device,
+            cache_dir=cache_dir,
+            timeout=dist_timeout,
+        )
+        if writer:
+            _report_outputs(out_dir)
+            emit(result.to_dict(), output)
+        return
     if output is not None:
         check_writable(output)
     result = optimization.optimize(

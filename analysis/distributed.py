@@ -1,0 +1,352 @@
+"""Sharded differentiable optimization on ``torch.distributed`` (README, "Scale-out").
+
+``diffana optimize CONFIG --distributed`` runs one process per rank, launched by ``torchrun``
+(which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``):
+
+- **Process group.** :func:`init_process_group`: gloo for CPU tensors, NCCL for CUDA ones (each
+  rank on ``cuda:LOCAL_RANK``), with a timeout: a rank that never joins or is lost makes every
+  other rank fail with a one-line :class:`DistributedError` (``DistStoreError`` /
+  ``DistBackendError`` of the timed-out collective) instead of waiting for ever.
+- **Sharded events.** :func:`read_shard`: every (file, tree) of the analysis is split into
+  ``world_size`` balanced entry ranges, rank ``r`` of ``W`` reading entries
+  ``[r n // W, (r + 1) n // W)`` of a file of ``n`` entries (uproot's ``entry_start`` /
+  ``entry_stop``, :class:`analysis.io.Partition`), and keeping its events on its device.
+- **Histograms are sums over events**, so the relaxed (soft-cut KDE) and the hard histograms of
+  all events are the sums of the ranks' histograms: :class:`DistributedPipeline` all-reduces
+  (SUM) the yields and sums of ``w^2`` of every template, one flat tensor per call, through
+  :func:`all_reduce_sum`, a differentiable all-reduce. Every rank then holds the same
+  histograms, and evaluates the same likelihood, objective and hard metric.
+- **Gradients.** With ``H = sum_r h_r`` and the same loss ``L(H)`` on every rank, the all-reduce's
+  backward passes ``dL/dH`` through unchanged (the derivative of a sum with respect to one of its
+  terms is the identity), so rank ``r``'s backward gives ``dL/dH * dh_r/dtheta``, its share of
+  the gradient; :meth:`DistributedPipeline.synchronize_gradients` all-reduces (SUM) those shares
+  before the optimizer step, giving ``dL/dtheta = sum_r dL/dH * dh_r/dtheta``, the
+  single-process gradient, on every rank (so every rank takes the same Adam step).
+- **Construction statistics** that must see all events, the cut temperature scales
+  (``cut_spread``, a weighted quantile spread), are computed from the columns of all ranks
+  (all-gathered once at construction: an exact weighted quantile needs them all, so every rank
+  holds, for that moment, the nominal cut columns of all ranks); the per-rank sort orders only
+  change the order of additions.
+- **Outputs.** Rank 0 claims the output folder and writes ``result.json``, ``cuts.json`` and the
+  checkpoints; ``--resume`` makes every rank read the checkpoint, so ``--out`` must be on a file
+  system all nodes see (as for any torchrun checkpoint).
+
+Results equal the single-process run's up to the order of additions (the test asserts 1e-9
+relative on ``result.json`` and 1e-10 on the gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import pathlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from analysis.config import Config
+from analysis.errors import AnalysisError, DataError
+from analysis.histograms import Histogram
+from analysis.io import (
+    Events,
+    Partition,
+    TemplateKey,
+    _check_exists,
+    _open_tree,
+    _where,
+    read_events,
+    template_key,
+)
+from analysis.optimize import OptimizationResult, optimize
+from analysis.pipeline import AnalysisPipeline
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DistributedError",
+    "DistributedPipeline",
+    "all_gather_concat",
+    "all_reduce_sum",
+    "init_process_group",
+    "optimize_distributed",
+    "read_shard",
+    "shard_partitions",
+]
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds a rank waits for the others (joining, and in every collective) before failing."""
+
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LOST_MARKERS = ("gloo", "Connection closed", "Connection reset", "NCCL", "timed out", "Timed out")
+"""Words of the ``RuntimeError`` messages of collectives whose peer is gone."""
+
+
+class DistributedError(AnalysisError, RuntimeError):
+    """The process group cannot be formed, or a rank was lost (a collective timed out or its
+    peer closed the connection)."""
+
+
+# ----------------------------------------------------------------------------- process group
+def init_process_group(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> torch.device:
+    """Join the process group that ``torchrun`` describes in the environment; return this rank's
+    device (``cuda:LOCAL_RANK`` for a CUDA ``device``, else ``device``).
+
+    Backend: NCCL for CUDA, gloo for CPU; ``timeout`` seconds for the rendezvous and every
+    collective. Raises :class:`DistributedError` outside torchrun or when the others do not
+    join in time."""
+    missing = [name for name in _TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise DistributedError(
+            f"--distributed: {', '.join(missing)} not set; launch with "
+            "torchrun --nproc-per-node N $(command -v diffana) optimize ... --distributed"
+        )
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    except (RuntimeError, ValueError) as err:
+        raise DistributedError(
+            f"--distributed: rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} could not "
+            f"join the {backend} process group at {os.environ['MASTER_ADDR']}:"
+            f"{os.environ['MASTER_PORT']} within {timeout:g} s ({_first_line(err)})"
+        ) from None
+    return device
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of ``err``'s message, without a leading ``[source.cc:N]``."""
+    lines = str(err).strip().splitlines()
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else type(err).__name__
+    return text.split(". ")[0].rstrip(".")
+
+
+# ----------------------------------------------------------------------------- collectives
+class _AllReduceSum(torch.autograd.Function):
+    """``forward``: the sum over ranks of ``tensor`` (``all_reduce(SUM)`` of a copy);
+    ``backward``: the incoming gradient unchanged (module docstring, "Gradients"). ``anchor``
+    (the cut parameters) only makes the output part of the graph on a rank whose own share does
+    not depend on them (e.g. no event in reach of the bins), so every rank runs the same
+    backward; it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def all_reduce_sum(tensor: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_r tensor_r`` over the ranks, differentiable: its backward passes the gradient to
+    this rank's ``tensor`` unchanged (:class:`_AllReduceSum`)."""
+    result: torch.Tensor = _AllReduceSum.apply(tensor, anchor)
+    return result
+
+
+def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
+    """The 1-d ``tensor`` of every rank, concatenated in rank order (lengths may differ: each is
+    padded to the longest for the collective and trimmed after)."""
+    tensor = tensor.reshape(-1)
+    world = dist.get_world_size()
+    length = torch.tensor([tensor.numel()], device=tensor.device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    sizes = [int(n) for n in lengths]
+    padded = torch.zeros(max(sizes), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.numel()] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+
+def _reduced(
+    histograms: Mapping[TemplateKey, Histogram], anchor: torch.Tensor
+) -> dict[TemplateKey, Histogram]:
+    """``histograms`` with yields and sums of w^2 summed over the ranks: one all-reduce of the
+    concatenation of all of them (keys in the same order on every rank: config order)."""
+    if not histograms:
+        return {}
+    keys = list(histograms)
+    parts = [t for key in keys for t in (histograms[key].yields, histograms[key].sumw2)]
+    sizes = [t.numel() for t in parts]
+    total = all_reduce_sum(torch.cat([t.reshape(-1) for t in parts]), anchor)
+    pieces = iter(total.split(sizes))
+    return {key: Histogram(histograms[key].edges, next(pieces), next(pieces)) for key in keys}
+
+
+# ----------------------------------------------------------------------------- sharded reading
+def shard_partitions(config: Config, rank: int, world_size: int) -> list[Partition]:
+    """This rank's entry range of every (file, tree) the analysis reads, in config order:
+    entries ``[rank n // world_size, (rank + 1) n // world_size)`` of a tree of ``n`` entries
+    (sizes differ by at most one entry between ranks)."""
+    seen: dict[tuple[pathlib.Path, str], Any] = {}
+    for template in config.templates():
+        for path in template.paths:
+            seen.setdefault((path, template.tree), template)
+    out = []
+    for (path, tree), example in seen.items():
+        _check_exists(path, example, config)  # InputFileError naming the sample and InputPath
+        n = int(_open_tree(path, tree, example).num_entries)
+        out.append(Partition(path, tree, rank * n // world_size, (rank + 1) * n // world_size))
+    return out
+
+
+def read_shard(
+    config: Config,
+    rank: int,
+    world_size: int,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[TemplateKey, Events]:
+    """The events of this rank's :func:`shard_partitions`, per template (its files' ranges
+    concatenated in config order); a template may have no events on a rank."""
+    parts: dict[TemplateKey, list[Events]] = {}
+    for partition in shard_partitions(config, rank, world_size):
+        events = read_events(
+            config,
+            device=device,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            progress=False,
+            partition=partition,
+        )
+        for key, item in events.items():
+            parts.setdefault(key, []).append(item)
+    return {key: _concatenated(items) for key, items in parts.items()}
+
+
+def _concatenated(items: Sequence[Events]) -> Events:
+    if len(items) == 1:
+        return items[0]
+    return Events(
+        variable=items[0].variable,
+        columns={
+            name: torch.cat([item.columns[name] for item in items]) for name in items[0].columns
+        },
+        weight=torch.cat([item.weight for item in items]),
+    )
+
+
+def _check_selections(config: Config, events: Mapping[TemplateKey, Events], device: Any) -> None:
+    """DataError, on every rank, for a template without events on all ranks together (the
+    single-process read's "no events after Filter"); a rank's share may be empty."""
+    templates = list(config.templates())
+    counts = torch.tensor(
+        [len(events[template_key(t)]) if template_key(t) in events else 0 for t in templates],
+        device=device,
+    )
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    for template, count in zip(templates, counts.tolist(), strict=True):
+        if count == 0:
+            raise DataError(
+                f"{_where(template.paths, template.tree)}: {template.label} has no events after "
+                f"Filter {template.filter!r}"
+            )
+
+
+# ----------------------------------------------------------------------------- pipeline
+class DistributedPipeline(AnalysisPipeline):
+    """:class:`~analysis.pipeline.AnalysisPipeline` of one rank's events whose histograms are
+    those of all ranks' events (module docstring): built on every rank of an initialized
+    process group, with the same configuration."""
+
+    def _column_spread(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The spread of the column of all ranks (all-gathered)."""
+        return super()._column_spread(all_gather_concat(x), all_gather_concat(weights))
+
+    def histograms_and_selected_counts(
+        self,
+        tau: float | torch.Tensor,
+        bandwidth: float | torch.Tensor,
+        keys: Sequence[TemplateKey],
+    ) -> tuple[dict[TemplateKey, Histogram], dict[TemplateKey, Histogram]]:
+        histograms, counts = super().histograms_and_selected_counts(tau, bandwidth, keys)
+        return _reduced(histograms, self.cut_parameters), _reduced(counts, self.cut_parameters)
+
+    def selected_counts(
+        self, tau: float | torch.Tensor, keys: Sequence[TemplateKey]
+    ) -> dict[TemplateKey, Histogram]:
+        return _reduced(super().selected_counts(tau, keys), self.cut_parameters)
+
+    def synchronize_gradients(self) -> None:
+        """Sum the ranks' shares of the cut gradients (module docstring, "Gradients"); a rank
+        whose share is empty (``grad`` None) contributes zeros."""
+        if self.cut_parameters.grad is None:
+            self.cut_parameters.grad = torch.zeros_like(self.cut_parameters)
+        dist.all_reduce(self.cut_parameters.grad, op=dist.ReduceOp.SUM)
+
+
+# ----------------------------------------------------------------------------- optimize
+def optimize_distributed(
+    config: Config,
+    *,
+    out_dir: str | os.PathLike[str],
+    objective: str | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    resume: bool = False,
+    device: torch.device | str = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    progress: bool = True,
+) -> OptimizationResult:
+    """:func:`analysis.optimize.optimize` on this rank's share of the events (module docstring).
+
+    Joins the process group (:func:`init_process_group`; unless one is initialized already,
+    which is then used and left as it is), reads this rank's shard, builds the
+    :class:`DistributedPipeline` and optimizes; rank 0 writes the outputs (``result.json``
+    also records ``"distributed": {"world_size", "backend"}``). Returns the
+    :class:`~analysis.optimize.OptimizationResult` on every rank. Raises
+    :class:`DistributedError` when a rank is lost (a group it joined is destroyed in any case).
+    """
+    owned = not dist.is_initialized()
+    device = init_process_group(torch.device(device), timeout) if owned else torch.device(device)
+    try:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        with _lost_rank_errors(rank, world_size, timeout):
+            events = read_shard(config, rank, world_size, device=device, cache_dir=cache_dir)
+            _check_selections(config, events, device)
+            pipeline = DistributedPipeline(config, events, device=device)
+            return optimize(
+                config,
+                out_dir=out_dir,
+                objective=objective,
+                steps=steps,
+                seed=seed,
+                resume=resume,
+                device=device,
+                progress=progress and rank == 0,
+                pipeline=pipeline,
+                writer=rank == 0,
+                record={"distributed": {"world_size": world_size, "backend": dist.get_backend()}},
+            )
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _lost_rank_errors(rank: int, world_size: int, timeout: float) -> Iterator[None]:
+    """Turns the errors of a collective whose peer is gone (``torch.distributed.DistError``:
+    ``DistBackendError``, ``DistStoreError``, ...; or a ``RuntimeError`` of gloo or NCCL such as
+    "Connection closed by peer") into a one-line :class:`DistributedError`."""
+    try:
+        yield
+    except RuntimeError as err:
+        lost = isinstance(err, dist.DistError) or any(word in str(err) for word in _LOST_MARKERS)
+        if not lost or isinstance(err, AnalysisError):
+            raise
+        raise DistributedError(
+            f"--distributed: rank {rank} of {world_size}: lost contact with another rank (it "
+            f"failed, was killed or did not answer within {timeout:g} s): {_first_line(err)}"
+        ) from None
