@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pathlib
@@ -357,31 +358,8 @@ def optimize(
 
     require_events(config, "cut optimization")
     check_run_outputs(out_dir, output)
-    if distributed:
-        from analysis.distributed import optimize_distributed
-
-        writer = os.environ.get("RANK", "0") == "0"
-        if output is not None and writer:
-            check_writable(output)
-        result = optimize_distributed(
-            config,
-            out_dir=out_dir,
-            objective=objective,
-            steps=steps,
-            seed=seed,
-            resume=resume,
-            device=device,
-            cache_dir=cache_dir,
-            timeout=dist_timeout,
-        )
-        if writer:
-            _report_outputs(out_dir)
-            emit(result.to_dict(), output)
-        return
-    if output is not None:
-        check_writable(output)
-    result = optimization.optimize(
-        config,
+    run = functools.partial(
+        optimization.optimize,
         out_dir=out_dir,
         objective=objective,
         steps=steps,
@@ -390,8 +368,18 @@ def optimize(
         device=device,
         cache_dir=cache_dir,
     )
-    _report_outputs(out_dir)
-    emit(result.to_dict(), output)
+    writer = True  # the process that writes DIR and the summary
+    if distributed:
+        from analysis.distributed import optimize_distributed
+
+        run = functools.partial(optimize_distributed, **run.keywords, timeout=dist_timeout)
+        writer = os.environ.get("RANK", "0") == "0"
+    if output is not None and writer:
+        check_writable(output)
+    result = run(config)
+    if writer:
+        _report_outputs(out_dir)
+        emit(result.to_dict(), output)
 
 
 @click.command("scan-cuts")
