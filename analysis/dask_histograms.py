@@ -48,7 +48,14 @@ from analysis.config import Config, Template
 from analysis.cutflow import CutFlow, StepSums, cut_flow, cut_flow_sums
 from analysis.errors import AnalysisError, DataError
 from analysis.histograms import Histogram, hard_histograms
-from analysis.io import Partition, TemplateKey, read_events, template_key
+from analysis.io import (
+    Partition,
+    TemplateKey,
+    read_events,
+    split_entries,
+    template_key,
+    tree_entries,
+)
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -131,9 +138,7 @@ def partitions(path: pathlib.Path, tree: str, entries: int, size: int) -> list[P
     """The entries of ``tree`` in ``path`` as ``ceil(entries / size)`` ranges whose lengths
     differ by at most one (one empty range for an empty tree, so that its branches are still
     checked)."""
-    count = max(1, -(-entries // size))
-    bounds = [i * entries // count for i in range(count + 1)]
-    return [Partition(path, tree, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return split_entries(path, tree, entries, max(1, -(-entries // size)))
 
 
 def hard_histograms_dask(
@@ -215,10 +220,10 @@ def cut_set_sums(
     counted = _gather(
         client,
         client.map(
-            _entries,
+            tree_entries,
             [config] * len(trees),
-            [examples[t] for t in trees],
             [path for path, _ in trees],
+            [examples[t] for t in trees],
             pure=False,
         ),
     )
@@ -313,15 +318,6 @@ def _gather(client: Client, futures: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- worker tasks
-def _entries(config: Config, example: Template, path: pathlib.Path) -> int:
-    """The number of entries of ``example``'s tree in ``path`` (the single-process checks and
-    messages for a missing file or tree)."""
-    from analysis.io import _check_exists, _open_tree
-
-    _check_exists(path, example, config)
-    return int(_open_tree(path, example.tree, example).num_entries)
-
-
 def _partition_sums(
     configs: list[Config],
     templates: list[Template],

@@ -55,11 +55,11 @@ from analysis.io import (
     Events,
     Partition,
     TemplateKey,
-    _check_exists,
-    _open_tree,
     _where,
     read_events,
+    split_entries,
     template_key,
+    tree_entries,
 )
 from analysis.optimize import OptimizationResult, optimize
 from analysis.pipeline import AnalysisPipeline
@@ -191,12 +191,10 @@ def shard_partitions(config: Config, rank: int, world_size: int) -> list[Partiti
     for template in config.templates():
         for path in template.paths:
             seen.setdefault((path, template.tree), template)
-    out = []
-    for (path, tree), example in seen.items():
-        _check_exists(path, example, config)  # InputFileError naming the sample and InputPath
-        n = int(_open_tree(path, tree, example).num_entries)
-        out.append(Partition(path, tree, rank * n // world_size, (rank + 1) * n // world_size))
-    return out
+    return [
+        split_entries(path, tree, tree_entries(config, path, example), world_size)[rank]
+        for (path, tree), example in seen.items()
+    ]
 
 
 def read_shard(

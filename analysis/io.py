@@ -153,6 +153,20 @@ class Partition:
     stop: int
 
 
+def split_entries(path: pathlib.Path, tree: str, entries: int, parts: int) -> list[Partition]:
+    """The ``entries`` of ``tree`` in ``path`` as ``parts`` consecutive ranges
+    ``[i n // parts, (i + 1) n // parts)``, whose lengths differ by at most one."""
+    bounds = [i * entries // parts for i in range(parts + 1)]
+    return [Partition(path, tree, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def tree_entries(config: Config, path: pathlib.Path, example: Template) -> int:
+    """The number of entries of ``example``'s tree in ``path``, with the reader's one-line
+    errors for a missing file or tree (naming ``example``'s sample and InputPath)."""
+    _check_exists(path, example, config)
+    return int(_open_tree(path, example.tree, example).num_entries)
+
+
 def template_key(template: Template) -> TemplateKey:
     return (template.region.name, template.sample.name, template.variation)
 
