@@ -142,7 +142,9 @@ def plot_distributions(
 
     config = _config(config_path)
     if blind and config is None:
-        raise click.UsageError("--blind needs --config: the analysis YAML names the signal regions")
+        from analysis.errors import ConfigError
+
+        raise ConfigError("--blind needs --config: the analysis YAML names the signal regions")
     workspace = load_workspace(workspace_path)
     model = workspace.model()
     fit_result = None
