@@ -23,10 +23,10 @@
   before the optimizer step, giving ``dL/dtheta = sum_r dL/dH * dh_r/dtheta``, the
   single-process gradient, on every rank (so every rank takes the same Adam step).
 - **Construction statistics** that must see all events, the cut temperature scales
-  (``cut_spread``, a weighted quantile spread), are computed from the columns of all ranks
-  (all-gathered once at construction: an exact weighted quantile needs them all, so every rank
-  holds, for that moment, the nominal cut columns of all ranks); the per-rank sort orders only
-  change the order of additions.
+  (``cut_spread``, a weighted quantile spread), are computed exactly from collectives of a few
+  numbers (:func:`column_spread_all_ranks`: sums, and a bisection for each quartile), so no rank
+  ever holds more than its own events; the per-rank sort orders only change the order of
+  additions.
 - **Outputs.** Rank 0 claims the output folder and writes ``result.json``, ``cuts.json`` and the
   checkpoints; ``--resume`` makes every rank read the checkpoint, so ``--out`` must be on a file
   system all nodes see (as for any torchrun checkpoint).
@@ -42,6 +42,7 @@ import datetime
 import os
 import pathlib
 import re
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -63,13 +64,21 @@ from analysis.io import (
 )
 from analysis.optimize import OptimizationResult, optimize
 from analysis.pipeline import AnalysisPipeline
+from analysis.selection import (
+    NO_SPREAD_EVENTS,
+    QUARTILES,
+    spread_from,
+    spread_inputs,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "DistributedError",
     "DistributedPipeline",
     "all_gather_concat",
+    "all_reduce_histograms",
     "all_reduce_sum",
+    "column_spread_all_ranks",
     "init_process_group",
     "optimize_distributed",
     "read_shard",
@@ -167,11 +176,79 @@ def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 
 
-def _reduced(
+def column_spread_all_ranks(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`~analysis.selection.column_spread` of the column of all ranks together, from
+    collectives of a few numbers: no rank holds more than its own events.
+
+    The weighted mean, standard deviation and largest value are all-reduced sums (and a max).
+    Each weighted quartile ``Q(q)``, the smallest value ``v`` whose cumulative weight fraction
+    ``W(v) / W`` reaches ``q`` (inverted CDF), is found by bisection over the float64 numbers in
+    their order (:func:`_ordered_key`): ``W(t) = sum_ranks sum_{x_i <= t} w_i`` is a step
+    function that jumps at the values, so the smallest ``t`` with ``W(t) / W >= q`` is a value
+    of the column, reached in at most 64 halvings, each one all-reduce of two numbers (both
+    quartiles) and a ``searchsorted`` in each rank's sorted column. Equal to the single-process
+    spread up to the order of the additions in the sums.
+    """
+    dtype = x.dtype if x.is_floating_point() else torch.float64
+    x, w = spread_inputs(x, weights)
+    x, order = torch.sort(x)
+    w = w[order]
+    cumulative = torch.cat([w.new_zeros(1), torch.cumsum(w, 0)])  # W_local below position i
+    empty = x.numel() == 0
+    sums = torch.stack([w.sum(), (w * x).sum(), w.new_tensor(float(x.numel()))])
+    dist.all_reduce(sums)
+    total, weighted, count = sums.tolist()
+    if count == 0:
+        raise DataError(NO_SPREAD_EVENTS)
+    mean = weighted / total
+    variance = (w * (x - mean) ** 2).sum()
+    dist.all_reduce(variance)
+    ends = torch.full((2,), -torch.inf, dtype=x.dtype, device=x.device)
+    if not empty:
+        ends = torch.stack([-x[0], x[-1]])
+    dist.all_reduce(ends, op=dist.ReduceOp.MAX)  # (-min, max) over all ranks
+    smallest, largest = -ends[0], ends[1]
+    # bisection on the keys: W(lo) / W < q <= W(hi) / W
+    low = [_ordered_key(float(smallest)) - 1] * 2
+    high = [_ordered_key(float(largest))] * 2
+    q = torch.tensor(QUARTILES, dtype=torch.float64, device=x.device)
+    while any(h - lo > 1 for lo, h in zip(low, high, strict=True)):
+        middle = [(lo + h) // 2 for lo, h in zip(low, high, strict=True)]
+        t = torch.tensor([_key_value(m) for m in middle], dtype=torch.float64, device=x.device)
+        below = cumulative[torch.searchsorted(x, t, right=True)]
+        dist.all_reduce(below)
+        reached = (below / total >= q).tolist()
+        for i, (m, ok) in enumerate(zip(middle, reached, strict=True)):
+            if high[i] - low[i] > 1:
+                high[i], low[i] = (m, low[i]) if ok else (high[i], m)
+    lower, upper = (torch.tensor(_key_value(h), dtype=torch.float64, device=x.device) for h in high)
+    std = torch.sqrt(variance / total)
+    return spread_from(lower, upper, std, largest).to(dtype)
+
+
+_SIGN_BITS = (1 << 63) - 1
+
+
+def _ordered_key(value: float) -> int:
+    """An integer that orders the float64 numbers as their values (``-0.0`` just below
+    ``+0.0``): the IEEE bits as a signed integer, with the magnitude bits of negative numbers
+    flipped (their order is reversed)."""
+    bits = struct.unpack("<q", struct.pack("<d", value))[0]
+    return bits if bits >= 0 else bits ^ _SIGN_BITS
+
+
+def _key_value(key: int) -> float:
+    """The float64 number of an :func:`_ordered_key`."""
+    bits = key if key >= 0 else key ^ _SIGN_BITS
+    return float(struct.unpack("<d", struct.pack("<q", bits))[0])
+
+
+def all_reduce_histograms(
     histograms: Mapping[TemplateKey, Histogram], anchor: torch.Tensor
 ) -> dict[TemplateKey, Histogram]:
-    """``histograms`` with yields and sums of w^2 summed over the ranks: one all-reduce of the
-    concatenation of all of them (keys in the same order on every rank: config order)."""
+    """``histograms`` with yields and sums of w^2 summed over the ranks: one all-reduce
+    (:func:`all_reduce_sum`, differentiable) of the concatenation of all of them (keys in the
+    same order on every rank: config order); ``anchor``: see :class:`_AllReduceSum`."""
     if not histograms:
         return {}
     keys = list(histograms)
@@ -259,8 +336,8 @@ class DistributedPipeline(AnalysisPipeline):
     process group, with the same configuration."""
 
     def _column_spread(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The spread of the column of all ranks (all-gathered)."""
-        return super()._column_spread(all_gather_concat(x), all_gather_concat(weights))
+        """The spread of the column of all ranks (:func:`column_spread_all_ranks`)."""
+        return column_spread_all_ranks(x, weights)
 
     def histograms_and_selected_counts(
         self,
@@ -269,12 +346,13 @@ class DistributedPipeline(AnalysisPipeline):
         keys: Sequence[TemplateKey],
     ) -> tuple[dict[TemplateKey, Histogram], dict[TemplateKey, Histogram]]:
         histograms, counts = super().histograms_and_selected_counts(tau, bandwidth, keys)
-        return _reduced(histograms, self.cut_parameters), _reduced(counts, self.cut_parameters)
+        anchor = self.cut_parameters
+        return all_reduce_histograms(histograms, anchor), all_reduce_histograms(counts, anchor)
 
     def selected_counts(
         self, tau: float | torch.Tensor, keys: Sequence[TemplateKey]
     ) -> dict[TemplateKey, Histogram]:
-        return _reduced(super().selected_counts(tau, keys), self.cut_parameters)
+        return all_reduce_histograms(super().selected_counts(tau, keys), self.cut_parameters)
 
     def synchronize_gradients(self) -> None:
         """Sum the ranks' shares of the cut gradients (module docstring, "Gradients"); a rank

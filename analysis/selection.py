@@ -447,27 +447,48 @@ def column_spread(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch
         DataError: no event has a finite value and a non-zero weight.
     """
     dtype = x.dtype if x.is_floating_point() else torch.float64
+    x, w = spread_inputs(x, weights)
+    if x.numel() == 0:
+        raise DataError(NO_SPREAD_EVENTS)
+    x, order = torch.sort(x)
+    w = w[order]
+    cdf = torch.cumsum(w, 0)
+    cdf = cdf / cdf[-1]
+    q = torch.tensor(QUARTILES, dtype=torch.float64, device=x.device)
+    index = torch.searchsorted(cdf, q).clamp_(max=x.numel() - 1)
+    lower, upper = x[index]
+    mean = torch.sum(w * x) / torch.sum(w)
+    std = torch.sqrt(torch.sum(w * (x - mean) ** 2) / torch.sum(w))
+    return spread_from(lower, upper, std, x[-1]).to(dtype)
+
+
+QUARTILES = (0.25, 0.75)
+"""The quantile fractions of :func:`column_spread`'s interquartile range."""
+
+NO_SPREAD_EVENTS = "cannot measure the spread of a column without finite values and weights"
+
+
+def spread_inputs(
+    x: torch.Tensor, weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries :func:`column_spread` uses: ``(x, |w|)`` in float64, flattened, detached,
+    where ``x`` and ``w`` are finite and ``w != 0``."""
     x = x.detach().reshape(-1)
     w = (torch.ones_like(x) if weights is None else weights.detach().reshape(-1)).abs()
     if w.shape != x.shape:
         raise ValueError(f"weights have {w.numel()} entries but x has {x.numel()}")
     keep = torch.isfinite(x) & torch.isfinite(w) & (w > 0)
-    x, w = x[keep].to(torch.float64), w[keep].to(torch.float64)
-    if x.numel() == 0:
-        raise DataError("cannot measure the spread of a column without finite values and weights")
-    x, order = torch.sort(x)
-    w = w[order]
-    cdf = torch.cumsum(w, 0)
-    cdf = cdf / cdf[-1]
-    q = torch.tensor([0.25, 0.75], dtype=torch.float64, device=x.device)
-    index = torch.searchsorted(cdf, q).clamp_(max=x.numel() - 1)
-    lower, upper = x[index]
+    return x[keep].to(torch.float64), w[keep].to(torch.float64)
+
+
+def spread_from(
+    lower: torch.Tensor, upper: torch.Tensor, std: torch.Tensor, largest: torch.Tensor
+) -> torch.Tensor:
+    """:func:`column_spread` from the weighted quartiles, the weighted standard deviation and
+    the largest value: ``(upper - lower) / 1.349``, else ``std``, else ``|largest|``, else 1."""
     iqr_sigma = (upper - lower) / _IQR_TO_SIGMA
-    mean = torch.sum(w * x) / torch.sum(w)
-    std = torch.sqrt(torch.sum(w * (x - mean) ** 2) / torch.sum(w))
-    scale = torch.where(x[-1].abs() > 0, x[-1].abs(), torch.ones_like(std))
-    spread = torch.where(iqr_sigma > 0, iqr_sigma, torch.where(std > 0, std, scale))
-    return spread.to(dtype)
+    scale = torch.where(largest.abs() > 0, largest.abs(), torch.ones_like(std))
+    return torch.where(iqr_sigma > 0, iqr_sigma, torch.where(std > 0, std, scale))
 
 
 def cut_temperature(

@@ -23,6 +23,7 @@ from analysis.distributed import shard_partitions
 from analysis.objectives import get_objective
 from analysis.optimize import relaxed_loss
 from analysis.pipeline import AnalysisPipeline
+from analysis.selection import column_spread
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DIFFANA = shutil.which("diffana") or str(pathlib.Path(sys.executable).parent / "diffana")
@@ -129,12 +130,46 @@ record = {
     "counts": all_gather_concat(counts).reshape(world, -1).tolist(),
     "spread": pipeline.cut_spread.tolist(),
 }
+# column_spread_all_ranks on columns unlike the toy's: each rank holds rows [cut_r, cut_r+1)
+from analysis.distributed import column_spread_all_ranks
+from spread_columns import spread_columns
+record["spreads"] = [
+    float(column_spread_all_ranks(x[cuts[rank]:cuts[rank + 1]], w[cuts[rank]:cuts[rank + 1]]))
+    for x, w, cuts in spread_columns()
+]
 # resume the single-process run's checkpoint in its folder
 optimize_distributed(config, out_dir=out, resume=True, progress=False)
 if rank == 0:
     with open(sys.argv[3], "w") as f:
         json.dump(record, f)
 dist.destroy_process_group()
+"""
+
+
+SPREAD_COLUMNS = """
+import torch
+
+def spread_columns():
+    \"\"\"(x, w, rank boundaries) of columns that stress the quartile search.\"\"\"
+    g = torch.Generator().manual_seed(5)
+    n = 4001
+    falling = 20.0 - 20.0 * torch.log(torch.rand(n, generator=g, dtype=torch.float64))  # pT-like
+    weights = torch.rand(n, generator=g) * 2 - 0.3  # some negative and some zero weights
+    weights[::97] = 0.0
+    iso = torch.where(torch.rand(n, generator=g) < 0.6, 0.0, torch.rand(n, generator=g))
+    spike = torch.where(torch.rand(n, generator=g) < 0.35, 7.0, torch.randn(n, generator=g))
+    signed = torch.randn(n, generator=g) * 1e-300  # subnormal-scale values around +-0
+    signed[::5] = -0.0
+    signed[1::7] = float("nan")
+    ints = torch.randint(0, 4, (n,), generator=g)
+    constant = torch.full((n,), -3.5)
+    even, uneven, one_sided = [0, n // 2, n], [0, 17, n], [0, n, n]
+    return [
+        (falling, weights, even), (falling, torch.ones(n), uneven),
+        (iso, torch.rand(n, generator=g), even), (spike, weights.abs(), uneven),
+        (signed, torch.ones(n), even), (ints, torch.ones(n), one_sided),
+        (constant, weights, even), (torch.zeros(n), weights, uneven),
+    ]
 """
 
 
@@ -161,6 +196,7 @@ def test_torchrun_optimize_gradients_and_resume_equal_single_process(toy_config,
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent(RANKS_SCRIPT))
     out = tmp_path / "gradient.json"
+    (tmp_path / "spread_columns.py").write_text(textwrap.dedent(SPREAD_COLUMNS))
     launch = torchrun(str(script), str(toy_config), str(resumed), str(out))
     assert launch.returncode == 0, launch.stderr[-3000:]
     assert_results_equal(reference, json.loads((resumed / "result.json").read_text()))
@@ -175,6 +211,14 @@ def test_torchrun_optimize_gradients_and_resume_equal_single_process(toy_config,
         torch.tensor(record["gradient"], dtype=torch.float64), gradient, rtol=1e-10, atol=0
     )
     assert record["spread"] == pytest.approx(pipeline.cut_spread.tolist(), rel=1e-12)
+    # the quartile search over the ranks' columns gives the single-process spread
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from spread_columns import spread_columns
+    finally:
+        sys.path.remove(str(tmp_path))
+    expected = [float(column_spread(x, w)) for x, w, _ in spread_columns()]
+    assert record["spreads"] == pytest.approx(expected, rel=1e-12, abs=0)
     # each rank held a part of the events and contributed a part of the gradient
     counts = torch.tensor(record["counts"])
     assert counts.sum(0).tolist() == list(pipeline.event_counts().values())
