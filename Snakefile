@@ -18,6 +18,7 @@
 import json
 import os
 import shlex
+import shutil
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -28,6 +29,9 @@ from analysis.config import load as load_analysis
 from analysis.errors import AnalysisError
 
 configfile: os.path.join(workflow.basedir, "workflows", "config.yaml")
+# the repository root, for the commands of a profile (workflows/profiles/local-batch), which
+# run in the working directory (`-d DIR`) with this process' environment
+os.environ["DIFFANA_WORKFLOW"] = workflow.basedir
 validate(config, os.path.join(workflow.basedir, "workflows", "schemas", "config.schema.yaml"))
 
 
@@ -80,6 +84,52 @@ else:
     GENERATE = bool(config["generate"])
 # "start": the analysis YAML's cut values; "optimized": the cuts `diffana optimize` found
 CUTS = ["start", "optimized"]
+
+
+# Scale-out (README, "Scale-out: the workflow"). `dask:` "" (or null) reads in the rule's
+# process; "local" is `--dask` alone (a LocalCluster of DASK_LOCAL_WORKERS processes, started by
+# each command); anything else the address of a running scheduler (`--dask ADDRESS`). For the
+# rules that read events and fill hard histograms: histograms, workspace, cutflow.
+DASK_LOCAL_WORKERS = 2  # analysis.dask_histograms.LOCAL_WORKERS (not imported: torch, ~4 s)
+if not config["dask"]:
+    DASK, DASK_THREADS = "", 1
+else:
+    _address = "" if config["dask"] == "local" else f" {shlex.quote(config['dask'])}"
+    DASK = f"--dask{_address} --dask-partition-size {config['dask_partition_size']}"
+    DASK_THREADS = DASK_LOCAL_WORKERS if config["dask"] == "local" else 1
+
+
+def torchrun_executable():
+    """The `torchrun` of the Python environment that runs `diffana`: next to the `diffana`
+    command (a venv's bin, also through a symlink), else next to Snakemake's Python, else the
+    first on PATH."""
+    command = shutil.which(shlex.split(DIFFANA)[0])
+    commands = [command, os.path.realpath(command)] if command else []
+    for folder in [*map(os.path.dirname, commands), os.path.dirname(sys.executable)]:
+        candidate = os.path.join(folder, "torchrun")
+        if os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("torchrun")
+    if found is None:
+        raise WorkflowError(
+            f"Error: optimize_processes: {config['optimize_processes']} needs torchrun (PyTorch), "
+            f"found neither next to {DIFFANA!r} nor on PATH"
+        )
+    return found
+
+
+# `optimize_processes:` N > 1 runs `diffana optimize --distributed` as N torchrun processes on
+# this node (--standalone: a free rendezvous port per run), sharding the events; the result
+# equals the one-process run's up to the order of additions (analysis/distributed.py)
+OPTIMIZE_PROCESSES = config["optimize_processes"]
+if OPTIMIZE_PROCESSES > 1:
+    OPTIMIZE = (
+        f"{shlex.quote(torchrun_executable())} --standalone --nproc-per-node {OPTIMIZE_PROCESSES}"
+        f" --no-python {DIFFANA} optimize"
+    )
+    DISTRIBUTED = " --distributed"
+else:
+    OPTIMIZE, DISTRIBUTED = f"{DIFFANA} optimize", ""
 
 
 def json_output(command, step, output):

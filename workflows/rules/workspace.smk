@@ -22,16 +22,17 @@ rule workspace:
         blinding=BLINDING,
     log:
         f"{RESULTS}/logs/workspace_{{cuts}}.log",
+    threads: DASK_THREADS  # dask: local starts DASK_LOCAL_WORKERS worker processes
     shell:
         "("
         + json_output(
-            "{DIFFANA} histograms {input.model} {params.cuts} {READ} -v",
+            "{DIFFANA} histograms {input.model} {params.cuts} {READ} {DASK} -v",
             "histograms",
             "{output.histograms}",
         )
         + " && "
         + json_output(
-            "{DIFFANA} workspace {input.model} {params.cuts} {READ} -v",
+            "{DIFFANA} workspace {input.model} {params.cuts} {READ} {DASK} -v",
             "workspace",
             "{output.workspace}",
         )
@@ -51,10 +52,13 @@ rule cutflow:
         blinding=BLINDING,
     log:
         f"{RESULTS}/logs/cutflow.log",
+    threads: DASK_THREADS
     shell:
         "("
         + json_output(
-            "{DIFFANA} cutflow {input.model} --cuts {input.cuts} {READ} -v", "cutflow", "{output}"
+            "{DIFFANA} cutflow {input.model} --cuts {input.cuts} {READ} {DASK} -v",
+            "cutflow",
+            "{output}",
         )
         + ") 2> {log}"
 
