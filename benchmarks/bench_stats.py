@@ -46,7 +46,10 @@ limit     ``diffana limit WS`` (which also computes a 31-point CLs curve) vs pyh
           (upper 2 on SUSY, 5 elsewhere; it widens a bracket that is too small) run as
           ``python -c`` (pyhf has no limit command): its wall time is the whole-process time,
           the time it measures around ``toms748_scan`` the in-process one; our in-process call
-          is ``analysis.inference.upper_limit(model, data, cl=0.95)``.
+          is ``analysis.inference.upper_limit(model, data, cl=0.95)``;
+ranking   ``diffana ranking WS`` and in-process ``analysis.inference.ranking`` after
+          ``global_fit``: ours only (pyhf has no ranking; cabinetry's, 4 MINUIT refits per
+          nuisance parameter, would take hours on SUSY); timed once when over 5 s.
 
 NextStat (optional: ``pip install -e .[bench]``; ``"nextstat": "not installed"`` otherwise) is
 timed on the same workspaces: in-process ``nextstat.from_pyhf(json_text)``, then
@@ -1171,13 +1174,52 @@ class PublishedBench:
             "agreement": agree,
         }
 
+    # --- ranking -----------------------------------------------------------------------------
+
+    def ranking(self) -> dict:
+        """``diffana ranking`` (4 refits per nuisance parameter) and its library call, ours only:
+        pyhf has no ranking, and cabinetry's (pyhf MINUIT fits, 4 x 218 on the SUSY workspace
+        at ~15 s each) would take hours. A run over ONCE_ABOVE_S is timed once."""
+        model, data = self.model, self.data
+
+        def ours_ranking():
+            init, fixed = model.suggested_init(), model.suggested_fixed()
+            best = inference.global_fit(model, data, init, fixed, ())
+            return inference.ranking(model, data, best)
+
+        def timed_once_above() -> Any:
+            default = torch.get_num_threads()
+            try:
+                torch.set_num_threads(1)
+                with torch.no_grad():
+                    return _measure(ours_ranking, self.repeat, ONCE_ABOVE_S)
+            finally:
+                torch.set_num_threads(default)
+
+        ours = _attempt(timed_once_above)
+        ours_cli = _attempt(
+            lambda: _measure_process(self._ours_cli("ranking"), self.repeat, ONCE_ABOVE_S)
+        )
+        return {
+            "whole_process": self._times(
+                ours_cli, None, None, ours=f"diffana ranking WS --device {self.device}"
+            ),
+            "in_process": self._times(
+                ours,
+                None,
+                None,
+                ours="analysis.inference.ranking(model, data, global_fit(model, data, ...))",
+            ),
+            "refits": 4 * (int(model.npars) - 1),
+        }
+
     def _small(self) -> bool:
         """A workspace whose pyhf limit takes seconds, not an hour (pyhf's validation ones)."""
         return int(self.model.npars) <= SMALL_PARAMETERS
 
     def run(self) -> dict:
         out: dict[str, Any] = {"workspace": self.workspace_info()}
-        for case in ("fit", "hypotest", "limit"):
+        for case in ("fit", "hypotest", "limit", "ranking"):
             start = time.perf_counter()
             out[case] = _attempt(getattr(self, case))
             print(

@@ -118,6 +118,36 @@ def test_batched_hypotests_equal_single_ones():
         assert float(batched.cls_obs[i]) == pytest.approx(float(single.cls_obs), rel=1e-9)
 
 
+def test_limits_and_curve_from_one_calculator_equal_pyhf():
+    """upper_limit_with_curve (diffana limit): the limits are pyhf's toms748 limits, the curve
+    runs from 0 to 1.5 x the largest limit and its CLs are pyhf's hypotests; a POI range
+    whose upper end is still above CLs = 0.05 is refused, naming the curves."""
+    spec = json.loads(reference_path("pyhf_validation", "2-bin_1-channel.json").read_text())
+    ws = Workspace.load(spec)
+    model = ws.model()
+    data = ws.data(model)
+    limit, curve = inference.upper_limit_with_curve(model, data, n_points=7)
+    ref_ws = pyhf.Workspace(spec)
+    ref_model = ref_ws.model()
+    ref_data = ref_ws.data(ref_model)
+    ref_obs, ref_exp = pyhf.infer.intervals.upper_limits.toms748_scan(
+        ref_data, ref_model, 0.0, 10.0, rtol=1e-8
+    )[:2]
+    np.testing.assert_allclose(
+        [limit.observed, *limit.expected], [float(ref_obs), *map(float, ref_exp)], rtol=1e-4
+    )
+    top = 1.5 * max(limit.observed, *limit.expected)
+    np.testing.assert_allclose(curve.poi_value.numpy(), np.linspace(0.0, top, 7), rtol=1e-12)
+    for i in (2, 5):
+        obs, exp = pyhf.infer.hypotest(
+            float(curve.poi_value[i]), ref_data, ref_model, return_expected_set=True
+        )
+        assert float(curve.cls_obs[i]) == pytest.approx(float(obs), rel=1e-4)
+        np.testing.assert_allclose(curve.cls_exp[i].numpy(), [float(x) for x in exp], rtol=1e-4)
+    with pytest.raises(inference.InferenceError, match="upper end .* for the observed, -2 sigma"):
+        inference.upper_limits(model, data, bracket=(0.0, 0.5 * limit.expected[0]))
+
+
 # ----------------------------------------------------------------------------- cabinetry
 @pytest.fixture(scope="module")
 def cabinetry_model():

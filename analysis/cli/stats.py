@@ -28,7 +28,8 @@ else:
     torch = _LazyModule("torch")
 
 LIMIT_SCAN_POINTS = 31
-"""POI values from 0 to 1.5 times the largest limit at which ``diffana limit`` reports CLs."""
+"""POI values from 0 to 1.5 times the largest limit at which ``diffana limit`` reports CLs
+(:data:`analysis.inference.intervals.CURVE_POINTS`)."""
 
 
 def input_options(*, needs_poi: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -344,13 +345,9 @@ def limit(
 
     data = _data(workspace, model, asimov)
     inference.check_start(workspace, model, data, model.suggested_init(), asimov=asimov)
-    result = inference.upper_limit(model, data, cl=cl)
-    # CLs on a POI grid through every limit (pyhf's upper_limit return_results): the Brazil plot
-    poi_high = float(model.suggested_bounds()[model.poi_index, 1])
-    top = min(1.5 * max(result.observed, *result.expected), poi_high)
-    grid = torch.linspace(0.0, top, LIMIT_SCAN_POINTS, dtype=model.dtype, device=model.device)
-    with torch.no_grad():
-        curve = inference.hypotest(model, data, grid)
+    # with CLs on a POI grid through every limit (pyhf's upper_limit return_results): the
+    # Brazil plot, from the limits' own calculator (its free and Asimov fits are reused)
+    result, curve = inference.upper_limit_with_curve(model, data, cl, n_points=LIMIT_SCAN_POINTS)
     emit(
         {
             **result.to_dict(),

@@ -35,7 +35,13 @@ from analysis.inference.calculators import (
     toy_hypotest,
 )
 from analysis.inference.diagnostics import DIFFERENT_MINIMUM, check_start, global_fit
-from analysis.inference.intervals import GRID_POINTS, upper_limit, upper_limits
+from analysis.inference.intervals import (
+    CURVE_POINTS,
+    GRID_POINTS,
+    upper_limit,
+    upper_limit_with_curve,
+    upper_limits,
+)
 from analysis.inference.mle import (
     FIRST_PASS_ITERATIONS,
     KINK_STARTS,
@@ -63,6 +69,7 @@ from analysis.inference.utils import InferenceError, require_poi
 
 __all__ = [
     "BAND_NSIGMA",
+    "CURVE_POINTS",
     "DIFFERENT_MINIMUM",
     "FIRST_PASS_ITERATIONS",
     "GRID_POINTS",
@@ -96,5 +103,6 @@ __all__ = [
     "test_statistic",
     "toy_hypotest",
     "upper_limit",
+    "upper_limit_with_curve",
     "upper_limits",
 ]

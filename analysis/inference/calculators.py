@@ -73,13 +73,21 @@ class AsymptoticCalculator:
 
     Fits: the free fit to the data, the fit that defines the Asimov dataset (POI fixed at 0, or
     at 1 for q0), the free fit to the Asimov data, and per tested value the fixed-POI fits to
-    the data and to the Asimov data. They do not depend on the tested value except the last
-    two, so they are done once, on the first :meth:`hypotest`, together with that test's own
-    fits: one batched call on the data (free, Asimov-defining and fixed-POI rows), one on the
-    Asimov data (free and fixed-POI rows). Later calls need one batched call, the fixed-POI
-    fits to both datasets at every tested value at once. (A yield-batched model, whose fits
-    must keep exactly its own batch, and a tested value that requires grad take the same fits
-    in separate calls.)
+    the data and to the Asimov data. Only the last two depend on the tested value; the others
+    are done once, on the first :meth:`hypotest`: one batched call on the data from ``init``
+    (free and Asimov-defining rows), then one call with the free fit to the Asimov data and that
+    test's fixed-POI fits. Later calls are one batched call, the fixed-POI fits to both datasets
+    at every tested value at once.
+
+    Starts: every fit starts at ``init`` (pyhf's), the fixed-POI fits with the POI set to the
+    tested value, except the free fit to the Asimov data, which starts at the parameters that
+    made the Asimov data (their exact minimum: every Poisson and constraint term is at its
+    maximum there). Every tested value thus starts from the same point (where the likelihood
+    has several minima, the start picks one, and a limit that brackets on one call's values
+    and refines on later ones must see one function of mu). Starting the fixed-POI fits at the
+    free fit would halve their Newton iterations on ANA-SUSY-2018-16 but walks into the other
+    minimum of the coupled-histosys validation workspaces. (A yield-batched model, whose fits
+    must keep exactly its own batch, takes its fits in separate calls.)
     """
 
     def __init__(
@@ -125,28 +133,55 @@ class AsymptoticCalculator:
         return self._fits
 
     def _fused_fits(self, mus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The POI-independent fits together with the fixed-POI fits at ``mus`` (1-D), in two
-        batched calls; returns the twice NLL of the fixed-POI fits to the data and to the
-        Asimov data, ``(len(mus), *batch)`` each (every tested value for every dataset)."""
+        """The POI-independent fits together with the fixed-POI fits at ``mus`` (1-D; any
+        number for one dataset, none for batched data), in two batched calls; returns the
+        twice NLL of the fixed-POI fits to the data and to the Asimov data,
+        ``(len(mus), *batch)`` each (every tested value for every dataset)."""
         model, poi = self.model, self.poi
         batch = self.data.shape[:-1]
-
-        def rows(n_fixed: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            start = self.init.expand(1 + n_fixed, *batch, model.npars).clone()
-            start[1:, ..., poi] = values.reshape(-1, *([1] * len(batch)))
-            fixed = self.fixed.expand(1 + n_fixed, *([1] * len(batch)), model.npars).clone()
-            fixed[1:, ..., poi] = True
-            return start, fixed
-
-        values = torch.cat([mus.new_full((1,), self.asimov_poi), mus])
-        start, fixed = rows(1 + mus.numel(), values)
+        n = mus.numel()
+        values = mus.reshape(-1, *([1] * len(batch))).expand(n, *batch)
+        # the data: the free fit, the fit that defines the Asimov data, the fixed-POI fits
+        start = self.init.expand(2 + n, *batch, model.npars).clone()
+        start[1, ..., poi] = self.asimov_poi
+        start[2:, ..., poi] = values
+        fixed = self.fixed.expand(2 + n, *([1] * len(batch)), model.npars).clone()
+        fixed[1:, ..., poi] = True
         x, nll = minimize(model, self.data, start, bounds=self.bounds, fixed=fixed, what="fit")
         asimov = model.expected_data(x[1])
-        start, fixed = rows(mus.numel(), mus)
+        # the Asimov data: its free fit, from its own minimum at the Asimov POI value (the
+        # parameters that made it), and the fixed-POI fits
+        own = torch.minimum(torch.maximum(x[1].detach(), self.bounds[:, 0]), self.bounds[:, 1])
+        start = self.init.expand(1 + n, *batch, model.npars).clone()
+        start[0] = own
+        start[1:, ..., poi] = values
+        fixed = self.fixed.expand(1 + n, *([1] * len(batch)), model.npars).clone()
+        fixed[1:, ..., poi] = True
         x_a, nll_a = minimize(model, asimov, start, bounds=self.bounds, fixed=fixed, what="fit")
         self._fits = ((x[0], nll[0]), asimov, (x_a[0], nll_a[0]))
         self._fits_with_grad = torch.is_grad_enabled()
         return nll[2:], nll_a[1:]
+
+    def _datasets(self, asimov: torch.Tensor, shape, asimov_shape=None) -> torch.Tensor:
+        """The data expanded to ``shape`` (n, *batch), then the Asimov data to
+        ``asimov_shape`` (default ``shape``): ``(n + m, *batch, N)``."""
+        asimov_shape = shape if asimov_shape is None else asimov_shape
+        return torch.cat(
+            [
+                self.data.expand(*shape, self.data.shape[-1]),
+                asimov.expand(*asimov_shape, asimov.shape[-1]),
+            ]
+        )
+
+    def _fixed_poi_starts(self, values: torch.Tensor, asimov_values=None) -> torch.Tensor:
+        """Starts of the fixed-POI fits to the data at ``values`` (n, *batch), then to the
+        Asimov data at ``asimov_values`` (default ``values``): ``init`` with the POI replaced,
+        ``(n + m, *batch, P)``."""
+        asimov_values = values if asimov_values is None else asimov_values
+        mus = torch.cat([values, asimov_values])
+        start = self.init.expand(*mus.shape, self.model.npars).clone()
+        start[..., self.poi] = mus
+        return start
 
     def _stale(self) -> bool:
         """Whether the cached fits were made without grad mode and gradients are wanted now
@@ -170,13 +205,9 @@ class AsymptoticCalculator:
         if (self._fits is None or self._stale()) and fused:
             nll = torch.stack(self._fused_fits(poi_value.reshape(-1))).reshape(2, *batch)
         else:
-            data = torch.stack([d.expand(*batch, d.shape[-1]) for d in (self.data, self.asimov)])
-            # from the suggested init, as in the fused first call (and pyhf's fixed_poi_fit):
-            # where the likelihood has several minima, the start picks one, and every tested
-            # value must see the same function of mu (a limit brackets on one call's values
-            # and refines on later ones)
-            start = self.init.expand(2, *batch, model.npars).clone()
-            start[..., poi] = poi_value.expand(batch).detach()
+            data = self._datasets(self.asimov, (1, *batch))
+            mu = poi_value.expand(batch).detach().unsqueeze(0)
+            start = self._fixed_poi_starts(mu)
             fixed = self.fixed.clone()
             fixed[poi] = True
             x, nll = minimize(model, data, start, bounds=self.bounds, fixed=fixed, what="fit")
@@ -193,6 +224,36 @@ class AsymptoticCalculator:
     @property
     def _free_fits(self) -> tuple:
         return self.free, self.free_asimov
+
+    def limit_cls(self, poi_value: torch.Tensor) -> torch.Tensor:
+        """CLs of the six limit curves, each at its own POI value (6,): the observed CLs at
+        ``poi_value[0]``, the expected band's -2 .. +2 sigma entries at ``poi_value[1:]``.
+
+        The expected entries need only the fits to the Asimov data, so the six values take
+        seven fixed-POI fits (the data at the first value, the Asimov data at all six) in one
+        batched call, where :meth:`hypotest` at six values fits both datasets at each (twelve).
+        The fits are those of :meth:`hypotest` (same starts, same settings): the numbers agree
+        with ``hypotest(poi_value)``'s diagonal to the fits' rounding. A yield-batched model,
+        batched data or a value that requires grad go through :meth:`hypotest`.
+        """
+        model, poi = self.model, self.poi
+        poi_value = torch.as_tensor(poi_value, dtype=model.dtype, device=model.device)
+        six = (torch.arange(1, 6), torch.arange(5))
+        if model.nominal_batch > 1 or self.data.dim() != 1 or poi_value.requires_grad:
+            result = self.hypotest(poi_value)
+            return torch.cat([result.cls_obs[:1], result.cls_exp[six]])
+        (free_x, free_nll), (free_x_a, free_nll_a) = self._free_fits
+        data = self._datasets(self.asimov, (1,), poi_value.shape)
+        start = self._fixed_poi_starts(poi_value[:1], poi_value)
+        fixed = self.fixed.clone()
+        fixed[poi] = True
+        _, nll = minimize(model, data, start, bounds=self.bounds, fixed=fixed, what="fit")
+        q = statistic_from_fits(nll[:1], free_nll, free_x[poi], poi_value[:1], self.test_stat)
+        q_asimov = statistic_from_fits(
+            nll[1:], free_nll_a, free_x_a[poi], poi_value, self.test_stat
+        )
+        result = self._result(poi_value, torch.cat([q, q_asimov[1:]]), q_asimov)
+        return torch.cat([result.cls_obs[:1], result.cls_exp[six]])
 
     def _result(self, poi_value, q, q_asimov) -> HypotestResult:
         clsb, clb, cls, clsb_exp, cls_exp = asymptotic_cls(

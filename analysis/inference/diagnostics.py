@@ -145,7 +145,8 @@ def global_fit(
 
     ``method="newton"`` (the default): the batched Newton minimum
     (:func:`~analysis.inference.mle.free_fit`, multi-started on kinked parameters), then
-    :func:`analysis.fit.fit_model` with ``method="newton"`` from it: the exact minimum, the
+    :func:`analysis.fit.fit_model` with ``method="newton"`` from it (from ``init`` directly
+    when no free parameter has a kink: the same Newton fit, once): the exact minimum, the
     covariance ``2 H^-1`` of the exact Hessian (from the model's structure,
     :mod:`analysis.likelihood.derivatives`), parameters on a bound flagged, the POI on a bound
     with its one-sided profile error, MINOS by root finding on the profile. Seconds on published
@@ -157,6 +158,10 @@ def global_fit(
     NLL is lower by more than :data:`DIFFERENT_MINIMUM`, MIGRAD stopped in a local minimum and
     is run again from Newton's point.
     """
+    if method == "newton" and not bool((model.kinked_parameters() & ~fixed).any()):
+        # one start suffices (no kink to start on both sides of): the Newton fit of fit_model
+        # from init is the minimum; a batched fit first would converge twice
+        return fit_model(model, data, init=init, fixed=fixed, minos=minos, method="newton")
     with torch.no_grad():
         newton, newton_nll = free_fit(model, data, init=init, fixed=fixed)
     if method == "newton":

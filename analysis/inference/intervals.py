@@ -1,9 +1,11 @@
 """Upper limits on the POI (pyhf's ``infer.intervals.upper_limits``).
 
 The limit is the POI value where CLs = 1 - CL, found for all six curves (observed and the five
-expected) together: one batched hypotest on a grid brackets every crossing, then the Illinois
-method (regula falsi) solves all six in batched hypotests. In grad mode the limits are
-differentiable by implicit differentiation of the root.
+expected) together: batched hypotests on a grid bracket every crossing, then the Illinois
+method (regula falsi) solves all six in batched calls of seven fits each
+(:meth:`AsymptoticCalculator.limit_cls`). In grad mode the limits are differentiable by
+implicit differentiation of the root. :func:`upper_limit_with_curve` adds the CLs curve through
+the limits (pyhf's ``upper_limit`` with ``return_results``) from the same calculator.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ import math
 import torch
 
 from analysis.inference.calculators import AsymptoticCalculator
-from analysis.inference.results import LimitResult
+from analysis.inference.results import HypotestResult, LimitResult
 from analysis.inference.test_statistics import TestStat
-from analysis.inference.utils import InferenceError, require_poi
+from analysis.inference.utils import InferenceError
 
-#: POI values of the batched scan that brackets each limit before root finding
+#: POI values of the scan that brackets each limit before root finding
 GRID_POINTS = 21
+#: grid values per batched hypotest of the bracketing scan, which stops at the first call
+#: after which every curve has crossed
+GRID_CHUNK = 5
+#: POI values, from 0 to 1.5 times the largest limit, of :func:`upper_limit_with_curve`'s curve
+CURVE_POINTS = 31
 
 
 def upper_limits(
@@ -37,40 +44,54 @@ def upper_limits(
     """The POI values where CLs = 1 - ``cl``: tensor (6,), observed then expected -2..+2 sigma.
 
     All six curves are solved together by the Illinois method (regula falsi that halves the
-    stale end's value, superlinear and always bracketed): each step is one batched hypotest at
-    six POI values. The default bracket is (0, upper POI bound); it must bracket every
-    crossing, else :class:`InferenceError`. In grad mode the limits are differentiable in
-    what the model and data were built from, by implicit differentiation of the root:
+    stale end's value, superlinear and always bracketed): each step is one batched call of
+    seven fixed-POI fits (:meth:`AsymptoticCalculator.limit_cls`). The default bracket is
+    (0, upper POI bound); it must bracket every crossing, else :class:`InferenceError`. In
+    grad mode the limits are differentiable in what the model and data were built from, by
+    implicit differentiation of the root:
     ``d mu*/d phi = -(d CLs/d phi) / (d CLs/d mu)`` at ``mu*`` (one more batched hypotest).
     """
+    calculator = AsymptoticCalculator(model, data, test_stat, init=init, bounds=bounds, fixed=fixed)
+    return _limits(calculator, cl, bracket=bracket, xtol=xtol, max_iter=max_iter)
+
+
+def _limits(
+    calculator: AsymptoticCalculator, cl: float, *, bracket, xtol: float, max_iter: int
+) -> torch.Tensor:
+    """:func:`upper_limits` with the fits of ``calculator`` (which caches the free fits)."""
+    model = calculator.model
     alpha = 1.0 - cl
-    poi = require_poi(model)
-    poi_bounds = model.suggested_bounds()[poi] if bounds is None else torch.as_tensor(bounds)[poi]
+    poi_bounds = calculator.bounds[calculator.poi]
     if bracket is None:
         low, high = float(poi_bounds[0]), float(poi_bounds[1])
     else:
         low, high = (float(b) for b in bracket)
     low = max(low, 1e-9 * max(abs(high), 1.0))  # CLs is 1 at mu = 0 by construction
-    six = (torch.arange(1, 6), torch.arange(5))
-
-    calculator = AsymptoticCalculator(model, data, test_stat, init=init, bounds=bounds, fixed=fixed)
 
     def excess(mu: torch.Tensor) -> torch.Tensor:
-        result = calculator.hypotest(mu)
-        return torch.cat([result.cls_obs[:1], result.cls_exp[six]]) - alpha
+        return calculator.limit_cls(mu) - alpha
 
     def log_ratio(mu: torch.Tensor) -> torch.Tensor:  # log(CLs / alpha): near-linear in mu
         return torch.log(torch.clamp(excess(mu) + alpha, min=1e-300)) - math.log(alpha)
 
     with torch.no_grad():
-        # one batched hypotest on a grid brackets every curve, then Illinois on log CLs
+        # hypotests on a grid, GRID_CHUNK values per batched call from the low end up to the
+        # first call where every curve has fallen below alpha, bracket every curve (the same
+        # brackets as the whole grid, at a fraction of its fits where the limits lie far below
+        # the upper POI bound); then Illinois on log CLs
         grid = torch.linspace(low, high, GRID_POINTS, dtype=model.dtype, device=model.device)
-        result = calculator.hypotest(grid)
-        curves = torch.cat([result.cls_obs[:, None], result.cls_exp], dim=1)  # (grid, 6)
+        chunks = []
+        for chunk in grid.split(GRID_CHUNK):
+            result = calculator.hypotest(chunk)
+            chunks.append(torch.cat([result.cls_obs[:, None], result.cls_exp], dim=1))
+            if bool((torch.cat(chunks) < alpha).any(0).all()):
+                break
+        curves = torch.cat(chunks)  # (grid values so far, 6)
+        grid = grid[: curves.shape[0]]
         values = torch.log(torch.clamp(curves, min=1e-300)) - math.log(alpha)
         below = values < 0
         names = ["observed", "-2 sigma", "-1 sigma", "median", "+1 sigma", "+2 sigma"]
-        for bad, where, end in [(~below[-1], "upper", high), (below[0], "lower", low)]:
+        for bad, where, end in [(~below.any(0), "upper", high), (below[0], "lower", low)]:
             if bool(bad.any()):
                 which = ", ".join(n for n, b in zip(names, bad.tolist(), strict=True) if b)
                 raise InferenceError(
@@ -118,3 +139,32 @@ def upper_limit(
     with torch.no_grad():
         limits = upper_limits(model, data, cl, test_stat, **kwargs).tolist()
     return LimitResult(cl, limits[0], tuple(limits[1:]))
+
+
+def upper_limit_with_curve(
+    model,
+    data,
+    cl: float = 0.95,
+    test_stat: TestStat = "qtilde",
+    *,
+    n_points: int = CURVE_POINTS,
+    xtol: float = 1e-5,
+    init=None,
+    bounds=None,
+    fixed=None,
+) -> tuple[LimitResult, HypotestResult]:
+    """The limits (:func:`upper_limit`) and the CLs curve through them: hypotests at
+    ``n_points`` POI values from 0 to 1.5 times the largest limit (at most the upper POI bound),
+    the Brazil plot of pyhf's ``upper_limit(..., return_results=True)``.
+
+    One :class:`AsymptoticCalculator` does both: the free fits to the data and to the Asimov
+    data, and the fit that defines the Asimov data, are made once, and the curve is one batched
+    call of the fixed-POI fits at its points.
+    """
+    calculator = AsymptoticCalculator(model, data, test_stat, init=init, bounds=bounds, fixed=fixed)
+    with torch.no_grad():
+        limits = _limits(calculator, cl, bracket=None, xtol=xtol, max_iter=100).tolist()
+        top = min(1.5 * max(limits), float(calculator.bounds[calculator.poi, 1]))
+        grid = torch.linspace(0.0, top, n_points, dtype=model.dtype, device=model.device)
+        curve = calculator.hypotest(grid)
+    return LimitResult(cl, limits[0], tuple(limits[1:])), curve
