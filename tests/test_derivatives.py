@@ -160,6 +160,21 @@ def test_structured_hessian_equals_autograd_on_every_modifier_type(settings):
     _assert_same(model, pars, data)
 
 
+def test_structured_hessian_with_up_to_three_zero_factors_in_a_block():
+    """The block-factor curvature by the number of zero factors of a block: none, one, two
+    and three (lumi, mu and k_sig of the signal), where only the f'' and pair terms that
+    leave no zero factor outside survive."""
+    workspace = Workspace.from_spec(_spec())
+    model = workspace.model()
+    data = workspace.data(model)
+    pars = _points(model, 4, seed=6)
+    names = list(model.par_names)
+    for row, zeros in enumerate([["lumi"], ["lumi", "mu"], ["lumi", "mu", "k_sig"], ["k_tt"]]):
+        for name in zeros:
+            pars[row, names.index(name)] = 0.0
+    _assert_same(model, pars, data)
+
+
 def test_structured_hessian_broadcasts_batches_of_data_and_chunks(monkeypatch):
     workspace = Workspace.from_spec(_spec())
     model = workspace.model()

@@ -110,11 +110,11 @@ def scan(
     return ScanResult(parameter, center, width, values, nll - best.twice_nll)
 
 
-#: refits per batched call of :func:`ranking`. The structured derivatives cost the same per
-#: row at any batch size (7-9 ms per row on ANA-SUSY-2018-16, 219 parameters), while a batch
+#: refits per batched call of :func:`ranking`. The structured derivatives cost about 2.5 ms per
+#: row from 8 rows on (3.9 ms at 1) on ANA-SUSY-2018-16 (219 parameters), while a batch
 #: iterates until its slowest row has converged: small batches waste fewer iterations, down
-#: to where the per-call overhead shows (measured on ANA-SUSY-2018-16: 23-27 s at 4 and 8
-#: rows, 25 s at 16, 35 s at 32, one thread)
+#: to where the per-call overhead shows (measured there, one thread, whole ranking: 11-18 s at
+#: 8 rows, 17 s at 24)
 RANKING_BATCH = 8
 
 #: the four impacts of a parameter, in :class:`RankingResult` order
