@@ -141,3 +141,20 @@ def toy(tmp_path: pathlib.Path) -> ToyAnalysis:
     }
     raw = {f"{file}:{tree}": columns for (file, tree), columns in trees.items()}
     return ToyAnalysis(folder=tmp_path, columns=raw, config=config)
+
+
+@pytest.fixture(scope="module")
+def dask_scheduler():
+    """The TCP address of a ``distributed.LocalCluster`` of 2 single-threaded workers in this
+    process (threads: no worker start-up and imports), for ``--dask ADDRESS``; one per module."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=False,
+        protocol="tcp",
+        dashboard_address="127.0.0.1:0",
+        scheduler_kwargs={"dashboard": False},
+    ) as cluster:
+        yield cluster.scheduler_address

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from distributed import LocalCluster
 
 from analysis.cli import main
 from analysis.dask_histograms import partitions
@@ -24,19 +23,10 @@ PARTITION = "700"
 
 
 @pytest.fixture(scope="module")
-def scheduler():
-    """The TCP address of a LocalCluster of 2 single-threaded workers, in this process (threads:
-    no worker start-up and imports; :func:`test_local_cluster_without_address` runs the worker
-    processes that ``--dask`` alone starts)."""
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=False,
-        protocol="tcp",
-        dashboard_address="127.0.0.1:0",
-        scheduler_kwargs={"dashboard": False},
-    ) as cluster:
-        yield cluster.scheduler_address
+def scheduler(dask_scheduler):
+    """conftest's LocalCluster of threads (:func:`test_local_cluster_without_address` runs the
+    worker processes that ``--dask`` alone starts)."""
+    return dask_scheduler
 
 
 def run(*args: str) -> tuple[int, object, str]:

@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from distributed import LocalCluster
 
 from analysis.cli import main
 from analysis.dask_histograms import LOCAL_WORKERS
@@ -123,7 +122,7 @@ def _require_stand_in() -> None:
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory):
+def batch(tmp_path_factory, dask_scheduler):
     """The scaled-out run: (its working directory, the analysis YAML, the Dask scheduler's
     address)."""
     if importlib.util.find_spec("snakemake_executor_plugin_cluster_generic") is None:
@@ -131,28 +130,20 @@ def batch(tmp_path_factory):
     _require_stand_in()
     folder = tmp_path_factory.mktemp("scaleout")
     analysis = _analysis(folder)
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=False,
-        protocol="tcp",
-        dashboard_address="127.0.0.1:0",
-        scheduler_kwargs={"dashboard": False},
-    ) as cluster:
-        settings = [f"analysis={analysis}", "device=cpu", f"steps={STEPS}", "unblind=true"]
-        settings += ["optimize_processes=2", f"dask={cluster.scheduler_address}"]
-        settings += [f"dask_partition_size={PARTITION}"]
-        proc = _snakemake(
-            folder / "run",
-            "--workflow-profile",
-            str(PROFILES / "local-batch"),
-            "--config",
-            *settings,
-            "--",
-            *(f"results/scaleout/{target}" for target in TARGETS),
-        )
+    settings = [f"analysis={analysis}", "device=cpu", f"steps={STEPS}", "unblind=true"]
+    settings += ["optimize_processes=2", f"dask={dask_scheduler}"]
+    settings += [f"dask_partition_size={PARTITION}"]
+    proc = _snakemake(
+        folder / "run",
+        "--workflow-profile",
+        str(PROFILES / "local-batch"),
+        "--config",
+        *settings,
+        "--",
+        *(f"results/scaleout/{target}" for target in TARGETS),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return folder / "run", analysis, cluster.scheduler_address
+    return folder / "run", analysis, dask_scheduler
 
 
 def _read(folder: pathlib.Path, target: str) -> dict:
