@@ -563,6 +563,7 @@ def optimize(
     pipeline: AnalysisPipeline | None = None,
     writer: bool = True,
     record: Mapping[str, Any] | None = None,
+    claimed: bool = False,
 ) -> OptimizationResult:
     """Optimize the trainable cuts of ``config`` (module docstring); write ``result.json`` and
     ``cuts.json`` to ``out_dir`` and return the result.
@@ -571,8 +572,10 @@ def optimize(
     called with each step's history entry (after that step's checkpoint, if any).
     ``pipeline``: a pipeline built already (default: from ``config`` and ``events``);
     ``writer=False``: neither claim nor write ``out_dir`` (read only its checkpoint on
-    ``resume``): the ranks other than 0 of :mod:`analysis.distributed`; ``record``: more
-    top-level entries of ``result.json`` (e.g. ``{"distributed": {...}}``).
+    ``resume``): the ranks other than 0 of :mod:`analysis.distributed`; ``claimed``: the
+    caller holds the claim on ``out_dir`` already (:func:`claim_output_folder`; rank 0 of
+    :mod:`analysis.distributed` takes it before reading); ``record``: more top-level entries of
+    ``result.json`` (e.g. ``{"distributed": {...}}``).
     Raises ConfigError for an unknown objective, no trainable cut, ``steps < 1`` or a checkpoint
     that cannot be read or does not belong to this run; InputFileError when ``resume`` finds no
     checkpoint; OutputError when ``out_dir`` cannot be written or another run holds it.
@@ -584,7 +587,9 @@ def optimize(
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     claim = (
-        claim_output_folder(out_dir) if writer else contextlib.nullcontext(pathlib.Path(out_dir))
+        claim_output_folder(out_dir)
+        if writer and not claimed
+        else contextlib.nullcontext(pathlib.Path(out_dir))
     )
     with claim as out:
         return _optimize(

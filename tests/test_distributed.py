@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from analysis import config as config_module
@@ -107,6 +108,7 @@ def single_process_run(config: pathlib.Path, out: pathlib.Path) -> dict:
 RANKS_SCRIPT = """
 import json, shutil, sys
 import torch
+import yaml
 import torch.distributed as dist
 from analysis import config as config_module
 from analysis.distributed import DistributedPipeline, all_gather_concat, init_process_group
@@ -148,6 +150,7 @@ dist.destroy_process_group()
 
 SPREAD_COLUMNS = """
 import torch
+import yaml
 
 def spread_columns():
     \"\"\"(x, w, rank boundaries) of columns that stress the quartile search.\"\"\"
@@ -272,3 +275,28 @@ def test_outside_torchrun_is_a_one_line_error(toy_config, tmp_path):
     )
     assert result.exit_code == 2
     assert "MASTER_PORT not set" in result.output and "torchrun --nproc-per-node" in result.output
+
+
+def test_output_folder_held_by_another_run_stops_every_rank_before_reading(toy_config, tmp_path):
+    """Rank 0 claims ``--out`` before any rank reads: with the folder held by another run (here
+    this process) and the input files gone, every rank stops on the claim (rank 0 with the
+    lock's one-line error, the other saying why), not on the reading."""
+    from analysis.optimize import claim_output_folder
+
+    raw = yaml.safe_load(toy_config.read_text())
+    raw["General"]["InputPath"] = str(tmp_path / "missing" / "{SamplePath}")
+    config = tmp_path / "moved.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    with claim_output_folder(out):
+        launch = torchrun(
+            DIFFANA, "optimize", str(config), "--out", str(out), "--device", "cpu",
+            "--distributed", "--dist-timeout", "30",
+        )  # fmt: skip
+    assert launch.returncode != 0
+    errors = [line for line in launch.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 2, launch.stderr[-3000:]
+    assert any(str(out) in line and "another" in line for line in errors), errors
+    assert any("rank 1: rank 0 could not claim the output folder" in line for line in errors)
+    assert "missing" not in launch.stderr
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing written, the lock file gone
