@@ -76,7 +76,6 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "DistributedError",
     "DistributedPipeline",
-    "all_gather_concat",
     "all_reduce_histograms",
     "all_reduce_sum",
     "column_spread_all_ranks",
@@ -159,22 +158,6 @@ def all_reduce_sum(tensor: torch.Tensor, anchor: torch.Tensor | None = None) -> 
     this rank's ``tensor`` unchanged (:class:`_AllReduceSum`)."""
     result: torch.Tensor = _AllReduceSum.apply(tensor, anchor)
     return result
-
-
-def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
-    """The 1-d ``tensor`` of every rank, concatenated in rank order (lengths may differ: each is
-    padded to the longest for the collective and trimmed after)."""
-    tensor = tensor.reshape(-1)
-    world = dist.get_world_size()
-    length = torch.tensor([tensor.numel()], device=tensor.device)
-    lengths = [torch.zeros_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length)
-    sizes = [int(n) for n in lengths]
-    padded = torch.zeros(max(sizes), dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.numel()] = tensor
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 
 
 def column_spread_all_ranks(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

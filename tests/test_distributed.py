@@ -108,10 +108,9 @@ def single_process_run(config: pathlib.Path, out: pathlib.Path) -> dict:
 RANKS_SCRIPT = """
 import json, shutil, sys
 import torch
-import yaml
 import torch.distributed as dist
 from analysis import config as config_module
-from analysis.distributed import DistributedPipeline, all_gather_concat, init_process_group
+from analysis.distributed import DistributedPipeline, init_process_group
 from analysis.distributed import optimize_distributed, read_shard
 from analysis.objectives import get_objective
 from analysis.optimize import relaxed_loss
@@ -126,10 +125,18 @@ loss.backward()
 share = pipeline.cut_parameters.grad.clone()
 pipeline.synchronize_gradients()
 counts = torch.tensor(list(pipeline.event_counts().values()), dtype=torch.float64)
+
+
+def gathered(tensor):  # every rank's tensor (equal shapes), in rank order
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor)
+    return torch.stack(parts).tolist()
+
+
 record = {
     "loss": float(loss.detach()), "gradient": pipeline.cut_parameters.grad.tolist(),
-    "shares": all_gather_concat(share).reshape(world, -1).tolist(),
-    "counts": all_gather_concat(counts).reshape(world, -1).tolist(),
+    "shares": gathered(share),
+    "counts": gathered(counts),
     "spread": pipeline.cut_spread.tolist(),
 }
 # column_spread_all_ranks on columns unlike the toy's: each rank holds rows [cut_r, cut_r+1)
@@ -150,7 +157,6 @@ dist.destroy_process_group()
 
 SPREAD_COLUMNS = """
 import torch
-import yaml
 
 def spread_columns():
     \"\"\"(x, w, rank boundaries) of columns that stress the quartile search.\"\"\"

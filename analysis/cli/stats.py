@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 else:
     torch = _LazyModule("torch")
 
-LIMIT_SCAN_POINTS = 31
-"""POI values from 0 to 1.5 times the largest limit at which ``diffana limit`` reports CLs
-(:data:`analysis.inference.intervals.CURVE_POINTS`)."""
-
 
 def input_options(*, needs_poi: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``INPUT`` (pyhf JSON workspace, HistFactory XML or analysis YAML) and its options.
@@ -347,7 +343,7 @@ def limit(
     inference.check_start(workspace, model, data, model.suggested_init(), asimov=asimov)
     # with CLs on a POI grid through every limit (pyhf's upper_limit return_results): the
     # Brazil plot, from the limits' own calculator (its free and Asimov fits are reused)
-    result, curve = inference.upper_limit_with_curve(model, data, cl, n_points=LIMIT_SCAN_POINTS)
+    result, curve = inference.upper_limit_with_curve(model, data, cl)
     emit(
         {
             **result.to_dict(),
