@@ -984,9 +984,7 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
             data=s.get("Data", False),
             disable_staterror=s.get("DisableStaterror", False),
             regions=_as_tuple(s.get("Regions")),
-            definitions=tuple(
-                _definition(d) for d in s.get("Definitions", [])
-            ),
+            definitions=tuple(_definition(d) for d in s.get("Definitions", [])),
         )
         for s in raw["Samples"]
     )
@@ -1045,9 +1043,7 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
             experiment=general.get("Experiment"),
             label=general.get("Label"),
         ),
-        definitions=tuple(
-            _definition(d) for d in raw.get("Definitions", [])
-        ),
+        definitions=tuple(_definition(d) for d in raw.get("Definitions", [])),
         regions=regions,
         samples=samples,
         systematics=systematics,

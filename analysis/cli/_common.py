@@ -152,6 +152,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class DeviceRequest(NamedTuple):
+    """``--device`` and ``--threads`` as given, for a command that may finish without torch
+    (a statistics command on the numpy backend) and resolves them only when it needs torch."""
+
+    name: str
+    threads: int
+
+    def resolve(self) -> torch.device:
+        """:func:`set_threads`, then :func:`resolve_device`."""
+        set_threads(self.threads)
+        return resolve_device(self.name)
+
+
 def emit(result: Any, output: pathlib.Path | None) -> None:
     """Print ``result`` as JSON to stdout, or write it to ``output``."""
     text = json_text(result)
@@ -177,9 +190,11 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
     A command without a ``device`` parameter computes nothing with torch (``validate``,
     ``generate``): it never imports torch, its ``--device`` is checked for its form only and
-    ``--threads`` does nothing.
+    ``--threads`` does nothing. A function marked ``defers_device`` gets a
+    :class:`DeviceRequest` to resolve when (and if) it needs torch.
     """
     takes_device = "device" in inspect.signature(func).parameters
+    defers_device = getattr(func, "defers_device", False)
 
     @click.option(
         "--output",
@@ -201,7 +216,9 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> Any:
         _setup_logging(verbose)
-        if takes_device:
+        if takes_device and defers_device:
+            kwargs["device"] = DeviceRequest(device, threads)
+        elif takes_device:
             set_threads(threads)
             kwargs["device"] = resolve_device(device)
         return func(*args, output=output, **kwargs)

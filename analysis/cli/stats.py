@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
-from analysis.cli._common import _LazyModule, common_options, emit, load_workspace
+from analysis.cli._common import (
+    DeviceRequest,
+    _LazyModule,
+    common_options,
+    emit,
+    load_workspace,
+    log,
+)
 from analysis.errors import AnalysisError
 
 if TYPE_CHECKING:
@@ -28,14 +35,21 @@ else:
     torch = _LazyModule("torch")
 
 
-def input_options(*, needs_poi: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def input_options(
+    *, needs_poi: bool, numpy_command: Callable[..., dict] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``INPUT`` (pyhf JSON workspace, HistFactory XML or analysis YAML) and its options.
 
     Passes ``workspace`` and ``model`` on, and runs the command without autograd graphs. Goes
-    below :func:`common_options` (which resolves ``--device`` and sets up logging first).
+    below :func:`common_options` (which sets up logging first; this resolves ``--device``).
     ``needs_poi``: the command needs the measurement's POI; the others (fit, scan) also run on
     a measurement without one. Errors from the command that do not name the input get its name
     in front.
+
+    ``numpy_command``: the command on the numpy backend (:mod:`analysis.numpy_backend`), for
+    a JSON workspace on the CPU: ``numpy_command(workspace, model, **options)`` returns the
+    output, or raises :class:`~analysis.numpy_backend.Unsupported` and the command runs on
+    torch (:func:`_numpy_output`). The command then has ``--backend``.
     """
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,19 +84,26 @@ def input_options(*, needs_poi: bool) -> Callable[[Callable[..., Any]], Callable
             cuts: pathlib.Path | None,
             cache_dir: pathlib.Path | None,
             no_cache: bool,
-            device: torch.device,
+            device: DeviceRequest,
             **kwargs: Any,
         ) -> Any:
+            backend = kwargs.pop("backend", "torch")
+            if numpy_command is not None and backend != "torch" and device.name in ("auto", "cpu"):
+                if input_path.suffix.lower() == ".json" and cuts is None:
+                    output = _numpy_output(
+                        numpy_command, input_path, patches, measurement, backend, kwargs
+                    )
+                    if output is not None:
+                        return emit(output, kwargs["output"])
             from analysis.cache import default_cache_dir  # not analysis.io: awkward, uproot
 
+            on = device.resolve()
             cache = None if no_cache else (cache_dir or default_cache_dir())
-            workspace = load_workspace(
-                input_path, patches, cuts=cuts, cache_dir=cache, device=device
-            )
-            model = _model(workspace, measurement, device, needs_poi)
+            workspace = load_workspace(input_path, patches, cuts=cuts, cache_dir=cache, device=on)
+            model = _model(workspace, measurement, on, needs_poi)
             try:
                 with torch.no_grad():
-                    return func(*args, workspace=workspace, model=model, device=device, **kwargs)
+                    return func(*args, workspace=workspace, model=model, device=on, **kwargs)
             except AnalysisError as err:
                 if workspace.source in str(err):
                     raise
@@ -93,9 +114,77 @@ def input_options(*, needs_poi: bool) -> Callable[[Callable[..., Any]], Callable
                     named = AnalysisError(message)
                 raise named from None
 
+        wrapper.defers_device = True  # type: ignore[attr-defined]
+        if numpy_command is not None:
+            return backend_option(wrapper)
         return wrapper
 
     return decorate
+
+
+backend_option = click.option(
+    "--backend",
+    type=click.Choice(["auto", "numpy", "torch"]),
+    default="auto",
+    show_default=True,
+    help="auto: a JSON workspace of at most 40 parameters on the CPU runs on numpy (no torch "
+    "start-up), anything else on torch; numpy: numpy for a JSON workspace of any size; torch: "
+    "always torch. Results agree to the fits' tolerance.",
+)
+
+
+def _numpy_output(
+    command: Callable[..., dict],
+    input_path: pathlib.Path,
+    patches: tuple[str, ...],
+    measurement: str | None,
+    backend: str,
+    options: dict[str, Any],
+) -> dict | None:
+    """The output of ``command`` on the numpy backend, or None where the torch engine must
+    run it: a model above :data:`~analysis.numpy_backend.AUTO_MAX_PARAMETERS` parameters
+    (``--backend auto``), or a case the backend does not take (``Unsupported``; the torch
+    engine then reports any problem as it always does). Errors in the workspace itself are
+    reported here, as the torch path would (they do not depend on the engine)."""
+    from analysis.likelihood.workspace import Workspace
+    from analysis.numpy_backend import AUTO_MAX_PARAMETERS, Unsupported
+    from analysis.numpy_backend.model import NumpyModel
+
+    workspace = Workspace.load(input_path, patches)
+    meas = workspace.measurement(measurement)
+    try:
+        model = NumpyModel(
+            workspace.model_spec(meas["name"]),
+            poi_name=meas["config"].get("poi") or None,
+            source=workspace.source,
+        )
+        if backend == "auto" and model.npars > AUTO_MAX_PARAMETERS:
+            return None
+        log.info("numpy backend: %d parameters", model.npars)
+        options = {k: v for k, v in options.items() if k not in ("output",)}
+        return command(workspace, model, **options)
+    except Unsupported as reason:
+        log.info("numpy backend: %s; running on torch", reason)
+        return None
+
+
+def _numpy_data(workspace: Any, model: Any, asimov: bool) -> Any:
+    """The observed data (main bins in the model's channel order, then the auxiliary data),
+    or the Asimov data at the suggested initial parameters, as numpy arrays."""
+    import numpy as np
+
+    from analysis.numpy_backend import Unsupported
+
+    if asimov:
+        return model.expected_data(model.suggested_init())
+    observed = {o["name"]: o["data"] for o in workspace.spec["observations"]}
+    parts = []
+    for channel in model.channels:
+        values = np.asarray(observed.get(channel, ()), dtype=float)
+        if values.shape != (model.channel_nbins[channel],) or not (values >= 0).all():
+            raise Unsupported(f"observation of channel '{channel}'")  # the torch engine says why
+        parts.append(values)
+    return np.concatenate([*parts, model.auxdata])
 
 
 def _model(workspace: Any, measurement: str | None, device: torch.device, needs_poi: bool) -> Any:
@@ -146,16 +235,14 @@ def _parameter_index(model: Any, option: str, name: str) -> int:
     return model.par_names.index(name)
 
 
-def _fixed_settings(
-    model: Any, fix: tuple[str, ...]
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def _fixed_settings(model: Any, fix: tuple[str, ...]) -> tuple[Any, Any, dict[str, float]]:
     """Initial values and fixed mask with ``--fix NAME=VALUE`` applied (a name or a set name),
     and the fixed values by name."""
     import math
 
     from analysis.errors import ConfigError
 
-    init, fixed = model.suggested_init().clone(), model.suggested_fixed().clone()
+    init, fixed = _copy(model.suggested_init()), _copy(model.suggested_fixed())
     values: dict[str, float] = {}
     for item in fix:
         name, sep, value = item.partition("=")
@@ -180,9 +267,60 @@ def _fixed_settings(
     return init, fixed, values
 
 
+def _copy(values: Any) -> Any:
+    """A copy of a tensor (torch engine) or an array (numpy backend)."""
+    return values.clone() if hasattr(values, "clone") else values.copy()
+
+
+# ---------------------------------------------------------------------- the numpy backend
+def _numpy_fit(workspace, model, *, asimov, minos, fix, method) -> dict:
+    from analysis.numpy_backend import Unsupported, infer
+
+    if minos or method != "newton":
+        raise Unsupported("MINOS or --method minuit")
+    data = _numpy_data(workspace, model, asimov)
+    try:
+        init, fixed, _ = _fixed_settings(model, fix)
+    except AnalysisError as err:  # reported by the torch engine's checks
+        raise Unsupported(str(err)) from None
+    return infer.global_fit(model, data, init, fixed)
+
+
+def _poi_value_checked(model, poi_value: float, test_stat: str) -> None:
+    from analysis.numpy_backend import Unsupported
+
+    if model.poi_index is None:
+        raise Unsupported("no POI")
+    low, high = model.suggested_bounds()[model.poi_index]
+    if not low <= poi_value <= high or (test_stat == "q0" and poi_value != 0):
+        raise Unsupported("--poi-value")  # the torch engine says why
+
+
+def _numpy_hypotest(workspace, model, *, poi_value, test_stat, asimov, calctype, **_) -> dict:
+    from analysis.numpy_backend import Unsupported, infer
+
+    if calctype != "asymptotics":
+        raise Unsupported("toys")
+    _poi_value_checked(model, poi_value, test_stat)
+    data = _numpy_data(workspace, model, asimov)
+    return infer.hypotest(model, data, poi_value, test_stat)
+
+
+def _numpy_significance(workspace, model, *, asimov) -> dict:
+    from analysis.numpy_backend import infer
+
+    return infer.significance(model, _numpy_data(workspace, model, asimov))
+
+
+def _numpy_limit(workspace, model, *, cl, asimov) -> dict:
+    from analysis.numpy_backend import infer
+
+    return infer.upper_limit_with_curve(model, _numpy_data(workspace, model, asimov), cl)
+
+
 @click.command()
 @common_options
-@input_options(needs_poi=False)
+@input_options(needs_poi=False, numpy_command=_numpy_fit)
 @click.option("--asimov", is_flag=True, help="Fit the Asimov dataset (pre-fit expectation).")
 @click.option("--minos", multiple=True, help="Run MINOS for this parameter; repeatable.")
 @click.option(
@@ -232,7 +370,7 @@ def fit(
 
 @click.command()
 @common_options
-@input_options(needs_poi=True)
+@input_options(needs_poi=True, numpy_command=_numpy_hypotest)
 @click.option("--poi-value", type=float, required=True, help="POI value to test.")
 @click.option(
     "--test-stat",
@@ -303,7 +441,7 @@ def hypotest(
 
 @click.command()
 @common_options
-@input_options(needs_poi=True)
+@input_options(needs_poi=True, numpy_command=_numpy_significance)
 @click.option("--asimov", is_flag=True, help="Use the Asimov dataset instead of the data.")
 def significance(
     workspace: Any, model: Any, asimov: bool, output: pathlib.Path | None, device: torch.device
@@ -319,7 +457,7 @@ def significance(
 
 @click.command()
 @common_options
-@input_options(needs_poi=True)
+@input_options(needs_poi=True, numpy_command=_numpy_limit)
 @click.option(
     "--cl",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),

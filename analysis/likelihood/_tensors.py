@@ -1,12 +1,21 @@
-"""Small helpers to move spec numbers into tensors and back to plain JSON values."""
+"""Small helpers to move spec numbers into tensors and back to plain JSON values.
+
+Importing this module does not import torch (a workspace is read, validated and written back
+on the numpy backend without it): the helpers that make tensors import it when called, and
+those that only look for tensors use ``sys.modules``, since without torch imported there
+cannot be any tensor.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def as_tensor(value: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -15,6 +24,8 @@ def as_tensor(value: Any, *, dtype: torch.dtype, device: torch.device) -> torch.
     A tensor is moved with ``.to`` so that its autograd history is kept; a list that contains
     tensors is stacked (also differentiable). Nothing here goes through numpy for tensors.
     """
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value.to(dtype=dtype, device=device)
     if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
@@ -25,6 +36,8 @@ def as_tensor(value: Any, *, dtype: torch.dtype, device: torch.device) -> torch.
 def broadcast_shapes(*shapes: Sequence[int]) -> torch.Size:
     """NumPy broadcasting of shapes, as ``torch.broadcast_shapes``, whose first call imports
     sympy (about 1.5 s of start-up for every command that reaches it)."""
+    import torch
+
     ndim = max((len(shape) for shape in shapes), default=0)
     out = [1] * ndim
     for shape in shapes:
@@ -36,18 +49,28 @@ def broadcast_shapes(*shapes: Sequence[int]) -> torch.Size:
     return torch.Size(out)
 
 
+def _tensor_type() -> type[torch.Tensor] | None:
+    """``torch.Tensor`` if torch is imported, else ``None`` (then no value is a tensor)."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.Tensor
+
+
 def to_plain(value: Any) -> Any:
     """A detached, JSON-serialisable copy: tensors and arrays become (lists of) floats."""
-    if isinstance(value, torch.Tensor):
+    return _to_plain(value, _tensor_type())
+
+
+def _to_plain(value: Any, tensor: type[torch.Tensor] | None) -> Any:
+    if tensor is not None and isinstance(value, tensor):
         return value.detach().cpu().tolist()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Mapping):
-        return {str(k): to_plain(v) for k, v in value.items()}
+        return {str(k): _to_plain(v, tensor) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
+        return [_to_plain(v, tensor) for v in value]
     return value
 
 
@@ -61,11 +84,16 @@ def structural_copy(value: Any) -> Any:
 
 
 def has_tensor(value: Any) -> bool:
-    """Whether a nested structure holds any torch tensor."""
-    if isinstance(value, torch.Tensor):
+    """Whether a nested structure holds any torch tensor (never, when torch is not imported)."""
+    tensor = _tensor_type()
+    return tensor is not None and _has_tensor(value, tensor)
+
+
+def _has_tensor(value: Any, tensor: type[torch.Tensor]) -> bool:
+    if isinstance(value, tensor):
         return True
     if isinstance(value, Mapping):
-        return any(has_tensor(v) for v in value.values())
+        return any(_has_tensor(v, tensor) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return any(has_tensor(v) for v in value)
+        return any(_has_tensor(v, tensor) for v in value)
     return False

@@ -10,6 +10,10 @@ Patches are applied to the *workspace* spec (paths like ``/channels/0/samples/-`
 ``pyhf patchset apply`` does: a JSON Patch file (a list of operations) or ``FILE:NAME`` for the
 patch ``NAME`` of a pyhf patchset, whose digests must match the workspace (pyhf verifies them
 too).
+
+Reading, patching, validating and writing a workspace does not import torch (``import torch``
+takes longer than a whole pyhf fit of a small workspace on the numpy backend): only
+:meth:`Workspace.model` and :meth:`Workspace.data`, which return torch objects, import it.
 """
 
 from __future__ import annotations
@@ -26,23 +30,38 @@ import pathlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import fastjsonschema
 import jsonpatch
 import jsonpointer
 import jsonschema
 import jsonschema.protocols
-import torch
 
 from analysis.errors import ConfigError, DataError, InputFileError, MissingObjectError
-from analysis.likelihood import modifiers as modifier_registry
 from analysis.likelihood._tensors import as_tensor, structural_copy, to_plain
-from analysis.likelihood.model import Model
+
+if TYPE_CHECKING:
+    import torch
+
+    from analysis.likelihood.model import Model
 
 log = logging.getLogger(__name__)
 
 Source = str | os.PathLike | Mapping[str, Any]
+
+MODIFIER_TYPES: tuple[str, ...] = (
+    "histosys",
+    "lumi",
+    "normfactor",
+    "normsys",
+    "shapefactor",
+    "shapesys",
+    "staterror",
+)
+"""The HistFactory modifier type names, in the order of
+:data:`analysis.likelihood.modifiers.REGISTRY` (pyhf's), for validation and its messages
+without importing the modifiers (they import torch); a test keeps the two equal."""
 
 
 @dataclass(frozen=True)
@@ -133,14 +152,20 @@ class Workspace:
         *,
         modifier_settings: Mapping[str, Mapping[str, Any]] | None = None,
         poi_name: str | None = None,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
     ) -> Model:
         """The :class:`Model` of ``measurement`` (default: the first one).
 
         ``poi_name`` overrides the measurement's POI; ``""`` builds a model without POI.
         ``modifier_settings`` as in pyhf (``None``: normsys code4, histosys code4p).
+        ``dtype`` ``None`` is ``torch.float64`` (a default that does not import torch when this
+        module is imported; this method does).
         """
+        import torch
+
+        from analysis.likelihood.model import Model
+
         meas = self.measurement(measurement)
         poi = meas["config"]["poi"] if poi_name is None else poi_name
         if poi_name is None and not poi:
@@ -152,7 +177,7 @@ class Workspace:
             self.model_spec(meas["name"]),
             poi_name=poi or None,
             modifier_settings=modifier_settings,
-            dtype=dtype,
+            dtype=torch.float64 if dtype is None else dtype,
             device=device,
             source=self.source,
         )
@@ -179,6 +204,8 @@ class Workspace:
 
     def data(self, model: Model, include_auxdata: bool = True) -> torch.Tensor:
         """Observed main data in ``model``'s channel order, then ``model.auxdata``."""
+        import torch
+
         observed = {o["name"]: o["data"] for o in self.spec["observations"]}
         parts = []
         for channel in model.channels:
@@ -328,7 +355,11 @@ def _check_modifier_types(spec: Any, source: str) -> None:
                     continue
                 if "type" not in mod:
                     raise ConfigError(f"{source}: {path}: 'type' is a required property")
-                modifier_registry.get(mod["type"], f"{source}: {path}")
+                if mod["type"] not in MODIFIER_TYPES:
+                    raise ConfigError(
+                        f"{source}: {path}: unknown modifier type '{mod['type']}'; valid types: "
+                        f"{', '.join(MODIFIER_TYPES)}"
+                    )
 
 
 def _format_path(parts: Sequence[Any]) -> str:
