@@ -363,3 +363,38 @@ def test_a_variation_cut_away_keeps_the_systematic_unsplit(toy):
         shifted[model.config.par_slice(syst.modifier_name).start] = alpha
         signal = model.expected_actualdata(shifted)[: len(down)] - others
         np.testing.assert_allclose(signal, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_compiled_schema_is_cached_privately(tmp_path, monkeypatch):
+    """The compiled pyhf schema is kept in the cache folder and loaded from there; a cached
+    file that others may write is not run (the validator is compiled afresh); either way the
+    verdicts are jsonschema's."""
+    from analysis.likelihood import workspace as module
+
+    monkeypatch.setenv("DIFFANA_CACHE_DIR", str(tmp_path))
+    good = json.loads(reference_path("pyhf_validation", "2-bin_1-channel.json").read_text())
+    bad = copy.deepcopy(good)
+    del bad["channels"][0]["samples"][0]["modifiers"][0]["type"]
+    verdicts = []
+    for attempt in range(4):
+        module._compiled_schema.cache_clear()
+        if attempt >= 2:  # damaged (made again), then writable by anyone (not trusted)
+            (cached,) = (tmp_path / "schemas").glob("workspace_*.marshal")
+            cached.write_bytes(b"not code")
+            cached.chmod(0o644 if attempt == 2 else 0o666)
+        validator = module._compiled_schema("workspace.json")
+        verdicts.append(
+            (
+                module._compiled_schema_accepts("workspace.json", good),
+                module._compiled_schema_accepts("workspace.json", bad),
+            )
+        )
+        assert callable(validator)
+    module._compiled_schema.cache_clear()
+    assert verdicts == [(True, False)] * 4
+    assert len(list((tmp_path / "schemas").glob("workspace_*.marshal"))) == 1
+    jsonschema_verdict = [
+        next(module.pyhf_schema("workspace.json").iter_errors(spec), None) is None
+        for spec in (good, bad)
+    ]
+    assert jsonschema_verdict == [True, False]

@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import marshal
 import numbers
 import os
 import pathlib
@@ -35,13 +36,13 @@ from typing import TYPE_CHECKING, Any, cast
 import fastjsonschema
 import jsonpatch
 import jsonpointer
-import jsonschema
-import jsonschema.protocols
 
 from analysis.errors import ConfigError, DataError, InputFileError, MissingObjectError
 from analysis.likelihood._tensors import as_tensor, structural_copy, to_plain
 
 if TYPE_CHECKING:
+    import jsonschema
+    import jsonschema.protocols
     import torch
 
     from analysis.likelihood.model import Model
@@ -285,23 +286,81 @@ def pyhf_schema(name: str) -> jsonschema.protocols.Validator:
     ``referencing`` registry made validation 1.4 times slower than pyhf's; inlined, it is as
     fast as pyhf's.
     """
+    import jsonschema  # 0.1 s of start-up: only for a spec the compiled validator rejects
+
+    checker = jsonschema.Draft6Validator.TYPE_CHECKER.redefine(
+        "number", lambda _checker, instance: isinstance(instance, numbers.Number)
+    )
+    validator = jsonschema.validators.extend(jsonschema.Draft6Validator, type_checker=checker)
+    return validator(_inlined_schema(name))
+
+
+@functools.cache
+def _inlined_schema(name: str) -> dict:
+    """pyhf's schema file ``name`` (version :data:`PYHF_SCHEMA_VERSION`) with every ``$ref``
+    inlined, read from pyhf's installed package without importing it."""
     location = importlib.util.find_spec("pyhf")
     if location is None or not location.submodule_search_locations:
         raise ModuleNotFoundError("pyhf (its JSON schemas) is not installed")
     folder = pathlib.Path(next(iter(location.submodule_search_locations)))
     folder = folder / "schemas" / PYHF_SCHEMA_VERSION
     documents = {path.name: json.loads(path.read_text()) for path in folder.glob("*.json")}
-    checker = jsonschema.Draft6Validator.TYPE_CHECKER.redefine(
-        "number", lambda _checker, instance: isinstance(instance, numbers.Number)
-    )
-    validator = jsonschema.validators.extend(jsonschema.Draft6Validator, type_checker=checker)
-    return validator(_inline_refs(documents[name], name, documents, ()))
+    return cast(dict, _inline_refs(documents[name], name, documents, ()))
 
 
 @functools.cache
 def _compiled_schema(name: str) -> Callable[[Any], Any]:
-    """pyhf's schema ``name`` (inlined, as :func:`pyhf_schema`) compiled by fastjsonschema."""
-    return cast(Callable[[Any], Any], fastjsonschema.compile(pyhf_schema(name).schema))
+    """pyhf's schema ``name`` (inlined, as :func:`pyhf_schema`) compiled by fastjsonschema.
+
+    Generating and compiling its 180 kB of Python takes 45 ms, a seventh of a small
+    workspace's whole ``diffana fit``: the generated module is kept in the cache folder
+    (``analysis.cache.default_cache_dir() / "schemas"``, keyed by fastjsonschema's and
+    Python's bytecode versions and the schema) as its marshalled code object, which later
+    processes load in a millisecond. It is loaded from there
+    only when it and its folder belong to this user and no one else may write them (the trust
+    model of ssh's files); otherwise, or when the folder cannot be written, it is compiled
+    here as before.
+    """
+    schema = _inlined_schema(name)
+    try:
+        return _cached_validator(name, schema)
+    except OSError as exc:
+        log.debug("schema cache not used: %s", exc)
+        return cast(Callable[[Any], Any], fastjsonschema.compile(schema))
+
+
+def _cached_validator(name: str, schema: dict) -> Callable[[Any], Any]:
+    """The validator from the cache folder: the generated module's code object, marshalled
+    (keyed by Python's bytecode magic number too), then run."""
+    from analysis.cache import default_cache_dir
+    from analysis.files import write_atomically
+
+    text = json.dumps(schema, sort_keys=True)
+    version = f"{fastjsonschema.VERSION}\n{importlib.util.MAGIC_NUMBER.hex()}"
+    key = hashlib.sha256(f"{version}\n{text}".encode()).hexdigest()[:24]
+    folder = default_cache_dir() / "schemas"
+    path = folder / f"{pathlib.Path(name).stem}_{key}.marshal"
+    code = None
+    if path.is_file():
+        if not (_private(path) and _private(folder)):
+            raise PermissionError(f"{path} or its folder may be written by others")
+        try:
+            code = marshal.loads(path.read_bytes())
+        except (EOFError, ValueError, TypeError):  # a damaged entry is made again
+            code = None
+    if code is None:
+        code = compile(fastjsonschema.compile_to_code(schema), str(path), "exec")
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomically(path, marshal.dumps(code))
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)  # our own generated code, from a folder only this user may write
+    return cast(Callable[[Any], Any], namespace["validate"])
+
+
+def _private(path: pathlib.Path) -> bool:
+    """Whether ``path`` belongs to this user and only this user may write it."""
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def _compiled_schema_accepts(name: str, instance: Any) -> bool:
@@ -381,6 +440,8 @@ def _schema_message(error: jsonschema.ValidationError, source: str) -> str:
             )
         ]
         candidates = matching[0] if len(matching) == 1 else list(error.context)
+        import jsonschema.exceptions
+
         error = jsonschema.exceptions.best_match(candidates)
     path = _format_path(list(error.absolute_path))
     message = error.message.replace("\n", " ")
