@@ -2,7 +2,7 @@
 
     python benchmarks/bench_stats.py [--device cpu|cuda] [--quick] [--cases abcd]
     OMP_NUM_THREADS=1 python benchmarks/bench_stats.py --published [--workspaces susy,validation]
-        [--repeat 3] [--tight all|small|none] [--pyhf-limit all|small|none]
+        [--repeat 3] [--tight all|small|none] [--pyhf-limit all|small|none] [--numpy-susy]
 
 Prints one JSON object. Without ``--published``, cases (a)-(d) run in this process, each with
 our time, pyhf's time, the ratio (pyhf / ours) and how well the numbers agree with pyhf's:
@@ -51,6 +51,29 @@ ranking   ``diffana ranking WS`` and in-process ``analysis.inference.ranking`` a
           ``global_fit``: ours only (pyhf has no ranking; cabinetry's, 4 MINUIT refits per
           nuisance parameter, would take hours on SUSY); timed once when over 5 s.
 
+Two engines of ours: ``diffana fit|hypotest|limit`` run a JSON workspace of at most
+``analysis.numpy_backend.AUTO_MAX_PARAMETERS`` (40) parameters on the torch-free numpy backend
+(``--backend auto``, the default), larger ones (SUSY) on the torch engine. Each workspace's
+``cli_backend`` (in ``workspace``, and per measurement in ``whole_process``) says which engine
+the default command ran: the command is run once more, untimed, with ``-v``, and ``"numpy"``
+means its stderr has the log line "numpy backend: N parameters". Whole process, ``ours_s`` is
+the default command; where it ran on numpy (the validation workspaces) the same command with
+``--backend torch`` is timed too, as ``ours_torch_process_s`` (with
+``ratio_pyhf_over_ours_torch_process`` and ``ratio_ours_torch_process_over_ours``). In-process,
+``ours_s`` stays the torch engine's call and ``ours_numpy_s`` is the numpy backend's
+(``analysis.numpy_backend.infer.global_fit(model, data, init, fixed)``, ``hypotest(model, data,
+1, "qtilde")``, ``upper_limit_with_curve(model, data, 0.95)``) on the model and data that the
+CLI builds (``NumpyModel`` of the first measurement, ``analysis.cli.stats._numpy_data``), with
+``ratio_pyhf_over_ours_numpy`` and ``ratio_ours_over_ours_numpy`` (torch / numpy). The numpy
+limit call also computes the 31-point CLs curve, so the limit's in-process block has the torch
+engine's same call, ``inference.upper_limit_with_curve``, as ``ours_with_curve_s``. A numpy
+model that does not build or a call that raises ``analysis.numpy_backend.Unsupported`` (where
+the CLI would run torch) gives ``ours_numpy_error``. Above 40 parameters (SUSY) numpy is slow:
+it is built and timed, once, only with ``--numpy-susy``. The ``agreement`` blocks add the numpy
+backend (``ours_numpy``) and the torch command (``ours_torch_cli``): twice NLL and its relative
+differences to ours (torch), pyhf and pyhf tight, best-fit differences, CLs obs/exp and limits
+with relative differences to ours, pyhf, pyhf tight (and NextStat).
+
 NextStat (optional: ``pip install -e .[bench]``; ``"nextstat": "not installed"`` otherwise) is
 timed on the same workspaces: in-process ``nextstat.from_pyhf(json_text)``, then
 ``nextstat.fit(model)``, ``nextstat.hypotest(1.0, model, return_tail_probs=True)`` (observed
@@ -78,9 +101,11 @@ idle core). NextStat gets one Rayon thread (``set_threads(1)``). Run with ``OMP_
 (pyhf's numpy and torch would otherwise use every core); the load average at start and end is
 in the output, as the numbers are only as good as the machine was idle. On a 2-core machine at
 load ~2 the SUSY part took 17 minutes without pyhf's limit (``--pyhf-limit small``; mostly
-pyhf's fits and hypotests and NextStat's limit), the validation part 5; pyhf's toms748 scan of
+pyhf's fits and hypotests and NextStat's limit; the ``-v`` runs of the ``cli_backend`` check
+add one untimed run of each command), the validation part 5; pyhf's toms748 scan of
 the SUSY workspace (``--pyhf-limit all``, the default) adds about 40 hypotests of ~2 minutes
-each on an idle core (43 with the bracket [0, 5]). Progress goes to stderr.
+each on an idle core (43 with the bracket [0, 5]). Progress goes to stderr. The output is
+strict JSON: a non-finite number (a relative difference to a reference of 0) is written null.
 """
 
 from __future__ import annotations
@@ -91,6 +116,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -106,8 +132,12 @@ import torch
 from scipy.special import ndtr
 
 from analysis import inference
+from analysis.cli.stats import _numpy_data
 from analysis.fit import newton_minimize
 from analysis.likelihood import Workspace
+from analysis.numpy_backend import AUTO_MAX_PARAMETERS
+from analysis.numpy_backend import infer as numpy_infer
+from analysis.numpy_backend.model import NumpyModel
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -659,7 +689,7 @@ def _ok(value: Any) -> bool:
 
 
 def _ratio(numerator: Any, denominator: Any) -> float | None:
-    if isinstance(numerator, dict) or isinstance(denominator, dict):
+    if isinstance(numerator, dict | str) or isinstance(denominator, dict | str):
         return None
     if numerator is None or denominator is None or denominator == 0:
         return None
@@ -672,6 +702,58 @@ def _rel_diff(ours: Any, ref: Any) -> float | None:
         return None
     a, b = np.asarray(ours, dtype=float), np.asarray(ref, dtype=float)
     return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+def _side(out: dict, key: str, side: Any) -> None:
+    """``out[key + "_s"]`` and ``_runs_s`` of a measured side (``_measure``'s tuple); None
+    and ``key + "_error"`` for an error dict; a string (why it was skipped) as it is."""
+    if isinstance(side, str):
+        out[f"{key}_s"] = side
+    elif side is None:
+        out[f"{key}_s"] = None
+    elif _ok(side):
+        out[f"{key}_s"], out[f"{key}_runs_s"] = side[0], side[1]
+    else:
+        out[f"{key}_s"], out[f"{key}_error"] = None, side["error"]
+
+
+def _number(value: Any) -> Any:
+    """``value``, or None where it is a note (a string) instead of a time."""
+    return None if isinstance(value, str) else value
+
+
+def _result(side: Any) -> Any:
+    """The result of a measured side, or None (not run, skipped or failed)."""
+    if side is None or isinstance(side, str) or not _ok(side):
+        return None
+    return side[2]
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf, e.g. a relative difference to a
+    reference of 0) as None: the output stays strict JSON."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    if isinstance(value, float | np.floating) and not math.isfinite(float(value)):
+        return None
+    return value
+
+
+NUMPY_LOG_LINE = re.compile(r"numpy backend: \d+ parameters")
+"""What ``diffana -v`` logs (stderr) when a command runs on the numpy backend
+(``analysis.cli.stats._numpy_output``)."""
+
+
+def _cli_backend(argv: list[str]) -> str:
+    """The engine a ``diffana`` command ran on: ``"numpy"`` when the command, run once more
+    with ``-v`` (untimed), logs "numpy backend: N parameters" on stderr, else ``"torch"``."""
+    done = subprocess.run([*argv, "-v"], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = done.stderr.strip()[-600:]
+        raise RuntimeError(f"{' '.join(argv)} -v exited with {done.returncode}: {tail}")
+    return "numpy" if NUMPY_LOG_LINE.search(done.stderr) else "torch"
 
 
 @contextlib.contextmanager
@@ -740,8 +822,106 @@ class PublishedBench:
             start = time.perf_counter()
             self.ns_model = ns.from_pyhf(text)
             self.ns_load_s = time.perf_counter() - start
+        # the numpy backend (what the default CLI runs up to AUTO_MAX_PARAMETERS parameters):
+        # above that slow, so built and timed (once) only with --numpy-susy
+        self.numpy_small = int(self.model.npars) <= AUTO_MAX_PARAMETERS
+        self.numpy_model: Any = None
+        self.numpy_load_s: float | None = None
+        if self.numpy_small or args.numpy_susy:
+            self.numpy_model = _attempt(self._numpy_model)
+        else:
+            self.numpy_model = (
+                f"skipped: {int(self.model.npars)} > {AUTO_MAX_PARAMETERS} parameters "
+                "(--numpy-susy times it)"
+            )
+        # which engine the default CLI runs this workspace on (diffana fit -v, untimed)
+        self.cli_backend = _attempt(lambda: _cli_backend(self._ours_cli("fit")))
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def _numpy_model(self) -> tuple[NumpyModel, np.ndarray]:
+        """The numpy model and observed data as ``diffana`` builds them
+        (``analysis.cli.stats._numpy_output`` and ``_numpy_data``: the first measurement, its
+        POI, pyhf's default interpolation codes); Unsupported where the CLI falls back to torch."""
+        start = time.perf_counter()
+        workspace = Workspace.load(self.path)
+        meas = workspace.measurement(None)
+        model = NumpyModel(
+            workspace.model_spec(meas["name"]),
+            poi_name=meas["config"].get("poi") or None,
+            source=workspace.source,
+        )
+        data = _numpy_data(workspace, model, False)
+        self.numpy_load_s = time.perf_counter() - start
+        return model, data
+
+    def _numpy(self, func: Callable[[NumpyModel, np.ndarray], Any]) -> Any:
+        """The numpy backend's in-process call ``func(model, data)``: best of ``repeat`` (a
+        first call under WARMUP_BELOW_S a warm-up), once above AUTO_MAX_PARAMETERS parameters
+        (--numpy-susy); an error dict where the model did not build or the call raised
+        (``Unsupported``: the CLI would run torch), a string where it was skipped."""
+        built = self.numpy_model
+        if isinstance(built, str) or not _ok(built):
+            return built
+        model, data = built
+        repeat = self.repeat if self.numpy_small else 1
+        with np.errstate(all="ignore"):
+            return _attempt(lambda: _measure(lambda: func(model, data), repeat))
+
+    def _command_backend(self, *args: str) -> Any:
+        """``cli_backend`` of ``diffana ARGS WS``: the one found at start-up for ``fit``."""
+        if args == ("fit",):
+            return self.cli_backend
+        return _attempt(lambda: _cli_backend(self._ours_cli(*args)))
+
+    def _ours_torch_cli(self, backend: Any, *args: str) -> Any:
+        """``diffana ARGS WS --backend torch`` timed as the default command, where the default
+        ran on numpy (the small workspaces); None elsewhere (the default is torch already)."""
+        if backend != "numpy":
+            return None
+        return _attempt(
+            lambda: _measure_process([*self._ours_cli(*args), "--backend", "torch"], self.repeat)
+        )
+
+    def _with_engines(
+        self,
+        times: dict,
+        *,
+        numpy_side: Any = None,
+        numpy_call: str | None = None,
+        torch_cli: Any = None,
+        torch_call: str | None = None,
+        backend: Any = None,
+    ) -> dict:
+        """``times`` (a :meth:`_times` block) with the other engine added: in-process the numpy
+        backend (``ours_numpy_s``, ratios pyhf / numpy and torch / numpy), whole process the
+        command with ``--backend torch`` (``ours_torch_process_s``, ratios pyhf / it and it /
+        the default command) and which engine the default command ran on (``cli_backend``)."""
+        if numpy_call is not None:
+            times["calls"]["ours_numpy"] = numpy_call
+            _side(times, "ours_numpy", numpy_side)
+            times["ratio_pyhf_over_ours_numpy"] = _ratio(
+                _number(times["pyhf_s"]), times["ours_numpy_s"]
+            )
+            times["ratio_ours_over_ours_numpy"] = _ratio(times["ours_s"], times["ours_numpy_s"])
+        if torch_call is not None:
+            times["cli_backend"] = backend if _ok(backend) else None
+            if not _ok(backend):
+                times["cli_backend_error"] = backend["error"]
+            if torch_cli is None:
+                times["calls"]["ours_torch_process"] = (
+                    "not run: the default command ran on torch (ours_s)"
+                )
+            else:
+                times["calls"]["ours_torch_process"] = torch_call
+            _side(times, "ours_torch_process", torch_cli)
+            times["ratio_pyhf_over_ours_torch_process"] = _ratio(
+                _number(times["pyhf_s"]), times["ours_torch_process_s"]
+            )
+            times["ratio_ours_torch_process_over_ours"] = _ratio(
+                times["ours_torch_process_s"], times["ours_s"]
+            )
+        return times
 
     def _ours(self, func: Callable[[], Any]):
         """Our in-process call: no autograd graphs and one intra-op thread, as the CLI."""
@@ -790,9 +970,19 @@ class PublishedBench:
             "poi": self.model.poi_name,
             "load_s": {
                 "ours": self.ours_load_s,
+                "ours_numpy": self.numpy_load_s,
                 "pyhf": self.pyhf_load_s,
                 "nextstat": self.ns_load_s,
             },
+            "cli_backend": self.cli_backend if _ok(self.cli_backend) else None,
+            **({} if _ok(self.cli_backend) else {"cli_backend_error": self.cli_backend["error"]}),
+            "numpy_model": (
+                "built"
+                if isinstance(self.numpy_model, tuple)
+                else self.numpy_model
+                if isinstance(self.numpy_model, str)
+                else self.numpy_model["error"]
+            ),
         }
 
     # --- fit -----------------------------------------------------------------------------
@@ -807,6 +997,14 @@ class PublishedBench:
 
         ours = _attempt(lambda: self._ours(ours_fit))
         ours_cli = _attempt(lambda: _measure_process(self._ours_cli("fit"), self.repeat))
+        backend = self._command_backend("fit")
+        torch_cli = self._ours_torch_cli(backend, "fit")
+
+        def numpy_fit(np_model: NumpyModel, np_data: np.ndarray) -> dict:
+            init, fixed = np_model.suggested_init().copy(), np_model.suggested_fixed().copy()
+            return numpy_infer.global_fit(np_model, np_data, init, fixed)
+
+        ours_numpy = self._numpy(numpy_fit)
         pyhf_cli = _attempt(
             lambda: _measure_process(
                 [self.pyhf_cli, "fit", str(self.path), "--value"], self.repeat, ONCE_ABOVE_S
@@ -851,6 +1049,15 @@ class PublishedBench:
             agree["ours_converged"] = bool(result.converged)
         if _ok(ours_cli):
             agree["twice_nll_ours_cli"] = float(ours_cli[2]["twice_nll"])
+        if _result(torch_cli) is not None:
+            agree["twice_nll_ours_torch_cli"] = float(torch_cli[2]["twice_nll"])
+        numpy_x = None
+        if (r := _result(ours_numpy)) is not None:
+            numpy_x = self._pyhf_order(list(r["labels"]), r["bestfit"])
+            agree["twice_nll_ours_numpy"] = float(r["twice_nll"])
+            agree["twice_nll_pyhf_logpdf_at_ours_numpy_bestfit"] = self._pyhf_twice_nll(
+                list(r["labels"]), r["bestfit"]
+            )
         if _ok(ref):
             agree["twice_nll_pyhf"] = float(ref[2][1])
         if _ok(pyhf_cli):
@@ -873,9 +1080,25 @@ class PublishedBench:
             agree["max_abs_bestfit_diff_ours_vs_pyhf"] = float(
                 np.max(np.abs(ours_x - np.asarray(ref[2][0])))
             )
+        if numpy_x is not None:
+            twice_nll_numpy = agree["twice_nll_ours_numpy"]
+            for ref_key in ("ours", "pyhf", "pyhf_tight"):
+                if f"twice_nll_{ref_key}" in agree:
+                    agree[f"twice_nll_rel_diff_ours_numpy_vs_{ref_key}"] = _rel_diff(
+                        twice_nll_numpy, agree[f"twice_nll_{ref_key}"]
+                    )
+            if ours_x is not None:
+                agree["max_abs_bestfit_diff_ours_numpy_vs_ours"] = float(
+                    np.max(np.abs(numpy_x - ours_x))
+                )
+            if _ok(ref):
+                agree["max_abs_bestfit_diff_ours_numpy_vs_pyhf"] = float(
+                    np.max(np.abs(numpy_x - np.asarray(ref[2][0])))
+                )
         if poi is not None:
             agree["poi_hat"] = {
                 "ours": float(ours_x[poi]) if ours_x is not None else None,
+                "ours_numpy": float(numpy_x[poi]) if numpy_x is not None else None,
                 "pyhf": float(ref[2][0][poi]) if _ok(ref) else None,
                 "pyhf_tight": float(tight[2][0][poi]) if tight is not None and _ok(tight) else None,
             }
@@ -896,21 +1119,31 @@ class PublishedBench:
             if poi is not None:
                 agree["poi_hat"]["nextstat"] = float(self._pyhf_order(names, r.parameters)[poi])
         return {
-            "whole_process": self._times(
-                ours_cli,
-                pyhf_cli,
-                ns_cli,
-                ours=f"diffana fit WS --device {self.device}",
-                pyhf="pyhf fit WS --value",
-                nextstat="nextstat fit --input WS --threads 1",
+            "whole_process": self._with_engines(
+                self._times(
+                    ours_cli,
+                    pyhf_cli,
+                    ns_cli,
+                    ours=f"diffana fit WS --device {self.device}",
+                    pyhf="pyhf fit WS --value",
+                    nextstat="nextstat fit --input WS --threads 1",
+                ),
+                torch_cli=torch_cli,
+                torch_call=f"diffana fit WS --device {self.device} --backend torch",
+                backend=backend,
             ),
-            "in_process": self._times(
-                ours,
-                ref,
-                ns_in,
-                ours=call,
-                pyhf="pyhf.infer.mle.fit(data, model, return_fitted_val=True)",
-                nextstat="nextstat.fit(model)",
+            "in_process": self._with_engines(
+                self._times(
+                    ours,
+                    ref,
+                    ns_in,
+                    ours=call,
+                    pyhf="pyhf.infer.mle.fit(data, model, return_fitted_val=True)",
+                    nextstat="nextstat.fit(model)",
+                ),
+                numpy_side=ours_numpy,
+                numpy_call="analysis.numpy_backend.infer.global_fit(model, data, init, fixed) "
+                "(diffana fit on numpy)",
             ),
             "pyhf_tight_s": tight[0] if tight is not None and _ok(tight) else None,
             "agreement": agree,
@@ -955,6 +1188,12 @@ class PublishedBench:
             lambda: _measure_process(
                 self._ours_cli("hypotest", "--poi-value", f"{POI_TEST:g}"), self.repeat
             )
+        )
+        hypotest_args = ("hypotest", "--poi-value", f"{POI_TEST:g}")
+        backend = self._command_backend(*hypotest_args)
+        torch_cli = self._ours_torch_cli(backend, *hypotest_args)
+        ours_numpy = self._numpy(
+            lambda np_model, np_data: numpy_infer.hypotest(np_model, np_data, POI_TEST, "qtilde")
         )
         pyhf_cli = _attempt(
             lambda: _measure_process(
@@ -1002,6 +1241,10 @@ class PublishedBench:
             cls["ours"] = [float(ours[2].cls_obs), [float(x) for x in ours[2].cls_exp]]
         if _ok(ours_cli):
             cls["ours_cli"] = [ours_cli[2]["cls_obs"], ours_cli[2]["cls_exp"]]
+        if (r := _result(torch_cli)) is not None:
+            cls["ours_torch_cli"] = [r["cls_obs"], r["cls_exp"]]
+        if (r := _result(ours_numpy)) is not None:
+            cls["ours_numpy"] = [float(r["cls_obs"]), [float(x) for x in r["cls_exp"]]]
         if _ok(ref):
             cls["pyhf"] = [float(ref[2][0]), [float(x) for x in ref[2][1]]]
         if _ok(pyhf_cli):
@@ -1031,27 +1274,48 @@ class PublishedBench:
                         agree[f"cls_exp_max_rel_diff_ours_vs_{ref_key}"] = _rel_diff(
                             cls["ours"][1], cls[ref_key][1]
                         )
+        if "ours_numpy" in cls:
+            for ref_key in ("ours", "pyhf", "pyhf_tight", "nextstat", "nextstat_cli"):
+                if ref_key in cls:
+                    agree[f"cls_obs_rel_diff_ours_numpy_vs_{ref_key}"] = _rel_diff(
+                        cls["ours_numpy"][0], cls[ref_key][0]
+                    )
+                    if cls[ref_key][1] is not None:
+                        agree[f"cls_exp_max_rel_diff_ours_numpy_vs_{ref_key}"] = _rel_diff(
+                            cls["ours_numpy"][1], cls[ref_key][1]
+                        )
         return {
             "poi_value": POI_TEST,
             "test_stat": "qtilde",
-            "whole_process": self._times(
-                ours_cli,
-                pyhf_cli,
-                ns_cli,
-                ours=f"diffana hypotest WS --poi-value {POI_TEST:g} --device {self.device}",
-                pyhf=f"pyhf cls WS --test-poi {POI_TEST:g} --test-stat qtilde",
-                nextstat=f"nextstat hypotest --input WS --mu {POI_TEST:g} --expected-set "
-                "--threads 1",
+            "whole_process": self._with_engines(
+                self._times(
+                    ours_cli,
+                    pyhf_cli,
+                    ns_cli,
+                    ours=f"diffana hypotest WS --poi-value {POI_TEST:g} --device {self.device}",
+                    pyhf=f"pyhf cls WS --test-poi {POI_TEST:g} --test-stat qtilde",
+                    nextstat=f"nextstat hypotest --input WS --mu {POI_TEST:g} --expected-set "
+                    "--threads 1",
+                ),
+                torch_cli=torch_cli,
+                torch_call=f"diffana hypotest WS --poi-value {POI_TEST:g} --device "
+                f"{self.device} --backend torch",
+                backend=backend,
             ),
-            "in_process": self._times(
-                ours,
-                ref,
-                ns_in,
-                ours=f'analysis.inference.hypotest(model, data, {POI_TEST:g}, "qtilde")',
-                pyhf=f'pyhf.infer.hypotest({POI_TEST:g}, data, model, test_stat="qtilde", '
-                "return_expected_set=True)",
-                nextstat=f"nextstat.hypotest({POI_TEST:g}, model, return_tail_probs=True) "
-                "(observed CLs only; its expected set from the command)",
+            "in_process": self._with_engines(
+                self._times(
+                    ours,
+                    ref,
+                    ns_in,
+                    ours=f'analysis.inference.hypotest(model, data, {POI_TEST:g}, "qtilde")',
+                    pyhf=f'pyhf.infer.hypotest({POI_TEST:g}, data, model, test_stat="qtilde", '
+                    "return_expected_set=True)",
+                    nextstat=f"nextstat.hypotest({POI_TEST:g}, model, return_tail_probs=True) "
+                    "(observed CLs only; its expected set from the command)",
+                ),
+                numpy_side=ours_numpy,
+                numpy_call=f"analysis.numpy_backend.infer.hypotest(model, data, {POI_TEST:g}, "
+                '"qtilde")',
             ),
             "pyhf_tight_s": tight[0] if tight is not None and _ok(tight) else None,
             "agreement": agree,
@@ -1068,6 +1332,18 @@ class PublishedBench:
 
         ours = _attempt(lambda: self._ours(ours_limit))
         ours_cli = _attempt(lambda: _measure_process(self._ours_cli("limit"), self.repeat))
+        backend = self._command_backend("limit")
+        torch_cli = self._ours_torch_cli(backend, "limit")
+        ours_numpy = self._numpy(
+            lambda np_model, np_data: numpy_infer.upper_limit_with_curve(np_model, np_data, CL)
+        )
+        # the numpy call computes the 31-point CLs curve too (as diffana limit): the torch
+        # engine's same call, for a like-for-like in-process ratio, where numpy was timed
+        ours_curve = None
+        if _result(ours_numpy) is not None:
+            ours_curve = _attempt(
+                lambda: self._ours(lambda: inference.upper_limit_with_curve(model, data, CL))
+            )
         pyhf_argv = [sys.executable, "-c", PYHF_LIMIT_SCRIPT, str(self.path), f"{upper:g}"]
         run_pyhf = self.pyhf_limit == "all" or (self.pyhf_limit == "small" and self._small())
         pyhf_proc = tight = None
@@ -1108,6 +1384,10 @@ class PublishedBench:
             limits["ours"] = [ours[2].observed, list(ours[2].expected)]
         if _ok(ours_cli):
             limits["ours_cli"] = [ours_cli[2]["observed"], ours_cli[2]["expected"]]
+        if (r := _result(torch_cli)) is not None:
+            limits["ours_torch_cli"] = [r["observed"], r["expected"]]
+        if (r := _result(ours_numpy)) is not None:
+            limits["ours_numpy"] = [float(r["observed"]), [float(x) for x in r["expected"]]]
         if pyhf_proc is not None and _ok(pyhf_proc):
             limits["pyhf"] = [pyhf_proc[2]["observed"], pyhf_proc[2]["expected"]]
         if tight is not None and _ok(tight):
@@ -1136,6 +1416,15 @@ class PublishedBench:
                     )
                     agree[f"expected_max_rel_diff_ours_vs_{ref_key}"] = _rel_diff(
                         limits["ours"][1], limits[ref_key][1]
+                    )
+        if "ours_numpy" in limits:
+            for ref_key in ("ours", "pyhf", "pyhf_tight", "nextstat"):
+                if ref_key in limits:
+                    agree[f"observed_rel_diff_ours_numpy_vs_{ref_key}"] = _rel_diff(
+                        limits["ours_numpy"][0], limits[ref_key][0]
+                    )
+                    agree[f"expected_max_rel_diff_ours_numpy_vs_{ref_key}"] = _rel_diff(
+                        limits["ours_numpy"][1], limits[ref_key][1]
                     )
         # pyhf's in-process time is the one its script measured around toms748_scan
         pyhf_in = None
@@ -1167,6 +1456,27 @@ class PublishedBench:
         )
         if skipped:
             whole["pyhf_s"] = inproc["pyhf_s"] = skipped
+        self._with_engines(
+            whole,
+            torch_cli=torch_cli,
+            torch_call=f"diffana limit WS --device {self.device} --backend torch",
+            backend=backend,
+        )
+        self._with_engines(
+            inproc,
+            numpy_side=ours_numpy,
+            numpy_call=f"analysis.numpy_backend.infer.upper_limit_with_curve(model, data, "
+            f"{CL:g}) (the limits and the 31-point CLs curve, as diffana limit)",
+        )
+        if ours_curve is not None:
+            inproc["calls"]["ours_with_curve"] = (
+                f"analysis.inference.upper_limit_with_curve(model, data, {CL:g}) (the torch "
+                "engine's call of diffana limit: the numpy call's counterpart)"
+            )
+            _side(inproc, "ours_with_curve", ours_curve)
+            inproc["ratio_ours_with_curve_over_ours_numpy"] = _ratio(
+                inproc["ours_with_curve_s"], inproc["ours_numpy_s"]
+            )
         return {
             "whole_process": whole,
             "in_process": inproc,
@@ -1319,6 +1629,13 @@ def main() -> None:
         "SUSY workspace takes over half an hour), none",
     )
     published_args.add_argument(
+        "--numpy-susy",
+        action="store_true",
+        help=f"also time the numpy backend in-process on workspaces above "
+        f"{AUTO_MAX_PARAMETERS} parameters (the SUSY one: slow, timed once); without it "
+        "numpy runs on the small workspaces only",
+    )
+    published_args.add_argument(
         "--pyhf-limit",
         choices=("all", "small", "none"),
         default="all",
@@ -1355,7 +1672,7 @@ def main() -> None:
     if args.published:
         out["published"] = published(args)
     out["total_s"] = time.perf_counter() - start
-    print(json.dumps(out, indent=2))
+    print(json.dumps(_strict(out), indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

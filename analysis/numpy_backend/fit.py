@@ -39,12 +39,21 @@ class Minimum:
 
 def _direction(hess, grad, free, damping):
     """Newton direction on the free parameters and whether ``H_FF + damping`` is positive
-    definite: ``-(H_FF + d)^-1 g_F`` through the eigen-decomposition, eigenvalues floored at
+    definite: ``-(H_FF + d)^-1 g_F`` by Cholesky when every row's matrix is positive
+    definite, else through the eigen-decomposition, eigenvalues floored at
     ``max(|e - d|, 1e-10 max|e|) + d`` (a descent direction where H is indefinite)."""
     pair = free[:, :, None] & free[:, None, :]
     eye = np.eye(hess.shape[-1])
     matrix = np.where(pair, hess, 0.0) + eye * np.where(free, damping[:, None], 1.0)[:, :, None]
     g = np.where(free, grad, 0.0)
+    try:  # positive definite everywhere (the usual case): Cholesky, as the torch engine
+        np.linalg.cholesky(matrix)
+    except np.linalg.LinAlgError:
+        pass
+    else:
+        direction = -np.linalg.solve(matrix, g[:, :, None])[:, :, 0]
+        ok = np.ones(len(g), dtype=bool)
+        return np.where(free & np.isfinite(direction), direction, 0.0), ok
     evals, evecs = np.linalg.eigh(matrix)
     positive = (evals > 0).all(-1)
     scale = np.maximum(np.abs(evals).max(-1, keepdims=True), np.finfo(float).tiny)
