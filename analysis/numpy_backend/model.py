@@ -54,20 +54,11 @@ from typing import Any
 
 import numpy as np
 
+from analysis.likelihood.workspace import MODIFIER_TYPES  # pyhf's (alphabetical) order
 from analysis.numpy_backend import Unsupported
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
-#: modifier types in pyhf's registration order (alphabetical), as analysis.likelihood.modifiers
-MODIFIER_TYPES = (
-    "histosys",
-    "lumi",
-    "normfactor",
-    "normsys",
-    "shapefactor",
-    "shapesys",
-    "staterror",
-)
 #: interpolation codes per type (the first is the type's default when settings name others)
 INTERPCODES = {"histosys": ("code0", "code4p"), "normsys": ("code1", "code4")}
 #: pyhf.Model's modifier settings when none are given
@@ -466,34 +457,17 @@ class NumpyModel:
         # the Hessian's second-order entries: (slot, slot, cell) triples of real slots
         m_real = self._m_kind != _PAD
         npars = self.npars
-        t1: list[np.ndarray] = []
-        t2: list[np.ndarray] = []
-        where: list[np.ndarray] = []
-        for t in range(tm):
-            for u in range(tm):
-                both = np.nonzero(m_real[t] & m_real[u])[0]
-                t1.append(np.full(both.size, t))
-                t2.append(np.full(both.size, u))
-                where.append(both)
-        self._mm = (np.concatenate(t1), np.concatenate(t2), np.concatenate(where))
+        # (slot, slot, cell) of every cell where both slots hold a term
+        self._mm = np.nonzero(m_real[:, None] & m_real[None])
         mt, mu, mc = self._mm
         mm_index = self._m_par[mt, mc] * npars + self._m_par[mu, mc]
-        t1, t2, where = [], [], []
-        for t in range(tm):
-            for s in range(ta):
-                both = np.nonzero(m_real[t] & self._a_real[s])[0]
-                t1.append(np.full(both.size, t))
-                t2.append(np.full(both.size, s))
-                where.append(both)
-        self._ma = (np.concatenate(t1), np.concatenate(t2), np.concatenate(where))
+        self._ma = np.nonzero(m_real[:, None] & self._a_real[None])
         mt, sa, mc = self._ma
         ma_index = self._m_par[mt, mc] * npars + self._a_par[sa, mc]
         ma_index_t = self._a_par[sa, mc] * npars + self._m_par[mt, mc]
-        sa, ac = np.nonzero(self._a_real)
-        self._aa = (sa, ac)
+        self._aa = np.nonzero(self._a_real)
+        sa, ac = self._aa
         aa_index = self._a_par[sa, ac] * (npars + 1)
-        if not self._a_real.any():  # no histosys: no mixed or additive entries
-            ma_index = ma_index_t = aa_index = np.zeros(0, dtype=np.intp)
         self._hessian_sum = _Segments(np.concatenate([mm_index, ma_index, ma_index_t, aa_index]))
         self._bin_of_cell = (np.arange(self.nmain)[:, None] == self._cell_bin).astype(float)
 
