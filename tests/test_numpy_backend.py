@@ -288,3 +288,42 @@ def test_torch_free_import_of_the_backend():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_cli_bounds_inits_and_flat_directions(tmp_path):
+    """What a new user ran into: inverted bounds are a one-line error (exit 2) on both
+    backends; a free start outside its bounds starts on the nearer bound with a warning (pyhf
+    refuses it, scipy and MINUIT clip it), the same on both; a likelihood that depends on
+    mu * mu2 only (a flat direction) goes to the torch engine, whose output has no uncertainty
+    for the degenerate pair."""
+    base = _counting_workspace(signal=5.0, background=10.0, observed=14.0)
+    inverted = json.loads(json.dumps(base))
+    inverted["measurements"][0]["config"]["parameters"] = [{"name": "mu", "bounds": [[5, 1]]}]
+    outside = json.loads(json.dumps(base))
+    outside["measurements"][0]["config"]["parameters"] = [{"name": "mu", "bounds": [[0, 0.5]]}]
+    flat = json.loads(json.dumps(base))
+    flat["channels"][0]["samples"][0]["modifiers"].append(
+        {"name": "mu2", "type": "normfactor", "data": None}
+    )
+    for name, spec in (("inverted", inverted), ("outside", outside), ("flat", flat)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(spec))
+    for backend in ("auto", "torch"):
+        bad = _run("fit", str(tmp_path / "inverted.json"), "--backend", backend)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr
+        assert bad.stderr.strip().endswith(
+            "bounds of parameter 'mu' are [5, 1]: the lower bound lies above the upper one"
+        )
+    outputs = {}
+    for name in ("outside", "flat"):
+        for backend in ("auto", "torch"):
+            out = tmp_path / f"{name}_{backend}.json"
+            done = _run("fit", str(tmp_path / f"{name}.json"), "--backend", backend, "-o", str(out))
+            assert done.returncode == 0, done.stderr
+            if name == "outside":
+                assert "initial value 1 of 'mu' lies outside its bounds [0, 0.5]" in done.stderr
+            outputs[name, backend] = json.loads(out.read_text())
+        assert outputs[name, "auto"] == outputs[name, "torch"]
+    # mu is held on its upper bound 0.5 (the data want 0.8): the one-sided profile error
+    assert outputs["outside", "auto"]["bestfit"][0] == pytest.approx(0.5)
+    assert outputs["outside", "auto"]["at_bound"][0]
+    assert outputs["flat", "auto"]["uncertainty"][:2] == [None, None]

@@ -159,6 +159,7 @@ def _numpy_output(
             source=workspace.source,
         )
         if backend == "auto" and model.npars > AUTO_MAX_PARAMETERS:
+            log.info("%d parameters > %d: running on torch", model.npars, AUTO_MAX_PARAMETERS)
             return None
         log.info("numpy backend: %d parameters", model.npars)
         options = {k: v for k, v in options.items() if k not in ("output",)}

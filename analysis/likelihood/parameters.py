@@ -10,6 +10,7 @@ checks pyhf makes (right number of values, no attribute the set does not use).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -20,6 +21,8 @@ from analysis.errors import ConfigError
 from analysis.likelihood._tensors import as_tensor
 
 Constraint = Literal["normal", "poisson"] | None
+
+log = logging.getLogger(__name__)
 
 # attributes a measurement may set, in pyhf's order
 CONFIGURABLE = ("inits", "bounds", "auxdata", "factors", "sigmas", "fixed")
@@ -82,6 +85,39 @@ class ParamSet:
         if self.is_scalar:
             return [self.name]
         return [f"{self.name}[{i}]" for i in range(self.n)]
+
+
+def _within_bounds(
+    name: str, inits: torch.Tensor, bounds: torch.Tensor, fixed: tuple[bool, ...], source: str
+) -> torch.Tensor:
+    """``inits`` with a free parameter's start outside its bounds moved onto the nearer bound
+    (as scipy's minimisers, pyhf's default, start), with a warning; ConfigError for bounds
+    whose lower end lies above the upper one. A fixed parameter keeps its value."""
+    low, high = bounds[:, 0], bounds[:, 1]
+    inverted = (low > high).tolist()
+    if any(inverted):
+        i = inverted.index(True)
+        label = name if len(inverted) == 1 else f"{name}[{i}]"
+        raise ConfigError(
+            f"{source}: bounds of parameter '{label}' are [{float(low[i]):g}, "
+            f"{float(high[i]):g}]: the lower bound lies above the upper one"
+        )
+    free = torch.tensor([not f for f in fixed], device=inits.device)
+    outside = free & ((inits < low) | (inits > high))
+    if bool(outside.any()):
+        i = int(torch.nonzero(outside)[0])
+        label = name if inits.numel() == 1 else f"{name}[{i}]"
+        log.warning(
+            "%s: the initial value %g of '%s' lies outside its bounds [%g, %g]: fits start on "
+            "the nearer bound",
+            source,
+            float(inits[i]),
+            label,
+            float(low[i]),
+            float(high[i]),
+        )
+        inits = torch.where(outside, torch.minimum(torch.maximum(inits, low), high), inits)
+    return inits
 
 
 def _freeze(value: Any) -> Any:
@@ -157,6 +193,8 @@ def merge(
         raise ConfigError(
             f"{source}: bounds of parameter '{name}' must be {req.n} pair(s) [low, high]"
         )
+    inits = cast(torch.Tensor, tensor("inits"))  # needed: checked above
+    inits = _within_bounds(name, inits, cast(torch.Tensor, bounds), fixed, source)
     factors = tensor("factors") if req.constraint == "poisson" else None
     sigmas = None
     if req.constraint == "normal":
@@ -168,7 +206,7 @@ def merge(
         n=req.n,
         is_scalar=req.is_scalar,
         constraint=req.constraint,
-        inits=cast(torch.Tensor, tensor("inits")),  # needed: checked above
+        inits=inits,
         bounds=cast(torch.Tensor, bounds),
         fixed=fixed,
         auxdata=tensor("auxdata") if req.constraint else None,

@@ -28,8 +28,10 @@ BAND_NSIGMA = (2.0, 1.0, 0.0, -1.0, -2.0)
 GRID_POINTS, GRID_CHUNK = 21, 5
 #: POI values of the CLs curve through the limits, from 0 to 1.5 times the largest
 CURVE_POINTS = 31
-#: a unit-diagonal Hessian eigenvalue at or below this is degenerate (analysis.fit)
-SINGULAR_EIGENVALUE = 1e-9
+#: the torch engine calls a unit-diagonal Hessian eigenvalue below 1e-9 degenerate and warns
+#: (analysis.fit); a fit here can end 1e-5 away along a flat direction, where the eigenvalue is
+#: still ~1e-5, so anything below this goes to the torch engine
+NEAR_SINGULAR_EIGENVALUE = 1e-4
 
 
 def normal_cdf(x: np.ndarray) -> np.ndarray:
@@ -247,8 +249,8 @@ def global_fit(model: NumpyModel, data: np.ndarray, init: np.ndarray, fixed: np.
     free = np.nonzero(~fixed)[0]
     h = result.hessian[0][np.ix_(free, free)]
     scale = 1.0 / np.sqrt(np.maximum(np.diagonal(h), np.finfo(float).tiny))
-    if np.linalg.eigvalsh(h * scale[:, None] * scale[None, :]).min() <= SINGULAR_EIGENVALUE:
-        raise Unsupported("a degenerate Hessian")
+    if np.linalg.eigvalsh(h * scale[:, None] * scale[None, :]).min() <= NEAR_SINGULAR_EIGENVALUE:
+        raise Unsupported("a (nearly) degenerate Hessian")
     cov = np.zeros((model.npars, model.npars))
     cov[np.ix_(free, free)] = 2.0 * np.linalg.inv(h)
     cov = 0.5 * (cov + cov.T)

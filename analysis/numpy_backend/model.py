@@ -109,6 +109,9 @@ class _ParamSet:
         self.bounds = np.asarray(values["bounds"], dtype=float)
         if self.bounds.shape != (n, 2) or self.inits.shape != (n,):
             raise Unsupported(f"inits or bounds of '{name}' have the wrong shape")
+        low, high = self.bounds[:, 0], self.bounds[:, 1]
+        if (low > high).any() or (~self.fixed & ((self.inits < low) | (self.inits > high))).any():
+            raise Unsupported(f"bounds or inits of '{name}'")  # the torch engine's warning or error
         self.auxdata = self.sigmas = self.factors = None
         if self.constraint:
             self.auxdata = np.asarray(values["auxdata"], dtype=float).reshape(n)
