@@ -471,6 +471,9 @@ class NumpyModel:
         self._aa = np.nonzero(self._a_real)
         sa, ac = self._aa
         aa_index = self._a_par[sa, ac] * (npars + 1)
+        cell_index = np.arange(self._ncells)
+        self._m_grad_index = cell_index * npars + self._m_par  # (Tm, C) into (C * P)
+        self._a_grad_index = cell_index * npars + self._a_par
         self._hessian_sum = _Segments(np.concatenate([mm_index, ma_index, ma_index_t, aa_index]))
         self._bin_of_cell = (np.arange(self.nmain)[:, None] == self._cell_bin).astype(float)
 
@@ -691,7 +694,7 @@ class NumpyModel:
         n, aux, lgamma = self._split(data)
         b = max(x.shape[0], n.shape[0])
         p = self.npars
-        x = np.broadcast_to(x, (b, p))
+        x = _rows(x, b)
         values, d1, d2, deltas = self._slots(x, 2)
         tm = values.shape[1]
         # products without one and without two slots, exact with zero factors
@@ -701,18 +704,17 @@ class NumpyModel:
         without = prefix * suffix  # (B, Tm, C)
         product = without[:, 0] * values[:, 0]
         added = self._nominal if deltas is None else self._nominal + deltas[0].sum(1)
-        added = np.broadcast_to(added, product.shape)
+        added = added * np.ones_like(product) if added.ndim == 1 else added
         rate = product * added
         lam = self._main(rate)
         # dlambda/dtheta, (B, nmain, P)
         cell_grad = np.zeros((values.shape[0], self._ncells * p))
-        cells = np.arange(self._ncells)
         for t in range(tm):
             # one slot: distinct cells, distinct (cell, parameter) entries: a plain fancy add
-            cell_grad[:, cells * p + self._m_par[t]] += d1[:, t] * without[:, t] * added
+            cell_grad[:, self._m_grad_index[t]] += d1[:, t] * without[:, t] * added
         if deltas is not None:
             for s in range(deltas[1].shape[1]):
-                cell_grad[:, cells * p + self._a_par[s]] += deltas[1][:, s] * product
+                cell_grad[:, self._a_grad_index[s]] += deltas[1][:, s] * product
         cell_grad = cell_grad.reshape(-1, self._ncells, p)
         jac = self._bin_of_cell @ cell_grad  # (B, nmain, P): cells summed into their bins
         # Poisson terms: d/dlam (n log lam - lam) = n/lam - 1, d2 = -n/lam^2 (0 where n = 0)
@@ -720,14 +722,14 @@ class NumpyModel:
             counted = n > 0
             ratio = np.where(counted, n / np.where(counted, lam, 1.0), 0.0)
             value = _poisson_terms(n, lam).sum(-1) + self._constraint_terms(x, aux) - lgamma
-        first = ratio - 1.0
-        second = -ratio * ratio / np.where(counted, n, 1.0)
+        first = _rows(ratio - 1.0, b)
+        second = _rows(-ratio * ratio / np.where(counted, n, 1.0), b)
         # J^T first and J^T diag(second) J as batched matrix products (BLAS)
-        grad = (np.broadcast_to(first, (b, self.nmain))[:, None, :] @ jac)[:, 0]
-        weighted = np.broadcast_to(second, (b, self.nmain))[:, :, None] * jac
+        grad = (first[:, None, :] @ jac)[:, 0]
+        weighted = second[:, :, None] * jac
         hess = np.swapaxes(weighted, 1, 2) @ jac
         # second-order terms of the cell rates, weighted by d/dlam of their bin
-        weight = np.broadcast_to(first, (b, self.nmain))[:, self._cell_bin]  # (B, C)
+        weight = first[:, self._cell_bin]  # (B, C)
         parts = []
         mt, mu, mc = self._mm
         if mt.size:
@@ -737,7 +739,7 @@ class NumpyModel:
                 d2[:, mt, mc] * without[:, mt, mc],
                 d1[:, mt, mc] * d1[:, mu, mc] * both,
             )
-            parts.append(np.broadcast_to(pair * added[:, mc] * weight[:, mc], (b, mc.size)))
+            parts.append(pair * added[:, mc] * weight[:, mc])
         if deltas is not None:
             mt, sa, mc = self._ma
             cross = d1[:, mt, mc] * without[:, mt, mc] * deltas[1][:, sa, mc] * weight[:, mc]
@@ -747,7 +749,7 @@ class NumpyModel:
         flat = np.zeros((b, p * p))
         self._hessian_sum.add(
             flat,
-            np.concatenate([np.broadcast_to(v, (b, v.shape[1])) for v in parts], axis=1)
+            np.concatenate(parts, axis=1)
             if parts
             else np.zeros((b, 0)),
         )
@@ -767,8 +769,8 @@ class NumpyModel:
                     h_pois = -np.where(a_pos, aux / np.where(a_pos, theta, 1.0) ** 2, 0.0)
                 g_aux = np.where(self._poisson, g_pois, g_aux)
                 h_aux = np.where(self._poisson, h_pois, h_aux)
-            g_aux = np.broadcast_to(g_aux, (b, self.naux))
-            h_aux = np.broadcast_to(h_aux, (b, self.naux))
+            g_aux = _rows(g_aux, b)
+            h_aux = _rows(h_aux, b)
             cons_g = np.zeros((b, p))
             cons_g[:, self._aux_par] += g_aux  # one constraint per parameter
             grad = grad + cons_g
@@ -799,6 +801,12 @@ class NumpyModel:
             f"NumpyModel({self.source!r}: {len(self.channels)} channels, {self.nmain} bins, "
             f"{self.npars} parameters, poi={self.poi_name!r})"
         )
+
+
+def _rows(values: np.ndarray, b: int) -> np.ndarray:
+    """``values`` (1 or ``b`` rows, or one row's 1-D array) as ``b`` rows."""
+    values = np.atleast_2d(values)
+    return values if values.shape[0] == b else np.repeat(values, b, axis=0)
 
 
 class _Segments:
