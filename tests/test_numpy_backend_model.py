@@ -41,7 +41,7 @@ from analysis.numpy_backend.model import NumpyModel
 from tests.conftest import REFERENCE, reference_path
 
 #: random workspaces (seeds 0 .. N_WORKSPACES - 1)
-N_WORKSPACES = 48
+N_WORKSPACES = 32
 #: random points inside the bounds (besides the suggested init) where values are compared
 N_POINTS = 3
 SETTINGS: dict[str, dict | None] = {
