@@ -25,10 +25,8 @@ from analysis.inference.results import HypotestResult, SignificanceResult
 from analysis.inference.test_statistics import TestStat, statistic_from_fits, test_statistic
 from analysis.inference.utils import _settings, require_poi
 from analysis.likelihood._tensors import broadcast_shapes
+from analysis.numpy_backend.infer import BAND_NSIGMA  # one definition for both engines
 from analysis.progress import progress_bar
-
-#: order of the expected band in pyhf: -mu_hat/sigma = +2 ... -2, i.e. CLs from -2 to +2 sigma
-BAND_NSIGMA = (2.0, 1.0, 0.0, -1.0, -2.0)
 
 
 def normal_cdf(x: torch.Tensor) -> torch.Tensor:

@@ -18,14 +18,7 @@ from analysis.inference.calculators import AsymptoticCalculator
 from analysis.inference.results import HypotestResult, LimitResult
 from analysis.inference.test_statistics import TestStat
 from analysis.inference.utils import InferenceError
-
-#: POI values of the scan that brackets each limit before root finding
-GRID_POINTS = 21
-#: grid values per batched hypotest of the bracketing scan, which stops at the first call
-#: after which every curve has crossed
-GRID_CHUNK = 5
-#: POI values, from 0 to 1.5 times the largest limit, of :func:`upper_limit_with_curve`'s curve
-CURVE_POINTS = 31
+from analysis.numpy_backend.infer import CURVE_POINTS, GRID_CHUNK, GRID_POINTS  # both engines
 
 
 def upper_limits(

@@ -18,13 +18,12 @@ from analysis.fit import newton_minimize, with_implicit_gradient
 from analysis.inference.utils import _settings, require_poi
 from analysis.likelihood._tensors import broadcast_shapes
 from analysis.likelihood.model import TwiceNLL
+from analysis.numpy_backend.fit import KINK_STARTS  # one definition for both engines
 
 log = logging.getLogger(__name__)
 
 #: Newton iterations of the first, whole-batch pass (most fits converge in 3-7)
 FIRST_PASS_ITERATIONS = 12
-#: offsets (in units of the constraint width) of the extra starts for kinked parameters
-KINK_STARTS = (0.5, -0.5)
 
 
 def minimize(model, data, start, *, bounds, fixed, what: str = "fit"):

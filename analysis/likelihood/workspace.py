@@ -335,9 +335,8 @@ def _cached_validator(name: str, schema: dict) -> Callable[[Any], Any]:
     from analysis.cache import default_cache_dir
     from analysis.files import write_atomically
 
-    text = json.dumps(schema, sort_keys=True)
     version = f"{fastjsonschema.VERSION}\n{importlib.util.MAGIC_NUMBER.hex()}"
-    key = hashlib.sha256(f"{version}\n{text}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{version}\n{_content_digest(schema)}".encode()).hexdigest()[:24]
     folder = default_cache_dir() / "schemas"
     path = folder / f"{pathlib.Path(name).stem}_{key}.marshal"
     code = None

@@ -21,7 +21,8 @@ import numpy as np
 from analysis.numpy_backend import Unsupported
 from analysis.numpy_backend.model import NumpyModel
 
-#: offsets of the extra starts on kinked parameters (analysis.inference.mle.KINK_STARTS)
+#: offsets (in units of the constraint width) of the extra starts for kinked parameters, on
+#: both engines (analysis.inference.mle imports it from here)
 KINK_STARTS = (0.5, -0.5)
 
 

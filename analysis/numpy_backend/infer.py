@@ -22,7 +22,8 @@ from analysis.numpy_backend import Unsupported
 from analysis.numpy_backend.fit import minimize
 from analysis.numpy_backend.model import NumpyModel
 
-#: pyhf's order of the expected band: CLs from -2 to +2 sigma
+#: pyhf's order of the expected band (-mu_hat/sigma = +2 .. -2): CLs from -2 to +2 sigma; these
+#: constants are the torch engine's too (analysis.inference imports them from here)
 BAND_NSIGMA = (2.0, 1.0, 0.0, -1.0, -2.0)
 #: the limits' bracketing grid, evaluated GRID_CHUNK values at a time (analysis.inference)
 GRID_POINTS, GRID_CHUNK = 21, 5

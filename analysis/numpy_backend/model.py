@@ -749,9 +749,7 @@ class NumpyModel:
         flat = np.zeros((b, p * p))
         self._hessian_sum.add(
             flat,
-            np.concatenate(parts, axis=1)
-            if parts
-            else np.zeros((b, 0)),
+            np.concatenate(parts, axis=1) if parts else np.zeros((b, 0)),
         )
         hess = hess + flat.reshape(b, p, p)
         # constraints
