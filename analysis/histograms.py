@@ -279,6 +279,8 @@ def kde_histograms(
     *,
     reach: int | None = None,
     ascending: bool | None = None,
+    layout: KDELayout | None = None,
+    factors: Sequence[torch.Tensor | None] | None = None,
 ) -> list[Histogram]:
     """:func:`kde_histogram` of several sets of events with the same edges and bandwidth.
 
@@ -294,6 +296,16 @@ def kde_histograms(
     does): skips the check, a pass over all values per call (like ``reach``, not verified; other
     values then give wrong sums). ``None`` (default): checked per group (the sorted path on CPU
     where they are sorted, :class:`_KDEHistogram`); ``False``: the unsorted path.
+
+    ``layout``: a :class:`KDELayout` for calls that repeat the same events, edges and bandwidth
+    with other weights (the steps of an optimization): the first call fills it, later calls
+    take the kernel values and the bookkeeping from it instead of computing them again.
+
+    ``factors``: one per group, ``None`` or a tensor ``(N_g,)`` that multiplies every row of
+    the group's weights (the histograms of ``weights * factor``, e.g. constant event weights
+    times the selection weights of the soft cuts), with gradients for both. Equal to passing
+    the products, without forming them outside or their gradient rows
+    (``dL/dfactor_i = sum_v weights_vi dL/d(weights_vi factor_i)``).
     """
     if not groups:
         return []
@@ -312,12 +324,24 @@ def kde_histograms(
         raise ValueError(f"reach must be an integer >= 1, got {reach!r}")
     reach = min(reach, n_bins + 1)  # K = B + 1 already covers every edge from any bin
     rows = [weights if weights.ndim == 2 else weights[None] for _, weights in groups]
+    factors = [None] * len(groups) if factors is None else list(factors)
+    if len(factors) != len(groups):
+        raise ValueError(f"one factor (or None) per group, got {len(factors)} for {len(groups)}")
+    for (values, _), factor in zip(groups, factors, strict=True):
+        if factor is not None and (factor.shape != values.shape or factor.dtype != dtype):
+            raise ValueError(
+                f"a factor must have the shape and dtype of its values {tuple(values.shape)} "
+                f"{dtype}, got {tuple(factor.shape)} {factor.dtype}"
+            )
     n_events = sum(values.numel() for values, _ in groups)
+    fits = 2 * reach * n_events * groups[0][0].element_size() <= _KDE_SAVE_BYTES
     save_kernels = (
         torch.is_grad_enabled()
-        and any(weights.requires_grad for weights in rows)
-        and 2 * reach * n_events * groups[0][0].element_size() <= _KDE_SAVE_BYTES
+        and any(t is not None and t.requires_grad for t in [*rows, *factors])
+        and fits
     )
+    if layout is not None:
+        layout.check(groups, rows, reach, fits)
     yields, sumw2 = _KDEHistogram.apply(
         edges_v,
         h,
@@ -325,8 +349,10 @@ def kde_histograms(
         KDE_TAIL_CUTOFF[dtype],
         save_kernels,
         ascending,
+        layout,
         *[values for values, _ in groups],
         *rows,
+        *factors,
     )
     out, start = [], 0
     for (_, weights), w in zip(groups, rows, strict=True):
@@ -340,6 +366,59 @@ def kde_histograms(
             )
         )
     return out
+
+
+class KDELayout:
+    """What :func:`kde_histograms` computes from the events' values, the edges and the bandwidth
+    alone, kept for the next call with the same ones and other weights.
+
+    That is the window constants, the chunks and the sorted plan (:class:`_KDEHistogram`) and,
+    when they fit in ``_KDE_SAVE_BYTES``, the kernel values (``erfc`` at the window edges of
+    every event). The binned KDE is linear in the weights (``n_b = sum_i w_i m_ib``) and its
+    masses ``m_ib`` depend on the values, the edges and ``h`` only, so with a filled layout a
+    call evaluates no kernel, forward or backward, and gives bitwise the sums of a call
+    without it. The steps of an optimization at a fixed bandwidth are such calls: only the
+    selection weights change (:class:`~analysis.pipeline.AnalysisPipeline` keeps one layout per
+    region and bandwidth).
+
+    Create it empty and pass it to every call; the first call fills it. Like ``reach`` and
+    ``ascending``, the layout is trusted: the caller passes the same values, edges and ``h`` as
+    to the first call (other ones give wrong sums); the number of sets, their sizes, the rows of
+    their weights, the dtype, the device and ``K`` are checked (``ValueError``).
+    """
+
+    def __init__(self) -> None:
+        self._signature: tuple | None = None
+        self._state: tuple | None = None  # (window, groups, plan, kernels or None)
+        self.keep_kernels = False  # set by the first call: whether they fit
+
+    def check(
+        self,
+        groups: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        rows: Sequence[torch.Tensor],
+        reach: int,
+        keep_kernels: bool,
+    ) -> None:
+        """Raise ``ValueError`` unless the call matches the first one; record it if first."""
+        values = groups[0][0]
+        signature = (
+            tuple((v.shape[0], w.shape[0]) for (v, _), w in zip(groups, rows, strict=True)),
+            values.dtype,
+            values.device,
+            reach,
+        )
+        if self._signature is None:
+            self._signature, self.keep_kernels = signature, keep_kernels
+        elif signature != self._signature:
+            raise ValueError(
+                "this KDELayout was filled for other events (sets (events, weight rows), dtype, "
+                f"device, reach): {self._signature}, got {signature}"
+            )
+
+    @property
+    def filled(self) -> bool:
+        """Whether a call has filled the layout."""
+        return self._state is not None
 
 
 def _kde_inputs(
@@ -697,45 +776,63 @@ class _KDEHistogram(torch.autograd.Function):
     coefficients of all segments are gathered at once). The other inputs' gradients recompute
     each chunk's whole window (:func:`_input_gradients`).
 
-    Inputs: ``edges, h, reach, cutoff, save_kernels, ascending``, then the ``G`` groups'
-    values, then their weights.
+    Inputs: ``edges, h, reach, cutoff, save_kernels, ascending, layout`` (a
+    :class:`KDELayout` or None), then the ``G`` groups' values, then their weights.
     """
 
     @staticmethod
-    def forward(ctx, edges, h, reach, cutoff, save_kernels, ascending, *tensors):
-        n_groups = len(tensors) // 2
-        all_values, all_weights = tensors[:n_groups], tensors[n_groups:]
+    def forward(ctx, edges, h, reach, cutoff, save_kernels, ascending, layout, *tensors):
+        n_groups = len(tensors) // 3
+        all_values, all_weights = tensors[:n_groups], tensors[n_groups : 2 * n_groups]
+        all_factors = tensors[2 * n_groups :]
         n_bins, f64, device = edges.numel() - 1, torch.float64, edges.device
-        window = _KDEWindow(edges, h, reach, cutoff, n_bins)
         n_rows = sum(weights.shape[0] for weights in all_weights)
-        groups, row = [], 0
-        for values, weights in zip(all_values, all_weights, strict=True):
-            groups.append(_Group(values, weights.shape[0], row, n_rows, window, ascending))
-            row += weights.shape[0]
-        plan = _SortedPlan(window, groups, all_values, n_rows)
+        kept = None  # the kernel values of a filled layout, per group and chunk
+        if layout is not None and layout.filled:
+            window, groups, plan, kept = layout._state
+        else:
+            window = _KDEWindow(edges, h, reach, cutoff, n_bins)
+            groups, row = [], 0
+            for values, weights in zip(all_values, all_weights, strict=True):
+                groups.append(_Group(values, weights.shape[0], row, n_rows, window, ascending))
+                row += weights.shape[0]
+            plan = _SortedPlan(window, groups, all_values, n_rows)
+        keep = kept is None and (save_kernels or (layout is not None and layout.keep_kernels))
         # mass sums per (yields | sumw2 row, window row r, event bin j)
         sums = torch.zeros(2 * n_rows, 2 * reach - 1, n_bins + 2, dtype=f64, device=device)
-        kernels: list[torch.Tensor] | None = [] if save_kernels else None
+        kernels: list[list[torch.Tensor]] = []  # computed here and kept (keep), per group
         products = []  # sorted chunks: [E; 1] @ b^T per segment, all groups, flattened
-        for group, values, weights, chunk_rows in zip(
-            groups, all_values, all_weights, plan.chunk_rows, strict=True
+        products_w = []  # w = weights * factor per group (the weights without a factor)
+        for g, (group, values, weights, factor, chunk_rows) in enumerate(
+            zip(groups, all_values, all_weights, all_factors, plan.chunk_rows, strict=True)
         ):
+            kernels.append([])
             both = weights.new_empty((2 * group.n_rows, weights.shape[1]), dtype=f64)  # b (2W, N)
-            both[: group.n_rows] = weights
+            if factor is None:
+                both[: group.n_rows] = weights
+            else:
+                torch.mul(weights, factor, out=both[: group.n_rows])
             torch.mul(both[: group.n_rows], both[: group.n_rows], out=both[group.n_rows :])
+            products_w.append(weights if factor is None else both[: group.n_rows])
             both_t = both.t()
             group_sums = None  # unsorted chunks
             group_products = []
-            for (sl, segments), rows in zip(group.chunks, chunk_rows, strict=True):
+            for c, ((sl, segments), rows) in enumerate(zip(group.chunks, chunk_rows, strict=True)):
                 if segments is None:
                     bins = group.bin_of[sl]
-                    kernel = window.mass(window.x(values[sl], None, bins)[0])
+                    if kept is not None:
+                        kernel = kept[g][c]
+                    else:
+                        kernel = window.mass(window.x(values[sl], None, bins)[0])
                     if group_sums is None:
                         group_sums = torch.zeros_like(sums[: 2 * group.n_rows])
                     # index_add_ along a non-leading dim is slow with int32 indices
                     group_sums.index_add_(2, bins.long(), kernel.to(f64)[None] * both[:, None, sl])
                 else:
-                    kernel = window.erfc_rows(values[sl], _single_bin(segments), rows)
+                    if kept is not None:
+                        kernel = kept[g][c]
+                    else:
+                        kernel = window.erfc_rows(values[sl], _single_bin(segments), rows)
                     kernel64 = kernel if kernel.dtype == f64 else kernel.to(f64)
                     if len(segments) == 1:
                         group_products.append(torch.mm(kernel64, both_t[sl]))
@@ -743,16 +840,22 @@ class _KDEHistogram(torch.autograd.Function):
                         for _, start, stop in segments:
                             local = kernel64.narrow(1, start - sl.start, stop - start)
                             group_products.append(torch.mm(local, both_t[start:stop]))
-                if kernels is not None:
-                    kernels.append(kernel)
+                if keep:
+                    kernels[g].append(kernel)
             if group_sums is not None:
                 sums.index_add_(0, torch.tensor(group.rows, device=device), group_sums)
             if group_products:
                 products.append(torch.cat(group_products).view(-1))
         if products:
             sums += plan.mass_sums(torch.cat(products), window)
+        if layout is not None and not layout.filled:
+            layout._state = (window, groups, plan, kernels if layout.keep_kernels else None)
+        if kept is None and keep:
+            kept = kernels
         ctx.save_for_backward(edges, h, *tensors)
-        ctx.window, ctx.groups, ctx.plan, ctx.kernels = window, groups, plan, kernels
+        ctx.products_w = products_w
+        ctx.window, ctx.groups, ctx.plan = window, groups, plan
+        ctx.kernels = kept if (save_kernels or layout is not None) else None
         out = _window_sums(sums, window)
         return out[:n_rows], out[n_rows:]
 
@@ -762,10 +865,12 @@ class _KDEHistogram(torch.autograd.Function):
         edges, h, *tensors = ctx.saved_tensors
         window, plan, groups = ctx.window, ctx.plan, ctx.groups
         n_groups, n_rows = len(groups), grad_yields.shape[0]
-        all_values, all_weights = tensors[:n_groups], tensors[n_groups:]
+        all_values, all_weights = tensors[:n_groups], tensors[n_groups : 2 * n_groups]
+        all_factors = tensors[2 * n_groups :]
         need_e, need_h = ctx.needs_input_grad[:2]
-        need_y = ctx.needs_input_grad[6 : 6 + n_groups]
-        need_w = ctx.needs_input_grad[6 + n_groups :]
+        need_y = ctx.needs_input_grad[7 : 7 + n_groups]
+        need_w = ctx.needs_input_grad[7 + n_groups : 7 + 2 * n_groups]
+        need_f = ctx.needs_input_grad[7 + 2 * n_groups :]
         f64, device = torch.float64, edges.device
         # upstream gradient per (yields | sumw2 row, window row r, event bin j)
         g_table = _window_table(torch.cat([grad_yields, grad_sumw2]), window)
@@ -773,38 +878,53 @@ class _KDEHistogram(torch.autograd.Function):
         # the products p (2W, N) of the kernel and this table
         g2_table = torch.cat([g_table[:n_rows], 2.0 * g_table[n_rows:]])
         coefficients = (
-            plan.coefficients(g2_table, window) if any(need_w) and plan.n_products else None
+            plan.coefficients(g2_table, window)
+            if (any(need_w) or any(need_f)) and plan.n_products
+            else None
         )
         grads_y: list[torch.Tensor | None] = [None] * n_groups
         grads_w: list[torch.Tensor | None] = [None] * n_groups
+        grads_f: list[torch.Tensor | None] = [None] * n_groups
         n_padded = window.n_bins + 1 + 2 * window.reach
         grad_e = torch.zeros(n_padded, dtype=f64, device=device)
         grad_h = torch.zeros((), dtype=f64, device=device)
-        kernels = iter(ctx.kernels) if ctx.kernels is not None else None
-        for i, (group, values, weights, chunk_rows) in enumerate(
-            zip(groups, all_values, all_weights, plan.chunk_rows, strict=True)
+        for i, (group, values, weights, factor, w, chunk_rows) in enumerate(
+            zip(
+                groups,
+                all_values,
+                all_weights,
+                all_factors,
+                ctx.products_w,
+                plan.chunk_rows,
+                strict=True,
+            )
         ):
-            group_kernels = [next(kernels) for _ in group.chunks] if kernels is not None else None
+            group_kernels = ctx.kernels[i] if ctx.kernels is not None else None
             rows = torch.tensor(group.rows, device=device)
-            if need_w[i]:
-                grads_w[i] = _weight_gradient(
+            if need_w[i] or need_f[i]:
+                grad = _weight_gradient(  # dL/dw of the products w = weights * factor
                     window,
                     plan,
                     i,
                     group,
                     values,
-                    weights,
+                    w,
                     chunk_rows,
                     group_kernels,
                     g2_table.index_select(0, rows),
                     coefficients,
                 )
+                if need_f[i]:  # sum_v weights_v dL/dw_v
+                    grad_f = grad[0] * weights[0] if grad.shape[0] == 1 else (grad * weights).sum(0)
+                    grads_f[i] = grad_f.to(factor.dtype)
+                if need_w[i]:
+                    grads_w[i] = (grad if factor is None else grad * factor).to(weights.dtype)
             if need_y[i] or need_e or need_h:
                 grads_y[i] = _input_gradients(
                     window,
                     group,
                     values,
-                    weights,
+                    w,
                     g_table.index_select(0, rows),
                     need_y[i],
                     grad_e if need_e else None,
@@ -821,7 +941,7 @@ class _KDEHistogram(torch.autograd.Function):
             else None
         )
         grad_h_out = (grad_h * density).to(h.dtype) if need_h else None
-        return grad_e_out, grad_h_out, None, None, None, None, *grads_y, *grads_w
+        return (grad_e_out, grad_h_out, None, None, None, None, None, *grads_y, *grads_w, *grads_f)
 
 
 def _weight_gradient(

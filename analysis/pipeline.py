@@ -56,7 +56,11 @@ of weights each) and the groups of a region one :func:`~analysis.histograms.kde_
 only the events with an observable within the kernel's truncation ``k h`` of the bins
 (:data:`~analysis.histograms.KDE_TAIL_CUTOFF`, with 0.1% to spare) are cut and histogrammed, one
 slice of the sorted events, because the others put exactly 0 into every bin and have zero gradient;
-and sorted values let the KDE sum each bin's events with a matrix product instead of a scatter.
+and sorted values let the KDE sum each bin's events with a matrix product instead of a scatter;
+and the kernel values of each region (``erfc`` at the bin edges near every event, which depend on
+the observable, the edges and the bandwidth only) are computed on the first call at a bandwidth
+and kept for the next calls at it (:class:`~analysis.histograms.KDELayout`, the last
+``KDE_LAYOUTS_KEPT`` bandwidths per region), so the steps of an optimization evaluate no kernel.
 ``tau = 0`` and ``bandwidth = 0`` give exactly the boolean cuts and ordinary histograms of
 :func:`analysis.histograms.hard_histograms`.
 
@@ -86,6 +90,7 @@ from analysis.errors import ConfigError, DataError
 from analysis.histograms import (
     KDE_TAIL_CUTOFF,
     Histogram,
+    KDELayout,
     hard_cut_mask,
     kde_histograms,
     kde_reach,
@@ -99,11 +104,17 @@ __all__ = ["BOUND_NUDGE", "AnalysisPipeline"]
 BOUND_NUDGE = 1e-6
 """Fraction of a cut's range by which a configured value on a bound is moved inside."""
 
+KDE_LAYOUTS_KEPT = 2
+"""Bandwidths per region whose KDE layout (kernel values) the pipeline keeps: the relaxed one
+of the optimization and the hard evaluation's ``bandwidth = 0`` (which has no kernel values)."""
+
 
 @dataclass(frozen=True)
 class _TemplateSlot:
-    """Where one template's buffers live: ``t<j>_observable``, ``t<j>_weight``, ``t<j>_x<k>``
-    (``k``: the position of a trainable cut in the region's cuts; fixed cuts have no column).
+    """Where one template's buffers live: ``t<j>_observable``, ``t<j>_x<k>`` (``k``: the
+    position of a trainable cut in the region's cuts; fixed cuts have no column) and its weights,
+    row ``row`` of its group's ``weights`` buffer (``t<i>_weights``, ``i`` the group's first
+    template: one row per template of the group).
 
     ``observable`` and ``cut_columns`` (one per trainable cut of the region, in its order) name
     the buffers the computation reads: the first template's buffer holding an equal column
@@ -115,6 +126,8 @@ class _TemplateSlot:
     prefix: str
     observable: str
     cut_columns: tuple[str, ...]
+    weights: str
+    row: int
 
 
 class AnalysisPipeline(torch.nn.Module):
@@ -224,13 +237,16 @@ class AnalysisPipeline(torch.nn.Module):
             observable = observable[order]
             soft = [k for k, cut in enumerate(config.regions[r].cuts) if cut.trainable]
             seen: dict[int, list[tuple[torch.Tensor, str]]] = {k: [] for k in soft}
-            for j in members:
+            # the weights of the group's templates, one row each (kde_histograms takes them so)
+            keys = [template_key(templates[j]) for j in members]
+            weights_name = f"t{members[0]}_weights"
+            weights = [_selected(events[key].weight, passing[key]).to(dtype) for key in keys]
+            self.register_buffer(weights_name, torch.stack(weights)[:, order], persistent=False)
+            for row, j in enumerate(members):
                 template, prefix = templates[j], f"t{j}_"
                 key = template_key(template)
                 ev, keep = events[key], passing[key]
                 self.register_buffer(prefix + "observable", observable, persistent=False)
-                weight = _selected(ev.weight, keep).to(dtype)[order]
-                self.register_buffer(prefix + "weight", weight, persistent=False)
                 names = []
                 for k in soft:  # buffer t<j>_x<k>: position k in the region's cuts
                     column = _selected(ev.columns[template.region.cuts[k].variable], keep)
@@ -250,6 +266,8 @@ class AnalysisPipeline(torch.nn.Module):
                     prefix=prefix,
                     observable=observable_name,
                     cut_columns=tuple(names),
+                    weights=weights_name,
+                    row=row,
                 )
             self._kde_groups += ((observable_name, tuple(members)),)
         del groups
@@ -260,6 +278,8 @@ class AnalysisPipeline(torch.nn.Module):
             bool(torch.isfinite(getattr(self, name)).all()) for name, _ in self._kde_groups
         )
         self._likelihood_structure: tuple[object, Model] | None = None  # see likelihood()
+        # per (region, bandwidth): the KDE's kernel values and bookkeeping (_kde_layout)
+        self._kde_layouts: dict[tuple[int, float], KDELayout] = {}
 
         # temperature scale per trainable cut: spread on the nominal prediction events of its
         # region (of every region that shares it) that pass the region's fixed cuts; a fixed cut
@@ -512,29 +532,39 @@ class AnalysisPipeline(torch.nn.Module):
             )
             selections.update(zip(sets, selected, strict=True))
 
-        # the groups of a region share edges and width: one kde_histograms call per region
-        per_region: dict[int, list] = {}  # region -> [(slots, values, weights)]
+        # the groups of a region share edges and width: one kde_histograms call per region;
+        # the templates of a group that share their cut columns (usually all) pass the stored
+        # weights and the selection as its factor (kde_histograms factors: no products formed)
+        per_region: dict[int, list] = {}  # region -> [(slots, values, weights, factor)]
         for (observable, members), (lo, hi) in zip(self._kde_groups, bounds, strict=True):
             slots = [self._slots[j] for j in members]
-            rows = []
-            for slot in slots:
-                weight = getattr(self, slot.prefix + "weight")[lo:hi]
-                factor = selections.get(slot.cut_columns)
-                rows.append(weight if factor is None else weight * factor)
-            weights = rows[0][None] if len(rows) == 1 else torch.stack(rows)
+            factors = [selections.get(slot.cut_columns) for slot in slots]
+            factor = factors[0]
+            if all(f is factor for f in factors):
+                weights = getattr(self, f"t{members[0]}_weights")[:, lo:hi]
+            else:
+                factor = None
+                weights = torch.stack(
+                    [
+                        self._weight(slot)[lo:hi] * (1.0 if f is None else f)
+                        for slot, f in zip(slots, factors, strict=True)
+                    ]
+                )
             values = getattr(self, observable)[lo:hi]
-            per_region.setdefault(slots[0].region, []).append((slots, values, weights))
+            per_region.setdefault(slots[0].region, []).append((slots, values, weights, factor))
         out = {}
         for r, groups in per_region.items():
             edges = getattr(self, f"edges{r}")
             hists = kde_histograms(
-                [(values, weights) for _, values, weights in groups],
+                [(values, weights) for _, values, weights, _ in groups],
                 edges,
                 widths[r],
                 reach=reach[r],
                 ascending=True if self._observables_ascending else None,
+                layout=self._kde_layout(r, bandwidth),
+                factors=[factor for *_, factor in groups],
             )
-            for (slots, _, _), hist in zip(groups, hists, strict=True):
+            for (slots, *_), hist in zip(groups, hists, strict=True):
                 for i, slot in enumerate(slots):
                     out[slot.key] = Histogram(edges, hist.yields[i], hist.sumw2[i])
 
@@ -556,6 +586,28 @@ class AnalysisPipeline(torch.nn.Module):
                     selection = selection[first - starts[key] : last - starts[key]]
                 counts[key] = self._selected_count(slot, positions, first, last, selection)
         return {slot.key: out[slot.key] for slot in self._slots}, counts
+
+    def _kde_layout(self, region: int, bandwidth: float | torch.Tensor) -> KDELayout | None:
+        """The :class:`~analysis.histograms.KDELayout` of ``region`` at ``bandwidth`` (the
+        events in reach and the kernel values depend on nothing else: the stored observables
+        and edges do not change); None for a bandwidth that needs a gradient (its kernel
+        changes with it). The last ``KDE_LAYOUTS_KEPT`` bandwidths of each region are kept."""
+        if isinstance(bandwidth, torch.Tensor):
+            if bandwidth.requires_grad:
+                return None
+            bandwidth = float(bandwidth)
+        key = (region, float(bandwidth))
+        layout = self._kde_layouts.pop(key, None) or KDELayout()
+        self._kde_layouts[key] = layout  # the most recently used last
+        mine = [k for k in self._kde_layouts if k[0] == region]
+        for old in mine[: max(0, len(mine) - KDE_LAYOUTS_KEPT)]:
+            del self._kde_layouts[old]
+        return layout
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # .to(), .double(), ...: the kept kernel values are of the old device and dtype
+        self._kde_layouts = {}
+        return super()._apply(fn, *args, **kwargs)
 
     def selected_counts(
         self, tau: float | torch.Tensor, keys: Sequence[TemplateKey]
@@ -616,7 +668,7 @@ class AnalysisPipeline(torch.nn.Module):
         its events ``first .. last-1`` (the events in the bins, :meth:`_bin_positions`; None:
         no cuts)."""
         edges = getattr(self, f"edges{slot.region}")
-        weight = getattr(self, slot.prefix + "weight")[first:last]
+        weight = self._weight(slot)[first:last]
         counts = torch.diff(positions)
         bins = torch.repeat_interleave(torch.arange(len(counts), device=edges.device), counts)
         ws = weight if selected is None else weight * selected
@@ -704,7 +756,11 @@ class AnalysisPipeline(torch.nn.Module):
     def event_counts(self) -> dict[TemplateKey, int]:
         """Number of stored events per template: those that pass the region's Filter and its
         fixed (non-trainable) cuts."""
-        return {s.key: int(getattr(self, s.prefix + "weight").shape[0]) for s in self._slots}
+        return {s.key: int(self._weight(s).shape[0]) for s in self._slots}
+
+    def _weight(self, slot: _TemplateSlot) -> torch.Tensor:
+        """The weights of the template of ``slot`` (sorted like its group's observable)."""
+        return cast(torch.Tensor, getattr(self, slot.weights))[slot.row]
 
 
 def _structure(value: object) -> object:

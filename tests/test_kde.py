@@ -427,6 +427,82 @@ def test_kde_histograms_groups_equal_separate_calls(monkeypatch):
         kde_histograms([groups[0], (groups[1][0].float(), groups[1][1])], e, 0.3)
 
 
+def layout_groups(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Sorted and unsorted groups, 2-D and 1-D weights (as kde_histograms takes them)."""
+    sorted_values, sorted_rows = sorted_sample(seed, UNIFORM)
+    unsorted_values, unsorted_weights = sample(2000, seed + 1)
+    data = [(sorted_values, sorted_rows), (unsorted_values, unsorted_weights)]
+    return [tuple(tensors("cpu", torch.float64, v, w)) for v, w in data]
+
+
+def test_layout_keeps_kernels_bitwise(monkeypatch):
+    """A KDELayout filled by the first call: later calls with other weights evaluate no kernel
+    (forward and backward) and give bitwise the values and weight gradients of calls without
+    it, on sorted and unsorted groups; other events are refused."""
+    monkeypatch.setattr(histograms, "_KDE_MIN_BIN_EVENTS", 64)
+    evaluations = []
+    for method in ("erfc_rows", "mass"):
+        original = getattr(histograms._KDEWindow, method)
+
+        def counted(self, *args, _original=original, **kwargs):
+            evaluations.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(histograms._KDEWindow, method, counted)
+    e = torch.tensor(UNIFORM, dtype=torch.float64)
+    layout = histograms.KDELayout()
+    groups = layout_groups(31)
+    up = torch.linspace(-1.0, 2.0, UNIFORM.size - 1, dtype=torch.float64)
+    for scale in (1.0, 0.5, 2.0):  # other weights each call, the same values
+        weighted = [(y, (w * scale).requires_grad_()) for y, w in groups]
+        results = []
+        for kept in (layout, None):
+            before = len(evaluations)
+            hists = kde_histograms(weighted, e, 0.36, layout=kept)
+            loss = sum((h.yields * up).sum() + (h.sumw2 * up.flip(0)).sum() for h in hists)
+            grads = torch.autograd.grad(loss, [w for _, w in weighted])
+            if kept is not None and scale != 1.0:
+                assert len(evaluations) == before, "a filled layout evaluated a kernel"
+            results.append([t for h in hists for t in (h.yields, h.sumw2)] + list(grads))
+        for a, b in zip(*results, strict=True):
+            assert torch.equal(a, b)
+    assert layout.filled and layout.keep_kernels
+    with pytest.raises(ValueError, match="other events"):
+        kde_histograms(groups[:1], e, 0.36, layout=layout)
+
+
+def test_factors_equal_products():
+    """kde_histograms(groups, factors=...) equals the histograms of weights * factor (formed
+    outside): values to 1e-14, and the gradients of the factors and of the weights equal
+    autograd through the products to 1e-12."""
+    e = torch.tensor(NON_UNIFORM, dtype=torch.float64)
+    groups = layout_groups(33)
+    rng = np.random.default_rng(5)
+    factors = [torch.tensor(rng.uniform(0.0, 1.0, y.shape[0])) for y, _ in groups]
+    up = torch.linspace(0.5, 2.0, NON_UNIFORM.size - 1, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        weights = [w.clone().requires_grad_() for _, w in groups]
+        fs = [f.clone().requires_grad_() for f in factors]
+        if fused:
+            hists = kde_histograms(
+                [(y, w) for (y, _), w in zip(groups, weights, strict=True)], e, 0.4, factors=fs
+            )
+        else:
+            hists = kde_histograms(
+                [(y, w * f) for (y, _), w, f in zip(groups, weights, fs, strict=True)], e, 0.4
+            )
+        loss = sum((h.yields**2 * up).sum() - (h.sumw2 * up).sum() for h in hists)
+        grads = torch.autograd.grad(loss, weights + fs)
+        results.append(([t.detach() for h in hists for t in (h.yields, h.sumw2)], grads))
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=0)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14 * b.abs().max().item())
+    with pytest.raises(ValueError, match="shape and dtype"):
+        kde_histograms(groups, e, 0.4, factors=[factors[0][:-1], None])
+
+
 @pytest.mark.parametrize("h", [0.05, 0.36, 1.5])
 def test_ascending_hint_equals_dense(h, monkeypatch):
     """``ascending=True`` (the order taken as given, as the pipeline passes it for its sorted
@@ -474,11 +550,25 @@ def test_pipeline_histograms_equal_log_space_dense_reference(toy, tmp_path, knob
     events in reach only, kde_histograms on sorted groups) against the straightforward
     reference: every event, weight * exp(sum_k log_soft_cut) and kde_histogram_dense per
     template. Values to 1e-12 relative, the gradient of a loss of every template with respect
-    to the cut parameters to 1e-10."""
+    to the cut parameters to 1e-10. Two calls at different thresholds (the second with the
+    kernel values kept by the first, KDELayout)."""
     config = config_module.from_dict(toy.config, source="toy.yaml")
     events = read_events(config, cache_dir=tmp_path / "cache")
     pipeline = AnalysisPipeline.from_config(config, events)
     tau, bandwidth = knobs
+    # twice: the second call, at other thresholds, takes the kernel values that the first kept
+    check_pipeline_histograms(pipeline, config, events, tau, bandwidth)
+    moved = {
+        cut.name: cut.value + 0.1 * (cut.bounds[1] - cut.value)
+        for cut in config.cuts
+        if cut.trainable
+    }
+    pipeline.set_cut_values(moved)
+    check_pipeline_histograms(pipeline, config, events, tau, bandwidth)
+    assert len(pipeline._kde_layouts) == len(config.regions)
+
+
+def check_pipeline_histograms(pipeline, config, events, tau, bandwidth):
     region = config.regions[0]
     edges = torch.tensor(region.binning, dtype=torch.float64)
     h = bandwidth * float(torch.diff(edges).min())
