@@ -914,8 +914,10 @@ class _KDEHistogram(torch.autograd.Function):
                     g2_table.index_select(0, rows),
                     coefficients,
                 )
-                if need_f[i]:  # sum_v weights_v dL/dw_v
-                    grad_f = grad[0] * weights[0] if grad.shape[0] == 1 else (grad * weights).sum(0)
+                if need_f[i]:  # sum_v weights_v dL/dw_v, row by row (faster than a sum(0))
+                    grad_f = grad[0] * weights[0]
+                    for v in range(1, grad.shape[0]):
+                        grad_f.addcmul_(grad[v], weights[v])
                     grads_f[i] = grad_f.to(factor.dtype)
                 if need_w[i]:
                     grads_w[i] = (grad if factor is None else grad * factor).to(weights.dtype)
@@ -986,7 +988,7 @@ def _weight_gradient(
                 local = kernel.narrow(1, start - sl.start, stop - start)
             out = p.narrow(1, start, stop - start)
             torch.mm(coefficients_t.narrow(1, begin, end - begin), local, out=out)
-    return torch.addcmul(p[: group.n_rows], p[group.n_rows :], weights.to(f64)).to(weights.dtype)
+    return p[: group.n_rows].addcmul_(p[group.n_rows :], weights).to(weights.dtype)
 
 
 def _input_gradients(

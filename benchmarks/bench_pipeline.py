@@ -65,6 +65,7 @@ import yaml
 
 from analysis import config as configuration
 from analysis import generate, mc_statistics
+from analysis.cli._common import keep_freed_memory
 from analysis.histograms import kde_histogram, kde_histogram_dense
 from analysis.io import read_events
 from analysis.objectives import get_objective
@@ -252,10 +253,32 @@ def bench_ops(args, device: torch.device) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- 2. step
-def demo_config(data_dir: pathlib.Path) -> configuration.Config:
-    raw = yaml.safe_load((ROOT / "models" / "dimuon.yaml").read_text())
+def demo_config(data_dir: pathlib.Path, model: pathlib.Path | None = None) -> configuration.Config:
+    """The analysis ``model`` (default: the demo, ``models/dimuon.yaml``) on the generated
+    ntuples in ``data_dir``."""
+    model = model or ROOT / "models" / "dimuon.yaml"
+    raw = yaml.safe_load(model.read_text())
     raw["General"]["InputPath"] = str(data_dir / "{SamplePath}")
-    return configuration.from_dict(raw, source="models/dimuon.yaml (benchmark data)")
+    return configuration.from_dict(raw, source=f"{model} (benchmark data)")
+
+
+def machine_reference(dtype: torch.dtype = torch.float64) -> dict:
+    """Milliseconds (best of 5) of two fixed workloads on one thread, to compare runs made on
+    different days of a shared machine: ``erfc`` of 4e6 numbers (compute) and writing 64 MiB
+    of fresh memory (page faults and memory bandwidth, what the step's temporaries cost)."""
+    x = torch.linspace(0.0, 6.0, 4_000_000, dtype=dtype)
+    out = {}
+    for name, work in (
+        ("erfc_4e6_ms", lambda: torch.special.erfc(x)),
+        ("fresh_64MiB_ms", lambda: torch.empty(8 << 20, dtype=torch.float64).fill_(1.0)),
+    ):
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
+        out[name] = round(1e3 * min(times), 2)
+    return out
 
 
 def time_steps(pipeline, objective, settings, repeats: int, device: torch.device) -> dict:
@@ -267,8 +290,10 @@ def time_steps(pipeline, objective, settings, repeats: int, device: torch.device
     minimum = settings.min_effective_events
     keys = mc_statistics.background_templates(config)
     parts: dict[str, list[float]] = {}
+    faults = []
     for i in range(repeats + 1):
         sync(device)
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0, cpu0 = time.perf_counter(), time.thread_time()
         histograms, counts = pipeline.histograms_and_selected_counts(tau, bandwidth, keys)
         sync(device)
@@ -292,6 +317,7 @@ def time_steps(pipeline, objective, settings, repeats: int, device: torch.device
         sync(device)
         t4, cpu4 = time.perf_counter(), time.thread_time()
         if i:
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
             for name, seconds in (
                 ("step", t4 - t0),
                 ("step_thread_cpu", cpu4 - cpu0),
@@ -302,7 +328,10 @@ def time_steps(pipeline, objective, settings, repeats: int, device: torch.device
                 ("backward_and_adam", t4 - t35),
             ):
                 parts.setdefault(name, []).append(seconds)
-    return {name: round(statistics.median(v), 4) for name, v in parts.items()}
+    out: dict = {name: round(statistics.median(v), 4) for name, v in parts.items()}
+    out["step_min"] = round(min(parts["step"]), 4)
+    out["minor_page_faults_per_step"] = int(statistics.median(faults))
+    return out
 
 
 def bench_step(args, device: torch.device, workdir: pathlib.Path) -> dict:
@@ -310,7 +339,7 @@ def bench_step(args, device: torch.device, workdir: pathlib.Path) -> dict:
     start = time.perf_counter()
     generate.generate(data_dir, events=args.step_events, seed=1)
     t_generate = time.perf_counter() - start
-    config = demo_config(data_dir)
+    config = demo_config(data_dir, args.model)
     start = time.perf_counter()
     events = read_events(config, cache_dir=workdir / "cache")
     t_read = time.perf_counter() - start
@@ -342,6 +371,8 @@ def bench_step(args, device: torch.device, workdir: pathlib.Path) -> dict:
             progress(args, f"step: {dtype_name} events, {threads} thread(s)")
         del pipeline
     return {
+        "model": str(args.model or "models/dimuon.yaml"),
+        "regions": [region.name for region in config.regions],
         "mc_events_generated": args.step_events,
         "input_template_rows": sum(
             len(ev.weight) for key, ev in events.items() if key[1] != data_name
@@ -388,6 +419,16 @@ def main() -> None:
         help="step: dtypes of the events (the likelihood is float64 in every case)",
     )
     parser.add_argument("--workdir", type=pathlib.Path, help="for the demo data (default: temp)")
+    parser.add_argument(
+        "--model",
+        type=pathlib.Path,
+        help="step: another analysis on the generated ntuples (default: models/dimuon.yaml)",
+    )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (the CLI calls keep_freed_memory)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     args = parser.parse_args()
     quick = args.quick
@@ -402,6 +443,8 @@ def main() -> None:
     load_start = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
     torch.set_num_threads(args.threads[0])
+    # the CLI's policy (diffana optimize): freed memory is kept for reuse, no page faults
+    malloc_kept = False if args.default_malloc else keep_freed_memory()
     out: dict = {
         "device": str(device),
         "device_name": (
@@ -413,6 +456,8 @@ def main() -> None:
         "torch": torch.__version__,
         "quick": quick,
         "load_average_at_start": load_start,
+        "malloc_keeps_freed_memory": malloc_kept,
+        "machine_reference_at_start": machine_reference(),
     }
     if not args.skip_ops:
         out["ops"] = {
@@ -429,6 +474,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="diffana-bench-") as tmp:
             workdir = args.workdir or pathlib.Path(tmp)
             out["step"] = bench_step(args, device, workdir)
+    out["machine_reference_at_end"] = machine_reference()
     out["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     out["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -20,7 +20,7 @@ from analysis.cli._common import (
     device_option,
     load_workspace,
     resolve_device,
-    set_threads,
+    set_cpu_policy,
     threads_option,
 )
 from analysis.errors import AnalysisError
@@ -390,7 +390,7 @@ def plot_soft_vs_hard(
         tau, bandwidth = schedule(
             settings.steps - 1, settings.steps, settings.temperature, settings.bandwidth
         )
-    set_threads(threads)
+    set_cpu_policy(threads)
     pipeline = AnalysisPipeline.from_config(
         config, device=resolve_device(device), cache_dir=cache_dir
     )
