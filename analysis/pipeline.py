@@ -280,6 +280,8 @@ class AnalysisPipeline(torch.nn.Module):
         self._likelihood_structure: tuple[object, Model] | None = None  # see likelihood()
         # per (region, bandwidth): the KDE's kernel values and bookkeeping (_kde_layout)
         self._kde_layouts: dict[tuple[int, float], KDELayout] = {}
+        # per template: its events in the bins and their bins (_bin_positions)
+        self._bin_index: dict[TemplateKey, tuple[torch.Tensor, int, int]] = {}
 
         # temperature scale per trainable cut: spread on the nominal prediction events of its
         # region (of every region that shares it) that pass the region's fixed cuts; a fixed cut
@@ -580,11 +582,11 @@ class AnalysisPipeline(torch.nn.Module):
             }
             for key in keys:
                 slot = slots_by_key[key]
-                positions, first, last = self._bin_positions(slot)
+                bins, first, last = self._bin_positions(slot)
                 selection = selections.get(slot.cut_columns)
                 if selection is not None:
                     selection = selection[first - starts[key] : last - starts[key]]
-                counts[key] = self._selected_count(slot, positions, first, last, selection)
+                counts[key] = self._selected_count(slot, bins, first, last, selection)
         return {slot.key: out[slot.key] for slot in self._slots}, counts
 
     def _kde_layout(self, region: int, bandwidth: float | torch.Tensor) -> KDELayout | None:
@@ -605,8 +607,8 @@ class AnalysisPipeline(torch.nn.Module):
         return layout
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-        # .to(), .double(), ...: the kept kernel values are of the old device and dtype
-        self._kde_layouts = {}
+        # .to(), .double(), ...: the kept kernel values and bins are of the old device and dtype
+        self._kde_layouts, self._bin_index = {}, {}
         return super()._apply(fn, *args, **kwargs)
 
     def selected_counts(
@@ -634,7 +636,7 @@ class AnalysisPipeline(torch.nn.Module):
         out = {}
         for key in keys:
             slot = slots[key]
-            positions, lo, hi = self._bin_positions(slot)
+            bins, lo, hi = self._bin_positions(slot)
             selected = None
             if slot.cut_columns and hi > lo:  # (no event in the bins: nothing to select)
                 soft, directions = self._soft_cuts[slot.region]
@@ -644,35 +646,38 @@ class AnalysisPipeline(torch.nn.Module):
                     [taus[k] for k in soft],
                     directions,
                 )
-            out[key] = self._selected_count(slot, positions, lo, hi, selected)
+            out[key] = self._selected_count(slot, bins, lo, hi, selected)
         return out
 
     def _bin_positions(self, slot: _TemplateSlot) -> tuple[torch.Tensor, int, int]:
-        """``positions[b]``: the first of the template's events (sorted by the observable) at or
-        above edge ``e_b`` (so bin ``b`` holds events ``positions[b] .. positions[b+1]-1``), and
-        the first and last + 1 event inside the bins as numbers."""
-        edges = getattr(self, f"edges{slot.region}")
-        positions = torch.searchsorted(getattr(self, slot.observable), edges)
-        first, last = positions[[0, -1]].tolist()
-        return positions, first, last
+        """``(bins, first, last)``: the events inside the bins are the template's events
+        ``first .. last-1`` (sorted by the observable), ``bins`` their bin numbers (bin ``b``:
+        ``e_b <= y < e_{b+1}``). Depends on the stored observable and edges only, so it is
+        computed once per template (and again after ``.to()``)."""
+        if slot.key not in self._bin_index:
+            edges = getattr(self, f"edges{slot.region}")
+            positions = torch.searchsorted(getattr(self, slot.observable), edges)
+            first, last = positions[[0, -1]].tolist()
+            numbers = torch.arange(len(edges) - 1, device=edges.device)
+            bins = torch.repeat_interleave(numbers, torch.diff(positions))
+            self._bin_index[slot.key] = (bins, first, last)
+        return self._bin_index[slot.key]
 
     def _selected_count(
         self,
         slot: _TemplateSlot,
-        positions: torch.Tensor,
+        bins: torch.Tensor,
         first: int,
         last: int,
         selected: torch.Tensor | None,
     ) -> Histogram:
         """:meth:`selected_counts` of one template from the selection weights ``selected`` of
-        its events ``first .. last-1`` (the events in the bins, :meth:`_bin_positions`; None:
-        no cuts)."""
+        its events ``first .. last-1`` (the events in the bins ``bins``,
+        :meth:`_bin_positions`; None: no cuts)."""
         edges = getattr(self, f"edges{slot.region}")
         weight = self._weight(slot)[first:last]
-        counts = torch.diff(positions)
-        bins = torch.repeat_interleave(torch.arange(len(counts), device=edges.device), counts)
         ws = weight if selected is None else weight * selected
-        zeros = torch.zeros(len(counts), dtype=ws.dtype, device=ws.device)
+        zeros = torch.zeros(len(edges) - 1, dtype=ws.dtype, device=ws.device)
         return Histogram(edges, zeros.index_add(0, bins, ws), zeros.index_add(0, bins, ws * weight))
 
     # ------------------------------------------------------------------ likelihood

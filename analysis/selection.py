@@ -388,9 +388,10 @@ class _SelectionWeight(torch.autograd.Function):
                 size = min(_SELECTION_PIECE, f.shape[1]) if f.device.type == "cpu" else f.shape[1]
                 size = max(size, 1)  # a group without events
                 q = f.new_empty((n_cuts, size))
+                one = f.new_ones(())  # 1 - f in one operation (bitwise (-f) + 1)
                 for start in range(0, f.shape[1], size):
                     piece = q[:, : min(size, f.shape[1] - start)]
-                    torch.mul(f[:, start : start + piece.shape[1]], -1.0, out=piece).add_(1.0)
+                    torch.sub(one, f[:, start : start + piece.shape[1]], out=piece)
                     qh.addmv_(piece, weighted[start : start + piece.shape[1]])
             if qhd is None and not any(need_x[g * n_cuts : (g + 1) * n_cuts]):
                 continue
