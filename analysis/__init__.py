@@ -34,6 +34,8 @@ name                  what it is
 ``predict``           :func:`analysis.prediction.prediction`: pre-/post-fit yields
 ``cut_flow``          :func:`analysis.cutflow.cut_flow`: events after each cut
 ``plotting``          :mod:`analysis.plotting`: every figure
+``keep_freed_memory`` :func:`analysis.cli._common.keep_freed_memory`: the CLI's
+                      malloc policy (no page faults for a step's temporaries)
 ====================  ==========================================================
 """
 
@@ -57,6 +59,7 @@ _EXPORTS = {
     "scan_cuts": ("analysis.optimize", "scan_cuts"),
     "predict": ("analysis.prediction", "prediction"),
     "cut_flow": ("analysis.cutflow", "cut_flow"),
+    "keep_freed_memory": ("analysis.cli._common", "keep_freed_memory"),
 }
 
 __all__ = [*_EXPORTS, "plotting", "significance"]

@@ -148,7 +148,7 @@ case: cut thresholds act through the weights). Above it the backward pass recomp
 kernel, ``erfc``, is most of the forward time; keeping the values, page faults included, costs a
 small fraction of recomputing them). 1 GiB: 1.7e7 events in float64 at ``K = 4`` (bandwidth
 0.36 bin widths), 1.1e7 at ``K = 6`` (0.5 bin widths); the soft cuts keep several floats per
-event as well."""
+event as well. The same bound decides whether a :class:`KDELayout` keeps them between calls."""
 
 
 def kde_reach(edges: torch.Tensor, bandwidth: torch.Tensor | float, dtype: torch.dtype) -> int:

@@ -38,7 +38,15 @@ float64``; ``--workdir DIR`` keeps the generated demo data for the next run.)
    regions' Filter), ``template_rows`` those the pipeline keeps and softens.
 
 Times are medians over ``--repeats`` after one warm-up, in milliseconds (``ops``) and seconds
-(``step``); CUDA is synchronised around each timed part. On a shared machine wall times include
+(``step``; ``step_min`` the fastest step); CUDA is synchronised around each timed part. The first
+step at a bandwidth computes the KDE's kernel values, the later ones reuse them
+(:class:`analysis.histograms.KDELayout`): the warm-up is such a first step. Like ``diffana
+optimize``, the script asks glibc's malloc to keep freed memory (``keep_freed_memory``;
+``--default-malloc``: not), and records the page faults per step
+(``minor_page_faults_per_step``). ``--model FILE``: another analysis on the same generated
+ntuples (e.g. an older, one-region version of the demo). ``machine_reference_at_start`` and
+``_at_end``: two fixed workloads (``erfc`` of 4e6 numbers; 64 MiB of fresh memory written), to
+compare runs of different days on a shared machine. On a shared machine wall times include
 time spent descheduled: the load average is recorded at the start and the end, and the step's
 CPU time of the calling thread (``step_thread_cpu``; with one thread the whole step's work) is
 recorded beside its wall time. The micro
