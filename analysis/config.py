@@ -177,6 +177,7 @@ class Optimization:
     steps: int = 100
     learning_rate: float = 0.05
     bandwidth: float = 0.36
+    bandwidth_levels: int = 12
     temperature: Temperature = Temperature()
     evaluate_every: int = 10
     checkpoint_every: int = 25
@@ -1018,6 +1019,7 @@ def _convert(raw: dict[str, Any], source: str) -> Config:
         steps=int(opt.get("Steps", defaults.steps)),
         learning_rate=float(opt.get("LearningRate", defaults.learning_rate)),
         bandwidth=float(opt.get("Bandwidth", defaults.bandwidth)),
+        bandwidth_levels=int(opt.get("BandwidthLevels", defaults.bandwidth_levels)),
         temperature=Temperature(
             initial=float(temp.get("Initial", defaults.temperature.initial)),
             final=float(temp.get("Final", defaults.temperature.final)),

@@ -11,9 +11,16 @@ temperature goes from ``Temperature.initial`` (``T0``) to ``Temperature.final`` 
     constant:    tau(t) = T0
 
 and the KDE bandwidth (units of the smallest bin width) is annealed by the same factor from
-``Optimization.bandwidth``: ``bandwidth(t) = Optimization.bandwidth * tau(t) / T0`` (constant
-when ``T0 = 0``). Both knobs thus reach their smallest values at the last step; the relaxed
-objective tends to the hard one as they go to 0, at the price of noisier, steeper gradients.
+``Optimization.bandwidth``: ``bandwidth(t) = Optimization.bandwidth * tau(t_L) / T0`` (constant
+when ``T0 = 0``), in ``L = Optimization.bandwidth_levels`` steps: ``t_L`` is the nearest of
+``0, 1/L, ..., 1`` to ``t`` (``L = 0``: ``t_L = t``, a new bandwidth every step). The kernel
+values of the KDE depend on the bandwidth alone (not on the cuts), so the pipeline computes them
+once per level and the steps in between reuse them
+(:class:`~analysis.histograms.KDELayout`): with the default 12 levels a run of 100 steps
+evaluates the kernel 13 times instead of 100, and the bandwidth stays within a factor
+``(T0 / T1)^(1 / 2L)`` of the continuous schedule (1.14 for the demo's 0.5 -> 0.02). Both knobs
+reach their smallest values at the last step; the relaxed objective tends to the hard one as
+they go to 0, at the price of noisier, steeper gradients.
 
 **Honest evaluation.** The hard metric (boolean cuts, ordinary histograms, full fit: the
 pipeline at ``tau = 0``, ``bandwidth = 0`` and the objective on that model) is evaluated at
@@ -242,29 +249,37 @@ class RunState:
 
 # ----------------------------------------------------------------------------- pure pieces
 def schedule(
-    step: int, steps: int, temperature: Temperature, bandwidth: float
+    step: int, steps: int, temperature: Temperature, bandwidth: float, levels: int = 0
 ) -> tuple[float, float]:
-    """``(tau, bandwidth)`` at ``step`` of ``steps`` (module docstring, "Schedules")."""
+    """``(tau, bandwidth)`` at ``step`` of ``steps`` (module docstring, "Schedules");
+    ``levels`` > 0: the bandwidth in ``levels`` steps (``Optimization.BandwidthLevels``)."""
     t = step / (steps - 1) if steps > 1 else 0.0
+    tau = _temperature_at(t, temperature)
+    if levels > 0:  # the nearest of t = 0, 1/L, ..., 1
+        t = math.floor(t * levels + 0.5) / levels
+    t0 = temperature.initial
+    factor = _temperature_at(t, temperature) / t0 if t0 > 0 else 1.0
+    return float(tau), float(bandwidth * factor)
+
+
+def _temperature_at(t: float, temperature: Temperature) -> float:
+    """The relative cut temperature at progress ``t`` in [0, 1] of a run."""
     t0, t1 = temperature.initial, temperature.final
     if temperature.schedule == "constant":
-        tau = t0
-    elif temperature.schedule == "linear":
-        tau = t0 + (t1 - t0) * t
-    elif temperature.schedule == "exponential":
+        return t0
+    if temperature.schedule == "linear":
+        return t0 + (t1 - t0) * t
+    if temperature.schedule == "exponential":
         if t0 <= 0 or t1 <= 0:
             raise ConfigError(
                 f"Optimization.Temperature: an exponential schedule needs Initial > 0 and "
                 f"Final > 0, got {t0} and {t1}"
             )
-        tau = t0 * (t1 / t0) ** t
-    else:
-        raise ConfigError(
-            f"Optimization.Temperature.Schedule: unknown schedule {temperature.schedule!r}; "
-            "expected exponential, linear or constant"
-        )
-    factor = tau / t0 if t0 > 0 else 1.0
-    return float(tau), float(bandwidth * factor)
+        return t0 * (t1 / t0) ** t
+    raise ConfigError(
+        f"Optimization.Temperature.Schedule: unknown schedule {temperature.schedule!r}; "
+        "expected exponential, linear or constant"
+    )
 
 
 def _better(a: float, b: float | None, maximize: bool) -> bool:
@@ -677,7 +692,9 @@ def _optimize(
         )
         try:
             for step in range(run.step, steps):
-                tau, bandwidth = schedule(step, steps, settings.temperature, settings.bandwidth)
+                tau, bandwidth = schedule(
+                    step, steps, settings.temperature, settings.bandwidth, settings.bandwidth_levels
+                )
                 entry: dict[str, Any] = {
                     "step": step,
                     "tau": tau,
@@ -721,7 +738,9 @@ def _optimize(
         finally:
             bar.close()
 
-        tau, bandwidth = schedule(steps - 1, steps, settings.temperature, settings.bandwidth)
+        tau, bandwidth = schedule(
+            steps - 1, steps, settings.temperature, settings.bandwidth, settings.bandwidth_levels
+        )
         try:
             with torch.no_grad():
                 relaxed = float(relaxed_loss(pipeline, objective_fn, tau, bandwidth)[0])

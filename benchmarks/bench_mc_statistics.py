@@ -86,6 +86,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workdir", type=pathlib.Path, default=None)
     parser.add_argument("--output", type=pathlib.Path, default=None)
+    parser.add_argument(
+        "--bandwidth-levels",
+        type=int,
+        default=None,
+        help="Optimization.BandwidthLevels of both problems (default: as configured)",
+    )
     args = parser.parse_args()
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="bench_mcstat_"))
     out: dict = {"load_average_start": os.getloadavg()[0], "events": args.events}
@@ -101,6 +107,10 @@ def main() -> None:
     tail_dir.mkdir(parents=True, exist_ok=True)
     thin_tail = reference.thin_tail_config(tail_dir)
 
+    if args.bandwidth_levels is not None:
+        out["bandwidth_levels"] = args.bandwidth_levels
+        for raw in (demo, thin_tail):
+            raw.setdefault("Optimization", {})["BandwidthLevels"] = args.bandwidth_levels
     for name, raw in (("demo", demo), ("thin_tail", thin_tail)):
         out[name] = {
             label: measure(raw, workdir / f"{name}_{label}", minimum)

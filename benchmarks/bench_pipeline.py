@@ -32,7 +32,12 @@ float64``; ``--workdir DIR`` keeps the generated demo data for the next run.)
    float32), with each of ``--threads`` (default 1 and 2). Breakdown per step: soft cuts, KDE
    histograms and selected counts (``soft_cuts_and_histograms``), model build
    (``pipeline.likelihood``: floors, spec, HistFactory model), objective (fit), guard factor
-   (``mc_statistics_guard``: n_eff and the discount) and backward + Adam step. The pipeline
+   (``mc_statistics_guard``: n_eff and the discount) and backward + Adam step; first at fixed
+   knobs (``seconds``: ``--step-repeats`` steps after a warm-up, the initial temperature and
+   bandwidth), then as a run takes them (``annealed_run``: ``Steps`` steps of the configured
+   schedule from the configured cuts, the bandwidth in ``BandwidthLevels`` levels, so the
+   kernel values are computed again at each level; ``step_mean`` is what a step of a run
+   costs, without the hard evaluations every ``EvaluateEvery`` steps). The pipeline
    applies the fixed (``Trainable: false``) cuts of the control regions as a boolean selection
    when it is built: ``input_template_rows`` counts the Monte Carlo rows read (after the
    regions' Filter), ``template_rows`` those the pipeline keeps and softens.
@@ -77,6 +82,7 @@ from analysis.cli._common import keep_freed_memory
 from analysis.histograms import kde_histogram, kde_histogram_dense
 from analysis.io import read_events
 from analysis.objectives import get_objective
+from analysis.optimize import schedule
 from analysis.pipeline import AnalysisPipeline
 from analysis.selection import SoftCut, cut_temperature, selection_weight
 
@@ -289,17 +295,23 @@ def machine_reference(dtype: torch.dtype = torch.float64) -> dict:
     return out
 
 
-def time_steps(pipeline, objective, settings, repeats: int, device: torch.device) -> dict:
-    """Median seconds of one step and of its parts, after one warm-up step (which also builds
-    the likelihood's structure)."""
-    tau, bandwidth = settings.temperature.initial, settings.bandwidth
+def time_steps(
+    pipeline,
+    objective,
+    settings,
+    knobs: list[tuple[float, float]],
+    device: torch.device,
+    warm_up: bool = True,
+) -> dict:
+    """Seconds of the steps at ``knobs`` (``(tau, bandwidth)`` per step; with ``warm_up`` the
+    first is not counted): per part the median, and the mean and largest of whole steps."""
     optimizer = torch.optim.Adam([pipeline.cut_parameters], lr=settings.learning_rate)
     config = pipeline.config
     minimum = settings.min_effective_events
     keys = mc_statistics.background_templates(config)
     parts: dict[str, list[float]] = {}
     faults = []
-    for i in range(repeats + 1):
+    for i, (tau, bandwidth) in enumerate(knobs):
         sync(device)
         faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0, cpu0 = time.perf_counter(), time.thread_time()
@@ -324,7 +336,7 @@ def time_steps(pipeline, objective, settings, repeats: int, device: torch.device
         optimizer.step()
         sync(device)
         t4, cpu4 = time.perf_counter(), time.thread_time()
-        if i:
+        if i or not warm_up:
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
             for name, seconds in (
                 ("step", t4 - t0),
@@ -338,6 +350,8 @@ def time_steps(pipeline, objective, settings, repeats: int, device: torch.device
                 parts.setdefault(name, []).append(seconds)
     out: dict = {name: round(statistics.median(v), 4) for name, v in parts.items()}
     out["step_min"] = round(min(parts["step"]), 4)
+    out["step_mean"] = round(statistics.mean(parts["step"]), 4)
+    out["step_max"] = round(max(parts["step"]), 4)
     out["minor_page_faults_per_step"] = int(statistics.median(faults))
     return out
 
@@ -362,18 +376,33 @@ def bench_step(args, device: torch.device, workdir: pathlib.Path) -> dict:
         counts = pipeline.event_counts()
         for threads in args.threads if device.type == "cpu" else [torch.get_num_threads()]:
             torch.set_num_threads(threads)
+            settings = config.optimization
             pipeline.set_cut_values({c.name: c.value for c in config.cuts})  # same start
-            seconds = time_steps(
-                pipeline, objective, config.optimization, args.step_repeats, device
-            )
+            fixed = [(settings.temperature.initial, settings.bandwidth)] * (args.step_repeats + 1)
+            seconds = time_steps(pipeline, objective, settings, fixed, device)
+            pipeline.set_cut_values({c.name: c.value for c in config.cuts})
+            steps = args.annealed_steps or settings.steps
+            levels = settings.bandwidth_levels
+            annealed = [
+                schedule(i, steps, settings.temperature, settings.bandwidth, levels)
+                for i in range(steps)
+            ]
+            pipeline._kde_layouts.clear()  # a run starts without kernel values
+            annealed_seconds = time_steps(pipeline, objective, settings, annealed, device, False)
             runs.append(
                 {
                     "event_dtype": dtype_name,
                     "threads": torch.get_num_threads(),
                     "pipeline_construction_seconds": round(t_build, 3),
                     "seconds": seconds,
+                    "annealed_run": {
+                        "steps": steps,
+                        "bandwidth_levels": levels,
+                        "seconds": annealed_seconds,
+                    },
                     "target_seconds": TARGET_STEP_SECONDS,
                     "target_met": seconds["step"] < TARGET_STEP_SECONDS,
+                    "annealed_target_met": annealed_seconds["step_mean"] < TARGET_STEP_SECONDS,
                 }
             )
             progress(args, f"step: {dtype_name} events, {threads} thread(s)")
@@ -414,6 +443,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="ops: timed repeats (default 5)")
     parser.add_argument("--step-repeats", type=int, help="step: timed steps (default 5)")
     parser.add_argument(
+        "--annealed-steps",
+        type=int,
+        help="step: length of the annealed run (default: the analysis' Steps; --quick: 10)",
+    )
+    parser.add_argument(
         "--threads", type=int, nargs="+", default=[1, 2], help="CPU intra-op threads (step)"
     )
     parser.add_argument("--dense-max-bytes", type=float, default=6e9)
@@ -444,6 +478,7 @@ def main() -> None:
     args.step_events = args.step_events or (100_000 if quick else 1_000_000)
     args.repeats = args.repeats or (2 if quick else 5)
     args.step_repeats = args.step_repeats or (2 if quick else 5)
+    args.annealed_steps = args.annealed_steps or (10 if quick else None)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")

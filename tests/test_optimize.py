@@ -162,6 +162,48 @@ def test_schedule():
     assert schedule(7, 11, constant, 1.0) == pytest.approx((0.5, 1.0))
 
 
+def test_schedule_bandwidth_levels():
+    """BandwidthLevels L: the bandwidth at the nearest of t = 0, 1/L, ..., 1 (tau unchanged),
+    L + 1 values over a run, the first and the last ones of the continuous schedule; L = 0 is
+    the continuous schedule."""
+    temp = Temperature(initial=0.5, final=0.02, schedule="exponential")
+    # 11 steps, t = step / 10; L = 2: t_L = 0 for t < 0.25, 0.5 up to 0.75, then 1
+    for step, t_level in ((2, 0.0), (3, 0.5), (7, 0.5), (8, 1.0), (10, 1.0)):
+        tau, bandwidth = schedule(step, 11, temp, 0.36, 2)
+        assert tau == pytest.approx(0.5 * 0.04 ** (step / 10), rel=1e-15)
+        assert bandwidth == pytest.approx(0.36 * 0.04**t_level, rel=1e-15)
+    for levels, expected in ((12, 13), (0, 100), (1, 2)):
+        values = {schedule(step, 100, temp, 0.36, levels)[1] for step in range(100)}
+        assert len(values) == expected
+        assert max(values) == 0.36 and min(values) == pytest.approx(0.36 * 0.04, rel=1e-15)
+    # within (T0 / T1)^(1 / 2L) of the continuous bandwidth
+    for step in range(100):
+        continuous = schedule(step, 100, temp, 0.36)[1]
+        ratio = schedule(step, 100, temp, 0.36, 12)[1] / continuous
+        assert 25.0 ** (-1 / 24) - 1e-12 <= ratio <= 25.0 ** (1 / 24) + 1e-12
+    linear = Temperature(initial=0.5, final=0.1, schedule="linear")
+    assert schedule(4, 11, linear, 1.0, 2) == pytest.approx((0.34, 0.6))
+
+
+def test_config_bandwidth_levels():
+    raw = {
+        "General": {"Measurement": "m", "POI": "mu", "InputPath": "x"},
+        "Regions": [{"Name": "SR", "Variable": "m", "Binning": [0, 1, 2]}],
+        "Samples": [
+            {"Name": "Data", "Tree": "t", "SamplePath": "d.root", "Data": True},
+            {"Name": "S", "Tree": "t", "SamplePath": "s.root"},
+        ],
+        "NormFactors": [{"Name": "mu", "Samples": "S"}],
+    }
+    assert config_module.from_dict(raw).optimization.bandwidth_levels == 12
+    raw["Optimization"] = {"BandwidthLevels": 0}
+    assert config_module.from_dict(raw).optimization.bandwidth_levels == 0
+    for bad in (-1, 2.5):
+        raw["Optimization"] = {"BandwidthLevels": bad}
+        with pytest.raises(ConfigError, match="BandwidthLevels"):
+            config_module.from_dict(raw)
+
+
 def test_scan_points():
     grid = scan_points([(0.0, 1.0), (10.0, 20.0)], "grid", 10, 0)
     assert grid.shape == (9, 2)

@@ -388,7 +388,11 @@ def plot_soft_vs_hard(
         )
     else:
         tau, bandwidth = schedule(
-            settings.steps - 1, settings.steps, settings.temperature, settings.bandwidth
+            settings.steps - 1,
+            settings.steps,
+            settings.temperature,
+            settings.bandwidth,
+            settings.bandwidth_levels,
         )
     set_cpu_policy(threads)
     pipeline = AnalysisPipeline.from_config(
