@@ -777,7 +777,8 @@ class _KDEHistogram(torch.autograd.Function):
     each chunk's whole window (:func:`_input_gradients`).
 
     Inputs: ``edges, h, reach, cutoff, save_kernels, ascending, layout`` (a
-    :class:`KDELayout` or None), then the ``G`` groups' values, then their weights.
+    :class:`KDELayout` or None), then the ``G`` groups' values, their weights and their factors
+    (None or ``(N,)``: the weights of the sums are ``weights * factor``).
     """
 
     @staticmethod

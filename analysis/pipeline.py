@@ -60,7 +60,8 @@ and sorted values let the KDE sum each bin's events with a matrix product instea
 and the kernel values of each region (``erfc`` at the bin edges near every event, which depend on
 the observable, the edges and the bandwidth only) are computed on the first call at a bandwidth
 and kept for the next calls at it (:class:`~analysis.histograms.KDELayout`, the last
-``KDE_LAYOUTS_KEPT`` bandwidths per region), so the steps of an optimization evaluate no kernel.
+``KDE_LAYOUTS_KEPT`` bandwidths per region), so the steps of an optimization at one bandwidth
+(one of its ``BandwidthLevels``) evaluate no kernel.
 ``tau = 0`` and ``bandwidth = 0`` give exactly the boolean cuts and ordinary histograms of
 :func:`analysis.histograms.hard_histograms`.
 

@@ -185,6 +185,36 @@ def test_schedule_bandwidth_levels():
     assert schedule(4, 11, linear, 1.0, 2) == pytest.approx((0.34, 0.6))
 
 
+@pytest.mark.parametrize("levels", [0, 2])
+def test_kernel_values_computed_once_per_bandwidth_level(toy, tmp_path, monkeypatch, levels):
+    """In a run of 8 steps the KDE's kernel (a window at a bandwidth above 0) is set up once
+    per bandwidth and region: 8 times with ``BandwidthLevels: 0``, 3 times with 2 levels (the
+    steps in between reuse the kernel values; the hard evaluations, at bandwidth 0, and the
+    final relaxed value, at the last step's bandwidth, add none). The history's bandwidths are
+    the schedule's."""
+    from analysis import histograms
+
+    windows: list[float] = []
+    original = histograms._KDEWindow.__init__
+
+    def counted(self, edges, h, *args, **kwargs):
+        windows.append(float(h))
+        original(self, edges, h, *args, **kwargs)
+
+    monkeypatch.setattr(histograms._KDEWindow, "__init__", counted)
+    raw = dict(toy.config, Optimization=dict(FAST, Steps=8, BandwidthLevels=levels))
+    config = config_module.from_dict(raw, source="toy.yaml")
+    result = optimize(config, out_dir=tmp_path / "run", progress=False)
+    settings = config.optimization
+    expected = [
+        schedule(step, 8, settings.temperature, settings.bandwidth, levels)[1] for step in range(8)
+    ]
+    assert [entry["bandwidth"] for entry in result.history] == expected
+    regions = len(config.regions)
+    assert len([h for h in windows if h > 0]) == len(set(expected)) * regions
+    assert len(set(expected)) == (8 if levels == 0 else 3)
+
+
 def test_config_bandwidth_levels():
     raw = {
         "General": {"Measurement": "m", "POI": "mu", "InputPath": "x"},
