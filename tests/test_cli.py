@@ -172,29 +172,29 @@ def step():  # temporaries of an optimization step: several alive at once, 2 to 
 
 
 faults = []
-for _ in range(8):
+for _ in range(24):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(kept, sum(faults[4:]))
+print(kept, sum(faults[20:]), sum(faults[:4]))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_avoids_page_faults():
     """With ``keep_freed_memory`` (the CLI's policy) a step that allocates and frees the same
-    temporaries (each below 32 MiB) again and again takes no page fault after the first steps
-    (pages counted by getrusage); glibc's default takes at least one 16 MiB block's worth of
-    faults per step in the same script (the control: the count measures what it should)."""
-    out = {}
-    for mode in ("kept", "default"):
-        done = subprocess.run(
-            [sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True
-        )
-        out[mode] = done.stdout.split()
-    assert out["kept"][0] == "True"
-    assert int(out["kept"][1]) <= 64
-    assert int(out["default"][1]) >= 4 * 4096
+    temporaries (each below 32 MiB, 120 MiB in all) again and again settles, after a few steps,
+    where it takes no page fault at all (pages counted by getrusage; every run of the script,
+    measured 20 of 20); the first steps fault the heap in (at least the 30 MiB block). With
+    glibc's default the same script reached such a state in 5 runs of 8 only (the others kept
+    taking 64,000-83,000 faults per 4 steps), so the default is not asserted."""
+    for _ in range(2):
+        command = [sys.executable, "-c", FAULTS_SCRIPT, "kept"]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        kept, settled, first = done.stdout.split()
+        assert kept == "True"
+        assert int(settled) <= 64
+        assert int(first) >= (30 << 20) // 4096
 
 
 HEAVY_MODULES = ("torch", "numpy", "scipy", "pyhf", "jsonschema", "iminuit", "matplotlib", "uproot")
