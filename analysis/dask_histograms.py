@@ -333,7 +333,7 @@ def _partition_sums(
     )
     histograms = [
         {
-            key: (h.yields.numpy(), h.sumw2.numpy())
+            key: (h.yields.numpy(), h.variances.numpy())
             for key, h in hard_histograms(config, events).items()
         }
         for config in configs

@@ -236,11 +236,15 @@ def all_reduce_histograms(
     if not histograms:
         return {}
     keys = list(histograms)
-    parts = [t for key in keys for t in (histograms[key].yields, histograms[key].sumw2)]
+    pairs = [(histograms[key].yields, histograms[key].sumw2) for key in keys]
+    parts = [t for pair in pairs for t in pair if t is not None]  # sumw2 None: not computed
     sizes = [t.numel() for t in parts]
     total = all_reduce_sum(torch.cat([t.reshape(-1) for t in parts]), anchor)
     pieces = iter(total.split(sizes))
-    return {key: Histogram(histograms[key].edges, next(pieces), next(pieces)) for key in keys}
+    return {
+        key: Histogram(histograms[key].edges, next(pieces), None if s is None else next(pieces))
+        for key, (_, s) in zip(keys, pairs, strict=True)
+    }
 
 
 # ----------------------------------------------------------------------------- sharded reading
@@ -328,8 +332,12 @@ class DistributedPipeline(AnalysisPipeline):
         tau: float | torch.Tensor,
         bandwidth: float | torch.Tensor,
         keys: Sequence[TemplateKey],
+        *,
+        variation_sumw2: bool = True,
     ) -> tuple[dict[TemplateKey, Histogram], dict[TemplateKey, Histogram]]:
-        histograms, counts = super().histograms_and_selected_counts(tau, bandwidth, keys)
+        histograms, counts = super().histograms_and_selected_counts(
+            tau, bandwidth, keys, variation_sumw2=variation_sumw2
+        )
         anchor = self.cut_parameters
         return all_reduce_histograms(histograms, anchor), all_reduce_histograms(counts, anchor)
 

@@ -1007,6 +1007,7 @@ def with_implicit_gradient(
     *,
     bounds: Any,
     fixed: Any = None,
+    hessian: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A minimum ``x`` (..., P) of ``twice_nll`` made differentiable in what the objective uses.
 
@@ -1021,7 +1022,8 @@ def with_implicit_gradient(
     ``d theta_hat / d phi = -H^-1 d(grad_theta f)/d phi``. Fixed parameters and parameters on a
     bound (within 1e-10 relative) keep their value and get no derivative through the fit.
     Outside grad mode, or when the objective at ``x`` needs no gradient, ``x`` is returned
-    detached.
+    detached. ``hessian``: ``H`` at ``x`` when the caller has it (:class:`NewtonResult`'s, the
+    same numbers), else computed here.
     """
     if not torch.is_grad_enabled():
         return x
@@ -1036,7 +1038,8 @@ def with_implicit_gradient(
     with torch.enable_grad():
         point = x.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(twice_nll(point).sum(), point, create_graph=True)
-    _, _, hessian = value_grad_hessian(twice_nll, x)
+    if hessian is None:
+        _, _, hessian = value_grad_hessian(twice_nll, x)
     pair = free.unsqueeze(-1) & free.unsqueeze(-2)
     eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
     matrix = torch.where(pair, hessian, 0.0) + eye * (~free).unsqueeze(-1)

@@ -26,22 +26,31 @@ from analysis.io import Events, TemplateKey, read_events
 
 @dataclass(frozen=True)
 class Histogram:
-    """Bin ``edges`` (B+1), ``yields`` (B) and ``sumw2`` (B, the sum of squared weights)."""
+    """Bin ``edges`` (B+1), ``yields`` (B) and ``sumw2`` (B, the sum of squared weights; None
+    where the caller did not ask for it: ``sumw2_rows`` of :func:`kde_histograms`, the
+    systematic variations of the optimization's steps)."""
 
     edges: torch.Tensor
     yields: torch.Tensor
-    sumw2: torch.Tensor
+    sumw2: torch.Tensor | None
+
+    @property
+    def variances(self) -> torch.Tensor:
+        """``sumw2``; ``ValueError`` where it was not computed."""
+        if self.sumw2 is None:
+            raise ValueError("this histogram's sum of squared weights was not computed")
+        return self.sumw2
 
     @property
     def stdev(self) -> torch.Tensor:
         """Statistical uncertainty per bin, ``sqrt(sumw2)``."""
-        return torch.sqrt(self.sumw2)
+        return torch.sqrt(self.variances)
 
     def to_dict(self) -> dict[str, list[float]]:
         return {
             "edges": self.edges.tolist(),
             "yields": self.yields.tolist(),
-            "sumw2": self.sumw2.tolist(),
+            "sumw2": self.variances.tolist(),
         }
 
 
@@ -281,6 +290,7 @@ def kde_histograms(
     ascending: bool | None = None,
     layout: KDELayout | None = None,
     factors: Sequence[torch.Tensor | None] | None = None,
+    sumw2_rows: Sequence[int] | None = None,
 ) -> list[Histogram]:
     """:func:`kde_histogram` of several sets of events with the same edges and bandwidth.
 
@@ -306,6 +316,12 @@ def kde_histograms(
     times the selection weights of the soft cuts), with gradients for both. Equal to passing
     the products, without forming them outside or their gradient rows
     (``dL/dfactor_i = sum_v weights_vi dL/d(weights_vi factor_i)``).
+
+    ``sumw2_rows``: one per group, how many of its leading weight rows get a sum of squared
+    weights (default: all). The sums of squares cost as much as the yields; a caller that needs
+    them for some weightings only (a workspace's ``staterror`` uses the nominal ones) skips the
+    others. A group's ``Histogram.sumw2`` then has that many rows (``(S, B)``; for 1-D weights
+    ``(B,)`` or, with 0, None).
     """
     if not groups:
         return []
@@ -340,8 +356,16 @@ def kde_histograms(
         and any(t is not None and t.requires_grad for t in [*rows, *factors])
         and fits
     )
+    squared = tuple(w.shape[0] for w in rows) if sumw2_rows is None else tuple(sumw2_rows)
+    if len(squared) != len(groups) or not all(
+        isinstance(n, int) and 0 <= n <= w.shape[0] for n, w in zip(squared, rows, strict=False)
+    ):
+        raise ValueError(
+            f"sumw2_rows must give one count per group, from 0 to its weight rows "
+            f"{[w.shape[0] for w in rows]}, got {list(squared)}"
+        )
     if layout is not None:
-        layout.check(groups, rows, reach, fits)
+        layout.check(groups, rows, squared, reach, fits)
     yields, sumw2 = _KDEHistogram.apply(
         edges_v,
         h,
@@ -350,21 +374,21 @@ def kde_histograms(
         save_kernels,
         ascending,
         layout,
+        squared,
         *[values for values, _ in groups],
         *rows,
         *factors,
     )
-    out, start = [], 0
-    for (_, weights), w in zip(groups, rows, strict=True):
-        n_yields, n_sumw2 = yields[start : start + w.shape[0]], sumw2[start : start + w.shape[0]]
-        start += w.shape[0]
+    out, start, start_squared = [], 0, 0
+    for (_, weights), w, n_squared in zip(groups, rows, squared, strict=True):
+        n_yields = yields[start : start + w.shape[0]].to(weights.dtype)
+        n_sumw2 = sumw2[start_squared : start_squared + n_squared].to(weights.dtype)
+        start, start_squared = start + w.shape[0], start_squared + n_squared
         if weights.ndim == 1:
-            n_yields, n_sumw2 = n_yields[0], n_sumw2[0]
-        out.append(
-            Histogram(
-                edges=edges, yields=n_yields.to(weights.dtype), sumw2=n_sumw2.to(weights.dtype)
-            )
-        )
+            n_yields = n_yields[0]
+            out.append(Histogram(edges, n_yields, n_sumw2[0] if n_squared else None))
+        else:
+            out.append(Histogram(edges, n_yields, n_sumw2))
     return out
 
 
@@ -396,13 +420,17 @@ class KDELayout:
         self,
         groups: Sequence[tuple[torch.Tensor, torch.Tensor]],
         rows: Sequence[torch.Tensor],
+        squared: Sequence[int],
         reach: int,
         keep_kernels: bool,
     ) -> None:
         """Raise ``ValueError`` unless the call matches the first one; record it if first."""
         values = groups[0][0]
         signature = (
-            tuple((v.shape[0], w.shape[0]) for (v, _), w in zip(groups, rows, strict=True)),
+            tuple(
+                (v.shape[0], w.shape[0], s)
+                for (v, _), w, s in zip(groups, rows, squared, strict=True)
+            ),
             values.dtype,
             values.device,
             reach,
@@ -411,7 +439,8 @@ class KDELayout:
             self._signature, self.keep_kernels = signature, keep_kernels
         elif signature != self._signature:
             raise ValueError(
-                "this KDELayout was filled for other events (sets (events, weight rows), dtype, "
+                "this KDELayout was filled for other events (sets (events, weight rows, "
+                "sumw2 rows), dtype, "
                 f"device, reach): {self._signature}, got {signature}"
             )
 
@@ -708,24 +737,28 @@ def _single_bin(segments: list[tuple[int, int, int]]) -> int | None:
 
 class _Group:
     """The bookkeeping of one set of events of :class:`_KDEHistogram` (values ``(N,)``,
-    weights ``(W, N)``): its weight rows ``row .. row+W-1`` among the ``R`` of all groups (the
-    stacked sums hold every group's yields, then every group's sums of squares: ``rows``), its
+    weights ``(W, N)``, the sums of squares of the first ``S`` rows wanted): its weight rows
+    ``row .. row+W-1`` among the ``R`` of all groups (the stacked sums hold every group's
+    yields, then the sums of squares, ``squared_row ..``: ``rows``, ``W + S`` of them), its
     chunks (:func:`_chunks`) and, for unsorted values, the events' bins ``bin_of``."""
 
     def __init__(
         self,
         values: torch.Tensor,
         n_rows: int,
+        n_squared: int,
         row: int,
-        n_rows_total: int,
+        squared_row: int,
         window: _KDEWindow,
         ascending: bool | None,
     ) -> None:
-        self.row, self.n_rows = row, n_rows
-        yields = list(range(row, row + n_rows))
-        self.rows = yields + [n_rows_total + r for r in yields]  # of [w; w^2] in the sums
+        self.row, self.n_rows, self.n_squared = row, n_rows, n_squared
+        # its rows of the stacked sums: yields, then (after all groups' yields) sums of squares
+        self.rows = list(range(row, row + n_rows)) + list(
+            range(squared_row, squared_row + n_squared)
+        )
         bounds = _bin_bounds(values, window.edges, ascending)
-        # sorted chunks hold (2K, C) arrays, unsorted ones also (2W, 2K-1, C)
+        # sorted chunks hold (2K, C) arrays, unsorted ones also (W + S, 2K-1, C)
         size = _kde_chunk_size(values, window.reach, n_rows if bounds is None else 1)
         self.chunks = _chunks(values.shape[0], size, bounds)
         self.bin_of = (
@@ -739,8 +772,8 @@ class _KDEHistogram(torch.autograd.Function):
     """``(yields, sumw2)`` of shape ``(R, B)`` in float64 of :func:`kde_histograms` for groups of
     events with weights ``(W_g, N_g)``, ``R = sum_g W_g``, with an analytic backward.
 
-    The weights of a group enter as ``b = [w; w^2]`` ``(2W, N)`` (yields and sums of squares in
-    one go).
+    The weights of a group enter as ``b = [w; w_{:S}^2]`` ``(W + S, N)`` (yields and sums of
+    squares in one go; ``S``: the rows whose sums of squares are wanted, ``squared``).
 
     Unsorted values (the generic path, also on CUDA): the window masses ``m (2K-1, C)`` of a
     chunk of events times ``b`` are summed per (window row ``r``, event bin ``j``) by
@@ -758,7 +791,7 @@ class _KDEHistogram(torch.autograd.Function):
                                                                           -1/2 (r >= K-1),
 
     so a segment needs only ``sum_i E_s(i) b_i`` and ``sum_i b_i``: one matrix product
-    ``[E_r0; ...; E_{r1-1}; 1] (R+1, C) @ b^T (C, 2W)`` (:meth:`_KDEWindow.erfc_rows`; a chunk
+    ``[E_r0; ...; E_{r1-1}; 1] (R+1, C) @ b^T (C, W+S)`` (:meth:`_KDEWindow.erfc_rows`; a chunk
     of several small bins evaluates the union of their rows once, with gathered edges, and
     takes one product per bin), with no per-event masses. After the loop
     (:class:`_SortedPlan`, all groups at once), per bin, ``V_s = sum (E_s - E_k) b`` over the
@@ -777,12 +810,14 @@ class _KDEHistogram(torch.autograd.Function):
     each chunk's whole window (:func:`_input_gradients`).
 
     Inputs: ``edges, h, reach, cutoff, save_kernels, ascending, layout`` (a
-    :class:`KDELayout` or None), then the ``G`` groups' values, their weights and their factors
-    (None or ``(N,)``: the weights of the sums are ``weights * factor``).
+    :class:`KDELayout` or None), ``squared`` (per group ``S``), then the ``G`` groups' values,
+    their weights and their factors (None or ``(N,)``: the weights of the sums are
+    ``weights * factor``). Outputs: the yields ``(R, B)`` and the sums of squares
+    ``(sum_g S_g, B)``.
     """
 
     @staticmethod
-    def forward(ctx, edges, h, reach, cutoff, save_kernels, ascending, layout, *tensors):
+    def forward(ctx, edges, h, reach, cutoff, save_kernels, ascending, layout, squared, *tensors):
         n_groups = len(tensors) // 3
         all_values, all_weights = tensors[:n_groups], tensors[n_groups : 2 * n_groups]
         all_factors = tensors[2 * n_groups :]
@@ -793,14 +828,16 @@ class _KDEHistogram(torch.autograd.Function):
             window, groups, plan, kept = layout._state
         else:
             window = _KDEWindow(edges, h, reach, cutoff, n_bins)
-            groups, row = [], 0
-            for values, weights in zip(all_values, all_weights, strict=True):
-                groups.append(_Group(values, weights.shape[0], row, n_rows, window, ascending))
-                row += weights.shape[0]
-            plan = _SortedPlan(window, groups, all_values, n_rows)
+            groups, row, squared_row = [], 0, n_rows
+            for values, weights, n_squared in zip(all_values, all_weights, squared, strict=True):
+                groups.append(
+                    _Group(values, weights.shape[0], n_squared, row, squared_row, window, ascending)
+                )
+                row, squared_row = row + weights.shape[0], squared_row + n_squared
+            plan = _SortedPlan(window, groups, all_values, squared_row)
         keep = kept is None and (save_kernels or (layout is not None and layout.keep_kernels))
         # mass sums per (yields | sumw2 row, window row r, event bin j)
-        sums = torch.zeros(2 * n_rows, 2 * reach - 1, n_bins + 2, dtype=f64, device=device)
+        sums = torch.zeros(plan.n_sums, 2 * reach - 1, n_bins + 2, dtype=f64, device=device)
         kernels: list[list[torch.Tensor]] = []  # computed here and kept (keep), per group
         products = []  # sorted chunks: [E; 1] @ b^T per segment, all groups, flattened
         products_w = []  # w = weights * factor per group (the weights without a factor)
@@ -808,13 +845,14 @@ class _KDEHistogram(torch.autograd.Function):
             zip(groups, all_values, all_weights, all_factors, plan.chunk_rows, strict=True)
         ):
             kernels.append([])
-            both = weights.new_empty((2 * group.n_rows, weights.shape[1]), dtype=f64)  # b (2W, N)
+            w, s = group.n_rows, group.n_squared
+            both = weights.new_empty((w + s, weights.shape[1]), dtype=f64)  # b (W + S, N)
             if factor is None:
-                both[: group.n_rows] = weights
+                both[:w] = weights
             else:
-                torch.mul(weights, factor, out=both[: group.n_rows])
-            torch.mul(both[: group.n_rows], both[: group.n_rows], out=both[group.n_rows :])
-            products_w.append(weights if factor is None else both[: group.n_rows])
+                torch.mul(weights, factor, out=both[:w])
+            torch.mul(both[:s], both[:s], out=both[w:])
+            products_w.append(weights if factor is None else both[:w])
             both_t = both.t()
             group_sums = None  # unsorted chunks
             group_products = []
@@ -826,7 +864,7 @@ class _KDEHistogram(torch.autograd.Function):
                     else:
                         kernel = window.mass(window.x(values[sl], None, bins)[0])
                     if group_sums is None:
-                        group_sums = torch.zeros_like(sums[: 2 * group.n_rows])
+                        group_sums = torch.zeros_like(sums[: w + s])
                     # index_add_ along a non-leading dim is slow with int32 indices
                     group_sums.index_add_(2, bins.long(), kernel.to(f64)[None] * both[:, None, sl])
                 else:
@@ -869,14 +907,15 @@ class _KDEHistogram(torch.autograd.Function):
         all_values, all_weights = tensors[:n_groups], tensors[n_groups : 2 * n_groups]
         all_factors = tensors[2 * n_groups :]
         need_e, need_h = ctx.needs_input_grad[:2]
-        need_y = ctx.needs_input_grad[7 : 7 + n_groups]
-        need_w = ctx.needs_input_grad[7 + n_groups : 7 + 2 * n_groups]
-        need_f = ctx.needs_input_grad[7 + 2 * n_groups :]
+        first = 8  # the position of the first tensor among forward's inputs
+        need_y = ctx.needs_input_grad[first : first + n_groups]
+        need_w = ctx.needs_input_grad[first + n_groups : first + 2 * n_groups]
+        need_f = ctx.needs_input_grad[first + 2 * n_groups :]
         f64, device = torch.float64, edges.device
         # upstream gradient per (yields | sumw2 row, window row r, event bin j)
         g_table = _window_table(torch.cat([grad_yields, grad_sumw2]), window)
         # the same with the sumw2 rows doubled (d(w^2)/dw = 2 w): dL/dw = p[:W] + w p[W:] for
-        # the products p (2W, N) of the kernel and this table
+        # the products p (W + S, N) of the kernel and this table (p[W:] of the first S rows)
         g2_table = torch.cat([g_table[:n_rows], 2.0 * g_table[n_rows:]])
         coefficients = (
             plan.coefficients(g2_table, window)
@@ -944,7 +983,14 @@ class _KDEHistogram(torch.autograd.Function):
             else None
         )
         grad_h_out = (grad_h * density).to(h.dtype) if need_h else None
-        return (grad_e_out, grad_h_out, None, None, None, None, None, *grads_y, *grads_w, *grads_f)
+        return (
+            grad_e_out,
+            grad_h_out,
+            *[None] * (first - 2),
+            *grads_y,
+            *grads_w,
+            *grads_f,
+        )
 
 
 def _weight_gradient(
@@ -960,11 +1006,13 @@ def _weight_gradient(
     coefficients: torch.Tensor | None,
 ) -> torch.Tensor:
     """``dL/dw (W, N)`` of group ``index`` of :class:`_KDEHistogram` (its class docstring):
-    ``p[:W] + w p[W:]`` with ``p (2W, N)`` the products of the kernel values (kept or
-    recomputed) and the upstream gradient ``g2`` (the group's rows, sumw2 doubled)."""
+    ``p[:W] + w p[W:]`` (in its first ``S`` rows) with ``p (W + S, N)`` the products of the
+    kernel values (kept or recomputed) and the upstream gradient ``g2`` (the group's rows,
+    sumw2 doubled)."""
     f64 = torch.float64
-    p = torch.empty(2 * group.n_rows, values.shape[0], dtype=f64, device=values.device)
-    coefficients_t = torch.empty(0)  # [c; const] of the group's sorted segments, (2W, rows)
+    w, s = group.n_rows, group.n_squared
+    p = torch.empty(w + s, values.shape[0], dtype=f64, device=values.device)
+    coefficients_t = torch.empty(0)  # [c; const] of the group's sorted segments, (W+S, rows)
     if plan.offsets[index][-1]:
         coefficients_t = plan.group_coefficients(cast(torch.Tensor, coefficients), index)
     offsets = iter(zip(plan.offsets[index][:-1], plan.offsets[index][1:], strict=True))
@@ -989,7 +1037,8 @@ def _weight_gradient(
                 local = kernel.narrow(1, start - sl.start, stop - start)
             out = p.narrow(1, start, stop - start)
             torch.mm(coefficients_t.narrow(1, begin, end - begin), local, out=out)
-    return p[: group.n_rows].addcmul_(p[group.n_rows :], weights).to(weights.dtype)
+    p[:s].addcmul_(p[w:], weights[:s])
+    return p[:w].to(weights.dtype)
 
 
 def _input_gradients(
@@ -1006,9 +1055,9 @@ def _input_gradients(
     ``grad_e`` (padded edges) and ``grad_h``, all still to be multiplied by the density
     ``1 / (sqrt(2 pi) h)``: each chunk's whole window recomputed, ``dPhi/dy = -phi/h``,
     ``dPhi/de = phi/h``, ``dPhi/dh = -z phi/h`` with the truncated density ``phi(u) - phi(k)``
-    for ``u < k`` (0 beyond), continuous like the forward kernel. ``g_table (2W, 2K-1, B+2)``:
+    for ``u < k`` (0 beyond), continuous like the forward kernel. ``g_table (W+S, 2K-1, B+2)``:
     the group's rows of the upstream gradient (yields, then sums of squares)."""
-    f64, reach, n_rows = torch.float64, window.reach, group.n_rows
+    f64, reach, n_squared = torch.float64, window.reach, group.n_squared
     grad_y = torch.empty(values.shape, dtype=f64, device=values.device) if need_y else None
     z_side = torch.tensor(window.signs, dtype=f64, device=values.device)[:, None] * 2.0**0.5
     for sl, segments in group.chunks:
@@ -1021,14 +1070,13 @@ def _input_gradients(
             bins = torch.bucketize(values[sl], window.edges, out_int32=True, right=True)
         x, index = window.x(values[sl], j, bins)
         j_bin = cast(int, j)  # used where j is not None
-        # d loss / d m_r = sum_v g_n[v, r] w_v + g_s[v, r] w_v^2, (2K-1, C)
+        # d loss / d m_r = sum_v g_n[v, r] w_v + sum_{v < S} g_s[v, r] w_v^2, (2K-1, C)
+        both = torch.cat([w, w[:n_squared] * w[:n_squared]])  # b (W + S, C)
         if j is None:
             index_j = cast(torch.Tensor, bins).long().expand(g_table.shape[:2] + (-1,))
-            g = torch.gather(g_table, 2, index_j)
-            g = g.view(2, n_rows, *g.shape[1:])
-            gm = torch.sum((g[1] * w[:, None, :]).add_(g[0]).mul_(w[:, None, :]), 0)
+            gm = torch.sum(torch.gather(g_table, 2, index_j).mul_(both[:, None, :]), 0)
         else:
-            gm = g_table[:, :, j].T @ torch.cat([w, w * w])
+            gm = g_table[:, :, j].T @ both
         # window edge r is the upper edge of bin r-1 and the lower edge of bin r:
         # d loss / d Phi_r = g_{r-1} - g_r
         dg = torch.nn.functional.pad(gm, (0, 0, 1, 0)).sub_(
@@ -1055,17 +1103,17 @@ class _SortedPlan:
     ``n`` of group ``g`` (bin ``j``, edges ``r0 .. r1-1`` reached, in a chunk evaluating
     ``R0 .. R1-1``) owns rows ``offsets[g][n] .. offsets[g][n+1]-1`` of the group's stacked
     products ``P_g = [E; 1] @ b^T`` (``R1 - R0`` rows ``sum E_s b``, then ``sum b``;
-    ``2W_g`` columns), and all groups' ``P_g`` are flattened one after the other (``start[g]``).
+    ``W_g + S_g`` columns), and all groups' ``P_g`` are flattened one after the other (``start[g]``).
     Sums are tabled per (sums row ``v``, window edge ``s``, bin ``j``): entry
     ``(v 2K + s) (B+2) + j``. The index arrays combine all segments of all groups with a few
     operations per call.
     """
 
     def __init__(
-        self, window: _KDEWindow, groups: list[_Group], all_values: Sequence, n_rows: int
+        self, window: _KDEWindow, groups: list[_Group], all_values: Sequence, n_sums: int
     ) -> None:
         k, self.slots = window.reach, window.n_bins + 2
-        self.reach, self.n_sums = k, 2 * n_rows
+        self.reach, self.n_sums = k, n_sums
         self.chunk_rows: list[list] = []
         self.offsets: list[list[int]] = []
         self.start: list[int] = []
@@ -1102,7 +1150,7 @@ class _SortedPlan:
             offsets = np.concatenate([[0], np.cumsum(heights)])
             self.offsets.append(offsets.tolist())
             # one entry per (segment n, window edge s reached) and column c of P_g
-            width, sums_rows = 2 * group.n_rows, np.array(group.rows)
+            width, sums_rows = len(group.rows), np.array(group.rows)
             n = r1 - r0
             seg = np.repeat(np.arange(n.size), n)
             s = r0[seg] + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
@@ -1132,10 +1180,10 @@ class _SortedPlan:
             torch.from_numpy(index["total"]),
             torch.from_numpy(index["total_entry"]),
         )
-        self.widths = [2 * group.n_rows for group in groups]
+        self.widths = [len(group.rows) for group in groups]
 
     def mass_sums(self, products: torch.Tensor, window: _KDEWindow) -> torch.Tensor:
-        """Mass sums ``(2R, 2K-1, B+2)`` per (sums row, window row ``r``, event bin ``j``) of the
+        """Mass sums ``(R + S, 2K-1, B+2)`` per (sums row, window row ``r``, event bin ``j``) of the
         sorted chunks from all groups' flattened products ``P`` (class docstring of
         :class:`_KDEHistogram`)."""
         k, n_sums = self.reach, self.n_sums
@@ -1153,14 +1201,14 @@ class _SortedPlan:
     def coefficients(self, g_table: torch.Tensor, window: _KDEWindow) -> torch.Tensor:
         """``[c_R0 .. c_{R1-1}, g_{K-1} - E_k sum_s c_s]`` of every sorted segment of every
         group (``c_s = 0`` at the edges it does not reach), flattened like the products, for the
-        upstream gradient ``g_table (2R, 2K-1, B+2)`` (class docstring of
+        upstream gradient ``g_table (R + S, 2K-1, B+2)`` (class docstring of
         :class:`_KDEHistogram`)."""
         k = self.reach
         half_g = g_table * window.half
         c = torch.nn.functional.pad(half_g, (0, 0, 1, 0)).sub_(
             torch.nn.functional.pad(half_g, (0, 0, 0, 1))
         )
-        c[:, k - 1] -= g_table[:, k - 1]  # (2R, 2K, B+2)
+        c[:, k - 1] -= g_table[:, k - 1]  # (R + S, 2K, B+2)
         tails = c.reshape(-1)[self.tail_entry]
         out = c.new_zeros(self.n_products)
         out[self.tail] = tails
@@ -1169,7 +1217,7 @@ class _SortedPlan:
         return out
 
     def group_coefficients(self, coefficients: torch.Tensor, index: int) -> torch.Tensor:
-        """Group ``index``'s coefficients as ``(2W, rows)`` (a view), to multiply ``[E; 1]``."""
+        """Group ``index``'s coefficients as ``(W + S, rows)`` (a view), to multiply ``[E; 1]``."""
         width, rows = self.widths[index], self.offsets[index][-1]
         start = self.start[index]
         return coefficients[start : start + rows * width].view(rows, width).t()

@@ -133,7 +133,7 @@ def _background(
     ]
     if not hists:
         return None
-    return sum(h.yields for h in hists), sum(h.sumw2 for h in hists)  # type: ignore[return-value]
+    return sum(h.yields for h in hists), sum(h.variances for h in hists)  # type: ignore[return-value]
 
 
 def background_effective_events(
@@ -207,7 +207,7 @@ def effective_events_table(
         row = {}
         for sample in samples:
             hist = histograms[(region.name, sample.name, "nominal")]
-            row[sample.name] = _floats(effective_events(hist.yields, hist.sumw2))
+            row[sample.name] = _floats(effective_events(hist.yields, hist.variances))
         total = _background(config, region, histograms)
         assert total is not None
         row["background"] = _floats(effective_events(*total))

@@ -348,7 +348,10 @@ def relaxed_loss(
     config = pipeline.config
     minimum = config.optimization.min_effective_events
     keys = mc_statistics.background_templates(config) if minimum > 0 else []
-    histograms, counts = pipeline.histograms_and_selected_counts(tau, bandwidth, keys)
+    # the workspace's staterror takes the nominal sums of w^2 only: the variations' are skipped
+    histograms, counts = pipeline.histograms_and_selected_counts(
+        tau, bandwidth, keys, variation_sumw2=False
+    )
     value = objective(pipeline.likelihood(histograms), None)
     guard = None
     if minimum > 0:  # n_eff of the expected hard selection (pipeline.selected_counts)

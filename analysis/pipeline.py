@@ -233,6 +233,9 @@ class AnalysisPipeline(torch.nn.Module):
         slots: dict[int, _TemplateSlot] = {}
         self._kde_groups: tuple[tuple[str, tuple[int, ...]], ...] = ()
         for r, observable, members in groups:
+            # nominal templates first: their sums of w^2 are the group's leading ones
+            # (histograms_and_selected_counts variation_sumw2)
+            members.sort(key=lambda j: template_key(templates[j])[2] != "nominal")
             order = torch.argsort(observable, stable=True)
             observable_name = f"t{members[0]}_observable"
             observable = observable[order]
@@ -280,7 +283,7 @@ class AnalysisPipeline(torch.nn.Module):
         )
         self._likelihood_structure: tuple[object, Model] | None = None  # see likelihood()
         # per (region, bandwidth): the KDE's kernel values and bookkeeping (_kde_layout)
-        self._kde_layouts: dict[tuple[int, float], KDELayout] = {}
+        self._kde_layouts: dict[tuple[int, float, bool], KDELayout] = {}
         # per template: its events in the bins and their bins (_bin_positions)
         self._bin_index: dict[TemplateKey, tuple[torch.Tensor, int, int]] = {}
 
@@ -482,12 +485,20 @@ class AnalysisPipeline(torch.nn.Module):
         tau: float | torch.Tensor,
         bandwidth: float | torch.Tensor,
         keys: Sequence[TemplateKey],
+        *,
+        variation_sumw2: bool = True,
     ) -> tuple[dict[TemplateKey, Histogram], dict[TemplateKey, Histogram]]:
         """``(histograms(tau, bandwidth), selected_counts(tau, keys))`` from one evaluation of
         the soft cuts: the selected counts (the MC-statistics guard's input) take the selection
         weights of the events inside the bins from those the histograms computed (the same
         numbers as :meth:`selected_counts` computes on its own, in one autograd node and one
         pass over the events instead of two).
+
+        ``variation_sumw2=False`` leaves out the sums of w^2 of the systematic variations
+        (their ``Histogram.sumw2`` is None): the workspace takes the ``staterror`` from the
+        nominal templates only (:func:`analysis.workspace.build_spec`), and the variations'
+        sums of squares would cost as much as their yields (``sumw2_rows`` of
+        :func:`~analysis.histograms.kde_histograms`).
         """
         _check_knob("tau", tau)
         _check_knob("bandwidth", bandwidth)
@@ -538,7 +549,7 @@ class AnalysisPipeline(torch.nn.Module):
         # the groups of a region share edges and width: one kde_histograms call per region;
         # the templates of a group that share their cut columns (usually all) pass the stored
         # weights and the selection as its factor (kde_histograms factors: no products formed)
-        per_region: dict[int, list] = {}  # region -> [(slots, values, weights, factor)]
+        per_region: dict[int, list] = {}  # region -> [(slots, values, weights, factor, S)]
         for (observable, members), (lo, hi) in zip(self._kde_groups, bounds, strict=True):
             slots = [self._slots[j] for j in members]
             factors = [selections.get(slot.cut_columns) for slot in slots]
@@ -554,22 +565,29 @@ class AnalysisPipeline(torch.nn.Module):
                     ]
                 )
             values = getattr(self, observable)[lo:hi]
-            per_region.setdefault(slots[0].region, []).append((slots, values, weights, factor))
+            # the sums of w^2 of the group's leading rows: all, or its nominal templates
+            squared = sum(1 for slot in slots if variation_sumw2 or slot.key[2] == "nominal")
+            per_region.setdefault(slots[0].region, []).append(
+                (slots, values, weights, factor, squared)
+            )
         out = {}
         for r, groups in per_region.items():
             edges = getattr(self, f"edges{r}")
             hists = kde_histograms(
-                [(values, weights) for _, values, weights, _ in groups],
+                [(values, weights) for _, values, weights, *_ in groups],
                 edges,
                 widths[r],
                 reach=reach[r],
                 ascending=True if self._observables_ascending else None,
-                layout=self._kde_layout(r, bandwidth),
-                factors=[factor for *_, factor in groups],
+                layout=self._kde_layout(r, bandwidth, variation_sumw2),
+                factors=[factor for *_, factor, _ in groups],
+                sumw2_rows=[squared for *_, squared in groups],
             )
             for (slots, *_), hist in zip(groups, hists, strict=True):
+                sumw2 = cast(torch.Tensor, hist.sumw2)  # (S, B)
                 for i, slot in enumerate(slots):
-                    out[slot.key] = Histogram(edges, hist.yields[i], hist.sumw2[i])
+                    squared_i = sumw2[i] if i < sumw2.shape[0] else None
+                    out[slot.key] = Histogram(edges, hist.yields[i], squared_i)
 
         # the selected counts of keys: the selection weights of the events in the bins, a part
         # of the slice [lo, hi) that the histograms used (its margin around the bins is >= 0)
@@ -590,16 +608,19 @@ class AnalysisPipeline(torch.nn.Module):
                 counts[key] = self._selected_count(slot, bins, first, last, selection)
         return {slot.key: out[slot.key] for slot in self._slots}, counts
 
-    def _kde_layout(self, region: int, bandwidth: float | torch.Tensor) -> KDELayout | None:
+    def _kde_layout(
+        self, region: int, bandwidth: float | torch.Tensor, variation_sumw2: bool
+    ) -> KDELayout | None:
         """The :class:`~analysis.histograms.KDELayout` of ``region`` at ``bandwidth`` (the
         events in reach and the kernel values depend on nothing else: the stored observables
-        and edges do not change); None for a bandwidth that needs a gradient (its kernel
-        changes with it). The last ``KDE_LAYOUTS_KEPT`` bandwidths of each region are kept."""
+        and edges do not change) and the sums of squares asked for; None for a bandwidth that
+        needs a gradient (its kernel changes with it). The last ``KDE_LAYOUTS_KEPT`` of each
+        region are kept."""
         if isinstance(bandwidth, torch.Tensor):
             if bandwidth.requires_grad:
                 return None
             bandwidth = float(bandwidth)
-        key = (region, float(bandwidth))
+        key = (region, float(bandwidth), variation_sumw2)
         layout = self._kde_layouts.pop(key, None) or KDELayout()
         self._kde_layouts[key] = layout  # the most recently used last
         mine = [k for k in self._kde_layouts if k[0] == region]
@@ -805,4 +826,5 @@ def _selected(column: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 
 def _as_float64(hist: Histogram) -> Histogram:
-    return Histogram(hist.edges, hist.yields.to(torch.float64), hist.sumw2.to(torch.float64))
+    sumw2 = None if hist.sumw2 is None else hist.sumw2.to(torch.float64)
+    return Histogram(hist.edges, hist.yields.to(torch.float64), sumw2)

@@ -157,7 +157,7 @@ def build_spec(config: Config, histograms: Mapping[TemplateKey, Histogram]) -> d
                     {
                         "name": "staterror_" + region.name.replace(" ", "-"),
                         "type": "staterror",
-                        "data": _stdev(nominal.sumw2),
+                        "data": _stdev(nominal.variances),
                     }
                 )
             for nf in config.norm_factors_for(region, sample):
@@ -192,7 +192,7 @@ def _stdev(sumw2: torch.Tensor) -> torch.Tensor:
 
 def _padded(hist: Histogram, pad: torch.Tensor) -> Histogram:
     """``hist`` with ``pad`` added to its yields and ``pad^2`` to its sum of w^2."""
-    return Histogram(hist.edges, hist.yields + pad, hist.sumw2 + pad * pad)
+    return Histogram(hist.edges, hist.yields + pad, hist.variances + pad * pad)
 
 
 def to_json(spec: Any) -> Any:

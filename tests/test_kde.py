@@ -503,6 +503,46 @@ def test_factors_equal_products():
         kde_histograms(groups, e, 0.4, factors=[factors[0][:-1], None])
 
 
+@pytest.mark.parametrize("h", [0.0, 0.36, 1.5])
+def test_sumw2_rows_leave_out_sums_of_squares(h, monkeypatch):
+    """``sumw2_rows``: the sums of squares of a group's first S rows only (S = 1 of a sorted
+    group of 2 rows, 0 of an unsorted 1-D group; with factors). Yields equal those of the
+    call with all rows to 1e-14, the kept sums of squares too, the others are not returned
+    (None for 1-D weights); the gradients of the weights and factors of a loss of what is
+    returned equal the full call's to 1e-12. A layout filled for other rows is refused."""
+    monkeypatch.setattr(histograms, "_KDE_MIN_BIN_EVENTS", 64)
+    e = torch.tensor(NON_UNIFORM, dtype=torch.float64)
+    groups = layout_groups(35)
+    rng = np.random.default_rng(9)
+    factors = [torch.tensor(rng.uniform(0.0, 1.0, y.shape[0])) for y, _ in groups]
+    up = torch.linspace(0.5, 2.0, NON_UNIFORM.size - 1, dtype=torch.float64)
+    results = []
+    for rows in ([1, 0], None):
+        weights = [w.clone().requires_grad_() for _, w in groups]
+        fs = [f.clone().requires_grad_() for f in factors]
+        pairs = [(y, w) for (y, _), w in zip(groups, weights, strict=True)]
+        sorted_hist, unsorted_hist = kde_histograms(pairs, e, h, factors=fs, sumw2_rows=rows)
+        if rows is not None:
+            assert sorted_hist.sumw2.shape == (1, NON_UNIFORM.size - 1)
+            assert unsorted_hist.sumw2 is None
+        kept = sorted_hist.sumw2[0]
+        loss = (sorted_hist.yields**2 * up).sum() + (unsorted_hist.yields * up).sum()
+        loss = loss - (kept * up.flip(0)).sum()
+        grads = torch.autograd.grad(loss, weights + fs)
+        results.append(([sorted_hist.yields, unsorted_hist.yields, kept], grads))
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        np.testing.assert_allclose(a.detach(), b.detach(), rtol=1e-14, atol=0)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14 * b.abs().max().item())
+    for bad in ([3, 0], [1], [-1, 0], [1.0, 0]):
+        with pytest.raises(ValueError, match="sumw2_rows"):
+            kde_histograms(groups, e, h, sumw2_rows=bad)
+    layout = histograms.KDELayout()
+    kde_histograms(groups, e, 0.36, layout=layout, sumw2_rows=[1, 0])
+    with pytest.raises(ValueError, match="other events"):
+        kde_histograms(groups, e, 0.36, layout=layout)
+
+
 @pytest.mark.parametrize("h", [0.05, 0.36, 1.5])
 def test_ascending_hint_equals_dense(h, monkeypatch):
     """``ascending=True`` (the order taken as given, as the pipeline passes it for its sorted

@@ -577,3 +577,37 @@ def test_histograms_and_selected_counts_share_one_selection(toy_setup, knobs):
         ]
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)
         assert bool((grads[0] != 0).any())
+
+
+@pytest.mark.parametrize("which", ["toy", "demo"])
+def test_variation_sumw2_off_changes_nothing_the_likelihood_uses(which, request):
+    """``variation_sumw2=False`` (the optimizer's step) leaves out the sums of w^2 of the
+    systematic variations only (None), keeps every yield and the nominal sums of w^2 (to
+    1e-13), and gives the same discovery significance (1e-12) and gradient in the thresholds
+    (1e-10) as the call with all of them."""
+    config, events = request.getfixturevalue(f"{which}_setup")
+    pipeline = AnalysisPipeline.from_config(config, events)
+    pipeline.set_cut_values(other_cut_values(config))
+    keys = [k for k in events if k[2] == "nominal" and k[1] != "Data"]
+    results = {}
+    for full in (True, False):
+        hists, counts = pipeline.histograms_and_selected_counts(
+            0.3, 0.5, keys, variation_sumw2=full
+        )
+        value = objectives.discovery_significance(pipeline.likelihood(hists))
+        (grad,) = torch.autograd.grad(value, pipeline.cut_parameters)
+        results[full] = (hists, counts, value.detach(), grad)
+    (full, counts, value, grad), (part, part_counts, part_value, part_grad) = results.values()
+    assert full.keys() == part.keys()
+    for key, ref in full.items():
+        np.testing.assert_allclose(part[key].yields.detach(), ref.yields.detach(), rtol=1e-13)
+        if key[2] == "nominal":
+            np.testing.assert_allclose(part[key].sumw2.detach(), ref.sumw2.detach(), rtol=1e-13)
+        else:
+            assert part[key].sumw2 is None
+    assert any(key[2] != "nominal" for key in full)
+    for key, ref in counts.items():
+        assert torch.equal(part_counts[key].yields, ref.yields)
+    assert float(part_value) == pytest.approx(float(value), rel=1e-12)
+    assert bool((grad != 0).any())
+    np.testing.assert_allclose(part_grad, grad, rtol=1e-10, atol=1e-12 * float(grad.abs().max()))

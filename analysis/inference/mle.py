@@ -42,37 +42,40 @@ def minimize(model, data, start, *, bounds, fixed, what: str = "fit"):
     (:func:`~analysis.fit.with_implicit_gradient`), the minimum value by the envelope theorem.
     """
     objective = TwiceNLL(model, data)
-    x, fun = _best_minimum(model, objective, start, bounds, fixed, what)
+    x, fun, hessian = _best_minimum(model, objective, start, bounds, fixed, what)
     if not torch.is_grad_enabled():
         return x, fun
-    x = with_implicit_gradient(objective, x, bounds=bounds, fixed=fixed)
+    x = with_implicit_gradient(objective, x, bounds=bounds, fixed=fixed, hessian=hessian)
     return x, objective(x)
 
 
 def _best_minimum(model, objective, start, bounds, fixed, what):
+    """``(x, twice_nll, Hessian)`` at the best converged minimum (:func:`minimize`)."""
     data = objective.data
     kinked = model.kinked_parameters() & ~fixed
     if not bool(kinked.any()):
-        x, fun, converged = _newton(model, data, start, bounds, fixed)
+        x, fun, converged, hessian = _newton(model, data, start, bounds, fixed)
         _report_unconverged(converged, what)
-        return x, fun
+        return x, fun, hessian
     offsets = [torch.zeros_like(start)] + [
         torch.where(kinked, d, 0.0).expand_as(start) for d in KINK_STARTS
     ]
     starts = torch.stack([start + o for o in offsets])
     starts = torch.minimum(torch.maximum(starts, bounds[:, 0]), bounds[:, 1])
     starts = torch.where(fixed, start, starts)
-    x, fun, converged = _newton(model, data, starts, bounds, fixed)
+    x, fun, converged, hessian = _newton(model, data, starts, bounds, fixed)
     best = torch.where(converged, fun, torch.inf).argmin(0)
     x = torch.take_along_dim(x, best[None, ..., None], dim=0)[0]
+    hessian = torch.take_along_dim(hessian, best[None, ..., None, None], dim=0)[0]
     _report_unconverged(converged.any(0), what)
-    return x, torch.take_along_dim(fun, best[None], dim=0)[0]
+    return x, torch.take_along_dim(fun, best[None], dim=0)[0], hessian
 
 
 def _newton(model, data, start, bounds, fixed):
     """Batched Newton fits in two passes: all elements with a short iteration cap, then only
     the ones that have not converged, on their own slice of the data (a few stragglers would
-    otherwise keep the whole batch iterating)."""
+    otherwise keep the whole batch iterating). Returns ``(x, twice_nll, converged, Hessian)``
+    (the Hessian at ``x``, for :func:`~analysis.fit.with_implicit_gradient`)."""
     result = newton_minimize(
         TwiceNLL(model, data),
         start,
@@ -80,12 +83,12 @@ def _newton(model, data, start, bounds, fixed):
         fixed=fixed,
         max_iter=FIRST_PASS_ITERATIONS,
     )
-    x, fun, converged = result.x, result.fun, result.converged
+    x, fun, converged, hessian = result.x, result.fun, result.converged, result.hessian
     if bool(converged.all()) or start.dim() == 1:
         if not bool(converged.all()):  # a single fit: just keep going
             more = newton_minimize(TwiceNLL(model, data), x, bounds=bounds, fixed=fixed)
-            return more.x, more.fun, more.converged
-        return x, fun, converged
+            return more.x, more.fun, more.converged, more.hessian
+        return x, fun, converged, hessian
     # the stragglers' own rows of everything that may be batched: data, bounds, fixed masks
     todo, batch = ~converged, start.shape[:-1]
     rest = data.expand(*batch, data.shape[-1])[todo]
@@ -95,9 +98,10 @@ def _newton(model, data, start, bounds, fixed):
         bounds=bounds.expand(*batch, *bounds.shape[-2:])[todo],
         fixed=fixed.expand(*batch, fixed.shape[-1])[todo],
     )
-    x, fun, converged = x.clone(), fun.clone(), converged.clone()
+    x, fun, converged, hessian = x.clone(), fun.clone(), converged.clone(), hessian.clone()
     x[todo], fun[todo], converged[todo] = more.x, more.fun, more.converged
-    return x, fun, converged
+    hessian[todo] = more.hessian
+    return x, fun, converged, hessian
 
 
 def _report_unconverged(converged: torch.Tensor, what: str) -> None:
