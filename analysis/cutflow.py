@@ -355,7 +355,9 @@ def _sample_flow(events: Events, region: Region) -> tuple[list[float], list[floa
     observable = events.observable[mask].to(torch.float64)
     histogram = hard_histogram(observable, weight[mask], edges)
     count = hard_histogram(observable, ones[mask], edges)
-    sums.append(torch.stack([count.yields.sum(), histogram.yields.sum(), histogram.variances.sum()]))
+    sums.append(
+        torch.stack([count.yields.sum(), histogram.yields.sum(), histogram.variances.sum()])
+    )
     n, sumw, sumw2 = torch.stack(sums).T.tolist()
     return n, sumw, sumw2
 

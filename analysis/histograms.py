@@ -1103,7 +1103,8 @@ class _SortedPlan:
     ``n`` of group ``g`` (bin ``j``, edges ``r0 .. r1-1`` reached, in a chunk evaluating
     ``R0 .. R1-1``) owns rows ``offsets[g][n] .. offsets[g][n+1]-1`` of the group's stacked
     products ``P_g = [E; 1] @ b^T`` (``R1 - R0`` rows ``sum E_s b``, then ``sum b``;
-    ``W_g + S_g`` columns), and all groups' ``P_g`` are flattened one after the other (``start[g]``).
+    ``W_g + S_g`` columns), and all groups' ``P_g`` are flattened one after the other
+    (``start[g]``).
     Sums are tabled per (sums row ``v``, window edge ``s``, bin ``j``): entry
     ``(v 2K + s) (B+2) + j``. The index arrays combine all segments of all groups with a few
     operations per call.
