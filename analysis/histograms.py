@@ -793,9 +793,7 @@ class _KDEHistogram(torch.autograd.Function):
     so a segment needs only ``sum_i E_s(i) b_i`` and ``sum_i b_i``: one matrix product
     ``[E_r0; ...; E_{r1-1}; 1] (R+1, C) @ b^T (C, W+S)`` (:meth:`_KDEWindow.erfc_rows`; a chunk
     of several small bins evaluates the union of their rows once, with gathered edges, and
-    sums the per-event products ``E b^T`` by bin with one ``index_add_``: a product per bin
-    would cost more in per-call overhead than these few events cost), with no per-event
-    masses. After the loop
+    takes one product per bin), with no per-event masses. After the loop
     (:class:`_SortedPlan`, all groups at once), per bin, ``V_s = sum (E_s - E_k) b`` over the
     segments that reach ``s`` and the mass sums
     ``half_r (V_{r+1} - V_r) + 1[r = K-1] (sum b - V_{K-1})`` (a bin that nothing reaches gets
@@ -808,8 +806,7 @@ class _KDEHistogram(torch.autograd.Function):
     by the linearity above, ``sum_r g_r m_r = g_{K-1} + sum_s c_s T_s`` with
     ``c_s = half_{s-1} g_{s-1} - half_s g_s - 1[s = K-1] g_{K-1}``, i.e.
     ``[c_r0 .. c_{r1-1}, g_{K-1} - E_k sum_s c_s] @ [E; 1]``, again one product per segment (the
-    coefficients of all segments are gathered at once; a chunk of small bins takes each
-    event's coefficients by its bin and sums their products with its ``[E; 1]``). The other inputs' gradients recompute
+    coefficients of all segments are gathered at once). The other inputs' gradients recompute
     each chunk's whole window (:func:`_input_gradients`).
 
     Inputs: ``edges, h, reach, cutoff, save_kernels, ascending, layout`` (a
