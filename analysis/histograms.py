@@ -841,16 +841,8 @@ class _KDEHistogram(torch.autograd.Function):
         kernels: list[list[torch.Tensor]] = []  # computed here and kept (keep), per group
         products = []  # sorted chunks: [E; 1] @ b^T per segment, all groups, flattened
         products_w = []  # w = weights * factor per group (the weights without a factor)
-        for g, (group, values, weights, factor, chunk_rows, segment_of) in enumerate(
-            zip(
-                groups,
-                all_values,
-                all_weights,
-                all_factors,
-                plan.chunk_rows,
-                plan.segment_of,
-                strict=True,
-            )
+        for g, (group, values, weights, factor, chunk_rows) in enumerate(
+            zip(groups, all_values, all_weights, all_factors, plan.chunk_rows, strict=True)
         ):
             kernels.append([])
             w, s = group.n_rows, group.n_squared
@@ -864,9 +856,7 @@ class _KDEHistogram(torch.autograd.Function):
             both_t = both.t()
             group_sums = None  # unsorted chunks
             group_products = []
-            for c, ((sl, segments), rows, seg_of) in enumerate(
-                zip(group.chunks, chunk_rows, segment_of, strict=True)
-            ):
+            for c, ((sl, segments), rows) in enumerate(zip(group.chunks, chunk_rows, strict=True)):
                 if segments is None:
                     bins = group.bin_of[sl]
                     if kept is not None:
@@ -883,13 +873,12 @@ class _KDEHistogram(torch.autograd.Function):
                     else:
                         kernel = window.erfc_rows(values[sl], _single_bin(segments), rows)
                     kernel64 = kernel if kernel.dtype == f64 else kernel.to(f64)
-                    if seg_of is None:  # one bin
+                    if len(segments) == 1:
                         group_products.append(torch.mm(kernel64, both_t[sl]))
-                    else:  # small bins: the products per event, summed per segment (one op)
-                        outer = kernel64.t()[:, :, None] * both_t[sl][:, None, :]  # (C, H, W+S)
-                        per_segment = outer.new_zeros((len(segments), *outer.shape[1:]))
-                        per_segment.index_add_(0, seg_of, outer)
-                        group_products.append(per_segment.view(-1, outer.shape[2]))
+                    else:
+                        for _, start, stop in segments:
+                            local = kernel64.narrow(1, start - sl.start, stop - start)
+                            group_products.append(torch.mm(local, both_t[start:stop]))
                 if keep:
                     kernels[g].append(kernel)
             if group_sums is not None:
@@ -961,7 +950,6 @@ class _KDEHistogram(torch.autograd.Function):
                     values,
                     w,
                     chunk_rows,
-                    plan.segment_of[i],
                     group_kernels,
                     g2_table.index_select(0, rows),
                     coefficients,
@@ -1013,7 +1001,6 @@ def _weight_gradient(
     values: torch.Tensor,
     weights: torch.Tensor,
     chunk_rows: list,
-    segment_of: list,
     kernels: list[torch.Tensor] | None,
     g2: torch.Tensor,
     coefficients: torch.Tensor | None,
@@ -1028,11 +1015,8 @@ def _weight_gradient(
     coefficients_t = torch.empty(0)  # [c; const] of the group's sorted segments, (W+S, rows)
     if plan.offsets[index][-1]:
         coefficients_t = plan.group_coefficients(cast(torch.Tensor, coefficients), index)
-    offsets = plan.offsets[index]
-    n = 0  # the group's first segment in this chunk
-    for k, ((sl, segments), rows, seg_of) in enumerate(
-        zip(group.chunks, chunk_rows, segment_of, strict=True)
-    ):
+    offsets = iter(zip(plan.offsets[index][:-1], plan.offsets[index][1:], strict=True))
+    for k, ((sl, segments), rows) in enumerate(zip(group.chunks, chunk_rows, strict=True)):
         bin_of = cast(torch.Tensor, group.bin_of)  # given for unsorted chunks
         if kernels is not None:
             kernel = kernels[k]
@@ -1046,17 +1030,13 @@ def _weight_gradient(
             out = p.narrow(1, sl.start, sl.stop - sl.start)
             torch.sum(torch.gather(g2, 2, bins).mul_(kernel), 1, out=out)
             continue
-        # [c; const] @ [E; 1] per segment: a product, or for a chunk of small bins the
-        # coefficients of each event's segment (gathered) times its kernel values
-        begin, end = offsets[n], offsets[n + len(segments)]
-        n += len(segments)
-        coefficients = coefficients_t.narrow(1, begin, end - begin)  # (W+S, segments x H)
-        out = p.narrow(1, sl.start, sl.stop - sl.start)
-        if seg_of is None:
-            torch.mm(coefficients, kernel, out=out)
-        else:
-            per_event = coefficients.reshape(p.shape[0], len(segments), -1)[:, seg_of]
-            out.copy_(torch.sum(per_event.mul_(kernel.t()), 2))
+        for _, start, stop in segments:  # [c; const] @ [E; 1] per segment
+            begin, end = next(offsets)
+            local = kernel
+            if len(segments) > 1:
+                local = kernel.narrow(1, start - sl.start, stop - start)
+            out = p.narrow(1, start, stop - start)
+            torch.mm(coefficients_t.narrow(1, begin, end - begin), local, out=out)
     p[:s].addcmul_(p[w:], weights[:s])
     return p[:w].to(weights.dtype)
 
@@ -1136,7 +1116,6 @@ class _SortedPlan:
         k, self.slots = window.reach, window.n_bins + 2
         self.reach, self.n_sums = k, n_sums
         self.chunk_rows: list[list] = []
-        self.segment_of: list[list] = []  # per chunk of several segments: each event's segment
         self.offsets: list[list[int]] = []
         self.start: list[int] = []
         parts: dict[str, list[np.ndarray]] = {
@@ -1145,17 +1124,6 @@ class _SortedPlan:
         flat = 0
         for group, values in zip(groups, all_values, strict=True):
             self.start.append(flat)
-            self.segment_of.append(
-                [
-                    None
-                    if segs is None or len(segs) == 1
-                    else torch.repeat_interleave(
-                        torch.arange(len(segs), device=values.device),
-                        torch.tensor([stop - start for _, start, stop in segs]),
-                    )
-                    for _, segs in group.chunks
-                ]
-            )
             sorted_chunks = [segs for _, segs in group.chunks if segs is not None]
             if not sorted_chunks:
                 self.chunk_rows.append([None] * len(group.chunks))
