@@ -364,7 +364,9 @@ def newton_minimize(
     3. convergence when H_FF is positive definite, the Newton decrement
        ``edm = g_F^T H_FF^-1 g_F / 2`` (Minuit's "estimated distance to minimum") is at most
        ``tol``, and the last accepted step changed the objective by at most
-       ``tol * max(1, |f|)`` (or the last line search found no decrease at all: the point
+       ``tol * max(1, |f|)``, or was a full undamped Newton step that decreased it by its
+       predicted ``edm`` to within half (the quadratic model holds: the point is in the basin
+       of quadratic convergence), or the last line search found no decrease at all (the point
        cannot be improved at this precision); a converged element takes one last Newton step
        (quadratic convergence: its edm drops to ~tol^2) and is then frozen;
     4. direction ``d_F = -H_FF^-1 g_F`` by Cholesky, with the saddle-free eigenvalue floor
@@ -416,13 +418,15 @@ def newton_minimize(
     damping = torch.zeros(batch, dtype=x.dtype, device=x.device)
     delta_f = torch.full(batch, math.inf, dtype=x.dtype, device=x.device)
     stalled = torch.zeros_like(done)
+    quadratic_step = torch.zeros_like(done)  # the last step decreased f as the model predicted
 
     for k in range(max_iter + 1):
         active = ~fixed_mask & (((x <= snap_lo) & (grad > 0)) | ((x >= snap_hi) & (grad < 0)))
         free = ~fixed_mask & ~active
         newton, positive = _damped_direction(hess, grad, free, torch.zeros_like(damping))
         edm = -0.5 * (torch.where(free, grad, 0.0) * newton).sum(-1)
-        settled = stalled | (delta_f.abs() <= tol * value.abs().clamp_min(1.0))
+        small = delta_f.abs() <= tol * value.abs().clamp_min(1.0)
+        settled = stalled | small | quadratic_step
         newly = ~done & positive & (edm <= tol) & settled
         done = done | newly
         # an element that has just converged takes one more (polishing) Newton step: the
@@ -444,6 +448,7 @@ def newton_minimize(
         target = torch.where(active & (grad > 0), lo, torch.where(active, hi, x))
         step = torch.where(active, target - x, direction)
         accepted = torch.zeros_like(done)
+        full = torch.zeros_like(done)  # accepted with alpha = 1
         new_x, new_value = x.clone(), value.clone()
         alpha = 1.0
         quadratic = positive & (edm <= tol) & (damping == 0)
@@ -460,6 +465,7 @@ def newton_minimize(
             new_x = torch.where(ok.unsqueeze(-1), trial, new_x)
             new_value = torch.where(ok, trial_value, new_value)
             accepted = accepted | ok
+            full = full | (ok & (alpha == 1.0))
             if bool((accepted | ~pending).all()):
                 break
             alpha *= 0.5
@@ -469,6 +475,10 @@ def newton_minimize(
             (10 * damping).clamp_min(1e-3),
             torch.where(damping >= 1e-6, damping / 10, 0.0),
         )
+        # an undamped full Newton step is predicted to decrease f by edm (the quadratic model);
+        # a decrease within half of that confirms the model (see step 3 of the docstring)
+        agrees = ((value - new_value) - edm).abs() <= 0.5 * edm
+        quadratic_step = torch.where(accepted, full & (damping == 0) & positive & agrees, False)
         delta_f = torch.where(accepted, new_value - value, delta_f)
         stalled = failed
         n_iter = n_iter + pending.long()

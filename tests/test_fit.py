@@ -707,3 +707,31 @@ def test_batched_newton_on_cuda_equals_cpu():
     )[0]
     (grad,) = torch.autograd.grad(mu_hat, signal)
     assert grad.device.type == "cuda" and bool(torch.isfinite(grad).all())
+
+
+def test_newton_stops_once_a_full_step_confirms_the_quadratic_model():
+    """Convergence needs edm <= tol and a settled objective (step 3 of newton_minimize): a full
+    Newton step whose decrease equals its predicted edm settles it. On a quadratic the first
+    step lands on the minimum (decrease = edm exactly), so the fit ends after it and the
+    polishing step: 2 steps, at the analytic minimum. A quartic (the prediction fails by far
+    in the first steps) still converges to its minimum, 1e-10."""
+    matrix = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=torch.float64)
+    centre = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+
+    def quadratic(p):
+        d = p - centre
+        return 7.0 + (d @ matrix * d).sum(-1)
+
+    result = newton_minimize(quadratic, torch.zeros(3, dtype=torch.float64), bounds=[(-9, 9)] * 3)
+    assert bool(result.converged) and int(result.n_iter) == 2
+    np.testing.assert_allclose(result.x.numpy(), centre.numpy(), rtol=0, atol=1e-14)
+
+    def quartic(p):
+        d = p - centre
+        return (d**4).sum(-1) + (d @ matrix * d).sum(-1)
+
+    result = newton_minimize(
+        quartic, torch.full((3,), 5.0, dtype=torch.float64), bounds=[(-9, 9)] * 3
+    )
+    assert bool(result.converged)
+    np.testing.assert_allclose(result.x.numpy(), centre.numpy(), rtol=0, atol=1e-10)
