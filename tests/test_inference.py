@@ -517,3 +517,49 @@ def test_poi_on_its_bound_gives_pyhf_statistics_and_a_profile_uncertainty():
     np.testing.assert_allclose(
         limits.detach().numpy(), [float(ref_obs), *np.asarray(ref_exp, dtype=float)], rtol=1e-4
     )
+
+
+def test_minimum_values_differentiate_by_the_envelope_theorem():
+    """The minimum value of a fit differentiates by the envelope theorem (no derivative of the
+    fitted parameters, ``parameters_gradient=False``, as ``test_statistic`` fits): q0's
+    gradient in the signal and background yields equals the one through the implicit
+    derivative of the fitted parameters (1e-10) and central finite differences (1e-6); the
+    parameters then carry no graph."""
+    spec = json.loads(reference_path("pyhf_validation", "2-bin_1-channel.json").read_text())
+    samples = spec["channels"][0]["samples"]
+    base = [torch.tensor(s["data"], dtype=torch.float64) for s in samples]
+
+    def model_of(yields):  # and its mu = 1 Asimov data (a discovery significance's data)
+        for sample, values in zip(samples, yields, strict=True):
+            sample["data"] = values
+        model = Workspace(spec=spec).model(dtype=torch.float64)
+        pars = model.suggested_init()
+        pars[model.poi_index] = 1.0
+        return model, model.expected_data(pars)
+
+    def q0(yields, implicit):
+        model, data = model_of(yields)
+        free = mle.free_fit(model, data, parameters_gradient=implicit)
+        x, fixed = mle.fixed_poi_fit(
+            model, data, 0.0, init=free[0].detach(), parameters_gradient=implicit
+        )
+        assert x.requires_grad == implicit
+        if implicit:  # through the parameters' implicit derivatives as well
+            fixed, free = model.twice_nll(x, data), (free[0], model.twice_nll(free[0], data))
+        return fixed - free[1]
+
+    grads = {}
+    for implicit in (True, False):
+        leaves = [b.clone().requires_grad_() for b in base]
+        grads[implicit] = torch.cat(torch.autograd.grad(q0(leaves, implicit), leaves))
+    np.testing.assert_allclose(grads[False], grads[True], rtol=1e-10, atol=0)
+    with torch.no_grad():
+        numeric = []
+        for i, b in enumerate(base):
+            for j in range(b.numel()):
+                up, down = [x.clone() for x in base], [x.clone() for x in base]
+                up[i][j] += 1e-4 * b[j]
+                down[i][j] -= 1e-4 * b[j]
+                numeric.append((q0(up, False) - q0(down, False)) / (2e-4 * b[j]))
+    np.testing.assert_allclose(grads[False], torch.stack(numeric), rtol=1e-6, atol=0)
+    assert bool((grads[False] != 0).all())

@@ -245,7 +245,15 @@ class AsymptoticCalculator:
         start = self._fixed_poi_starts(poi_value[:1], poi_value)
         fixed = self.fixed.clone()
         fixed[poi] = True
-        _, nll = minimize(model, data, start, bounds=self.bounds, fixed=fixed, what="fit")
+        _, nll = minimize(
+            model,
+            data,
+            start,
+            bounds=self.bounds,
+            fixed=fixed,
+            what="fit",
+            parameters_gradient=False,
+        )
         q = statistic_from_fits(nll[:1], free_nll, free_x[poi], poi_value[:1], self.test_stat)
         q_asimov = statistic_from_fits(
             nll[1:], free_nll_a, free_x_a[poi], poi_value, self.test_stat

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 FIRST_PASS_ITERATIONS = 12
 
 
-def minimize(model, data, start, *, bounds, fixed, what: str = "fit"):
+def minimize(model, data, start, *, bounds, fixed, what: str = "fit", parameters_gradient=True):
     """Batched Newton fits of ``model`` to ``data`` from ``start`` (..., P).
 
     Parameters with a kink at 0 (histosys code0, normsys code1; see
@@ -38,15 +38,21 @@ def minimize(model, data, start, *, bounds, fixed, what: str = "fit"):
     once. Returns (parameters (..., P), twice_nll (...)).
 
     In grad mode the results are differentiable in whatever the model and the data were built
-    from: the parameters by the implicit function theorem
-    (:func:`~analysis.fit.with_implicit_gradient`), the minimum value by the envelope theorem.
+    from: the minimum value by the envelope theorem, ``d f(theta_hat(phi), phi) / d phi =
+    df/dphi`` at the fixed ``theta_hat`` (``df/dtheta = 0`` at the minimum in the free
+    parameters; fixed ones and ones held on a bound do not move), and the parameters by the
+    implicit function theorem (:func:`~analysis.fit.with_implicit_gradient`), unless
+    ``parameters_gradient=False`` (a caller that uses only the minimum value: it saves a
+    second-order graph, built here and traversed by every backward pass through the value).
     """
     objective = TwiceNLL(model, data)
     x, fun, hessian = _best_minimum(model, objective, start, bounds, fixed, what)
     if not torch.is_grad_enabled():
         return x, fun
-    x = with_implicit_gradient(objective, x, bounds=bounds, fixed=fixed, hessian=hessian)
-    return x, objective(x)
+    fun = objective(x)  # the envelope theorem: x without a graph
+    if parameters_gradient:
+        x = with_implicit_gradient(objective, x, bounds=bounds, fixed=fixed, hessian=hessian)
+    return x, fun
 
 
 def _best_minimum(model, objective, start, bounds, fixed, what):
@@ -110,15 +116,27 @@ def _report_unconverged(converged: torch.Tensor, what: str) -> None:
         log.warning("%d of %d %s(s) did not converge", failed, converged.numel(), what)
 
 
-def free_fit(model, data, *, init=None, bounds=None, fixed=None):
-    """Batched unconditional fits: returns (parameters (..., P), twice_nll (...))."""
+def free_fit(model, data, *, init=None, bounds=None, fixed=None, parameters_gradient=True):
+    """Batched unconditional fits: returns (parameters (..., P), twice_nll (...));
+    ``parameters_gradient``: see :func:`minimize`."""
     init, bounds, fixed = _settings(model, init, bounds, fixed)
     start = init.expand(*data.shape[:-1], init.shape[-1]).clone()
-    return minimize(model, data, start, bounds=bounds, fixed=fixed, what="free fit")
+    return minimize(
+        model,
+        data,
+        start,
+        bounds=bounds,
+        fixed=fixed,
+        what="free fit",
+        parameters_gradient=parameters_gradient,
+    )
 
 
-def fixed_poi_fit(model, data, poi_value, *, init=None, bounds=None, fixed=None):
-    """Batched fits with the POI fixed at ``poi_value`` (broadcast against the data's batch)."""
+def fixed_poi_fit(
+    model, data, poi_value, *, init=None, bounds=None, fixed=None, parameters_gradient=True
+):
+    """Batched fits with the POI fixed at ``poi_value`` (broadcast against the data's batch);
+    ``parameters_gradient``: see :func:`minimize`."""
     init, bounds, fixed = _settings(model, init, bounds, fixed)
     poi = require_poi(model)
     poi_value = torch.as_tensor(poi_value, dtype=init.dtype, device=init.device)
@@ -127,7 +145,15 @@ def fixed_poi_fit(model, data, poi_value, *, init=None, bounds=None, fixed=None)
     start[..., poi] = poi_value
     fixed = fixed.clone()
     fixed[poi] = True
-    x, fun = minimize(model, data, start, bounds=bounds, fixed=fixed, what="fixed-POI fit")
+    x, fun = minimize(
+        model,
+        data,
+        start,
+        bounds=bounds,
+        fixed=fixed,
+        what="fixed-POI fit",
+        parameters_gradient=parameters_gradient,
+    )
     if poi_value.requires_grad:  # the POI column carries the tested value's gradient
         is_poi = torch.arange(x.shape[-1], device=x.device) == poi
         x = torch.where(is_poi, poi_value.unsqueeze(-1), x)

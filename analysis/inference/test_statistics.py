@@ -45,14 +45,23 @@ def test_statistic(
     """The observed test statistic (q_mu, q~_mu or q0) at ``poi_value``, batched.
 
     ``free`` is the free fit ``(parameters, twice_nll)`` of ``data`` when it is known already;
-    the fixed-POI fits start from it.
+    the fixed-POI fits start from it. Differentiable through the minimum values (the envelope
+    theorem: no derivatives of the fitted parameters are formed, :func:`~.mle.minimize`).
     """
     poi = require_poi(model)
     if free is None:
-        free = free_fit(model, data, init=init, bounds=bounds, fixed=fixed)
+        free = free_fit(
+            model, data, init=init, bounds=bounds, fixed=fixed, parameters_gradient=False
+        )
     x_free, nll_free = free
     poi_value = torch.as_tensor(poi_value, dtype=x_free.dtype, device=x_free.device)
     _, nll_fixed = fixed_poi_fit(
-        model, data, poi_value, init=x_free.detach(), bounds=bounds, fixed=fixed
+        model,
+        data,
+        poi_value,
+        init=x_free.detach(),
+        bounds=bounds,
+        fixed=fixed,
+        parameters_gradient=False,
     )
     return statistic_from_fits(nll_fixed, nll_free, x_free[..., poi], poi_value, test_stat)
