@@ -761,6 +761,10 @@ class _Group:
         # sorted chunks hold (2K, C) arrays, unsorted ones also (W + S, 2K-1, C)
         size = _kde_chunk_size(values, window.reach, n_rows if bounds is None else 1)
         self.chunks = _chunks(values.shape[0], size, bounds)
+        # sorted values: the events of every segment, in order (they cover all events)
+        self.segment_lengths = [
+            stop - start for _, segs in self.chunks for _, start, stop in (segs or ())
+        ]
         self.bin_of = (
             None
             if bounds is not None
@@ -856,6 +860,8 @@ class _KDEHistogram(torch.autograd.Function):
             both_t = both.t()
             group_sums = None  # unsorted chunks
             group_products = []
+            # sorted values: per segment (C, W+S), one call (not one per bin)
+            pieces = iter(both_t.split(group.segment_lengths) if group.segment_lengths else ())
             for c, ((sl, segments), rows) in enumerate(zip(group.chunks, chunk_rows, strict=True)):
                 if segments is None:
                     bins = group.bin_of[sl]
@@ -874,11 +880,11 @@ class _KDEHistogram(torch.autograd.Function):
                         kernel = window.erfc_rows(values[sl], _single_bin(segments), rows)
                     kernel64 = kernel if kernel.dtype == f64 else kernel.to(f64)
                     if len(segments) == 1:
-                        group_products.append(torch.mm(kernel64, both_t[sl]))
+                        group_products.append(torch.mm(kernel64, next(pieces)))
                     else:
-                        for _, start, stop in segments:
-                            local = kernel64.narrow(1, start - sl.start, stop - start)
-                            group_products.append(torch.mm(local, both_t[start:stop]))
+                        lengths = [stop - start for _, start, stop in segments]
+                        for local in kernel64.split(lengths, dim=1):
+                            group_products.append(torch.mm(local, next(pieces)))
                 if keep:
                     kernels[g].append(kernel)
             if group_sums is not None:
@@ -1015,7 +1021,12 @@ def _weight_gradient(
     coefficients_t = torch.empty(0)  # [c; const] of the group's sorted segments, (W+S, rows)
     if plan.offsets[index][-1]:
         coefficients_t = plan.group_coefficients(cast(torch.Tensor, coefficients), index)
-    offsets = iter(zip(plan.offsets[index][:-1], plan.offsets[index][1:], strict=True))
+    # sorted: per segment its coefficients and its columns of p (one call each, not per bin)
+    segment_coefficients, segment_p = iter(()), iter(())
+    if group.segment_lengths:
+        heights = np.diff(plan.offsets[index]).tolist()
+        segment_coefficients = iter(coefficients_t.split(heights, dim=1))
+        segment_p = iter(p.split(group.segment_lengths, dim=1))
     for k, ((sl, segments), rows) in enumerate(zip(group.chunks, chunk_rows, strict=True)):
         bin_of = cast(torch.Tensor, group.bin_of)  # given for unsorted chunks
         if kernels is not None:
@@ -1030,13 +1041,11 @@ def _weight_gradient(
             out = p.narrow(1, sl.start, sl.stop - sl.start)
             torch.sum(torch.gather(g2, 2, bins).mul_(kernel), 1, out=out)
             continue
-        for _, start, stop in segments:  # [c; const] @ [E; 1] per segment
-            begin, end = next(offsets)
-            local = kernel
-            if len(segments) > 1:
-                local = kernel.narrow(1, start - sl.start, stop - start)
-            out = p.narrow(1, start, stop - start)
-            torch.mm(coefficients_t.narrow(1, begin, end - begin), local, out=out)
+        locals_ = [kernel]  # [c; const] @ [E; 1] per segment
+        if len(segments) > 1:
+            locals_ = kernel.split([stop - start for _, start, stop in segments], dim=1)
+        for local in locals_:
+            torch.mm(next(segment_coefficients), local, out=next(segment_p))
     p[:s].addcmul_(p[w:], weights[:s])
     return p[:w].to(weights.dtype)
 
