@@ -757,6 +757,7 @@ class _Group:
         self.rows = list(range(row, row + n_rows)) + list(
             range(squared_row, squared_row + n_squared)
         )
+        self.rows_index = torch.tensor(self.rows, device=values.device)
         bounds = _bin_bounds(values, window.edges, ascending)
         # sorted chunks hold (2K, C) arrays, unsorted ones also (W + S, 2K-1, C)
         size = _kde_chunk_size(values, window.reach, n_rows if bounds is None else 1)
@@ -888,7 +889,7 @@ class _KDEHistogram(torch.autograd.Function):
                 if keep:
                     kernels[g].append(kernel)
             if group_sums is not None:
-                sums.index_add_(0, torch.tensor(group.rows, device=device), group_sums)
+                sums.index_add_(0, group.rows_index, group_sums)
             if group_products:
                 products.append(torch.cat(group_products).view(-1))
         if products:
@@ -946,7 +947,7 @@ class _KDEHistogram(torch.autograd.Function):
             )
         ):
             group_kernels = ctx.kernels[i] if ctx.kernels is not None else None
-            rows = torch.tensor(group.rows, device=device)
+            rows = group.rows_index
             if need_w[i] or need_f[i]:
                 grad = _weight_gradient(  # dL/dw of the products w = weights * factor
                     window,
@@ -1024,8 +1025,7 @@ def _weight_gradient(
     # sorted: per segment its coefficients and its columns of p (one call each, not per bin)
     segment_coefficients, segment_p = iter(()), iter(())
     if group.segment_lengths:
-        heights = np.diff(plan.offsets[index]).tolist()
-        segment_coefficients = iter(coefficients_t.split(heights, dim=1))
+        segment_coefficients = iter(coefficients_t.split(plan.heights[index], dim=1))
         segment_p = iter(p.split(group.segment_lengths, dim=1))
     for k, ((sl, segments), rows) in enumerate(zip(group.chunks, chunk_rows, strict=True)):
         bin_of = cast(torch.Tensor, group.bin_of)  # given for unsorted chunks
@@ -1126,6 +1126,7 @@ class _SortedPlan:
         self.reach, self.n_sums = k, n_sums
         self.chunk_rows: list[list] = []
         self.offsets: list[list[int]] = []
+        self.heights: list[list[int]] = []  # per segment: its rows, offsets[n+1] - offsets[n]
         self.start: list[int] = []
         parts: dict[str, list[np.ndarray]] = {
             name: [] for name in ("tail", "tail_sum", "tail_entry", "total", "total_entry")
@@ -1137,6 +1138,7 @@ class _SortedPlan:
             if not sorted_chunks:
                 self.chunk_rows.append([None] * len(group.chunks))
                 self.offsets.append([0])
+                self.heights.append([])
                 continue
             segments = np.array([seg for segs in sorted_chunks for seg in segs])  # (S, 3)
             per_chunk = np.array([len(segs) for segs in sorted_chunks])
@@ -1159,6 +1161,7 @@ class _SortedPlan:
             first, heights = first[chunk_of], (last - first + 1)[chunk_of]
             offsets = np.concatenate([[0], np.cumsum(heights)])
             self.offsets.append(offsets.tolist())
+            self.heights.append(heights.tolist())
             # one entry per (segment n, window edge s reached) and column c of P_g
             width, sums_rows = len(group.rows), np.array(group.rows)
             n = r1 - r0
