@@ -792,16 +792,24 @@ class AnalysisPipeline(torch.nn.Module):
 
 def _structure(value: object) -> object:
     """The structure of a spec (hashable, comparable): containers, keys, strings and the shapes
-    of tensors; numbers count as their type only."""
+    of tensors; numbers count as their type only. (Exact types first: ``isinstance`` with an
+    abstract class such as ``Mapping`` is slow, and a spec has hundreds of nodes per step.)"""
+    kind = type(value)
+    if kind is dict:
+        return tuple((key, _structure(item)) for key, item in cast(dict, value).items())
+    if kind is list or kind is tuple:
+        return ("list", *(_structure(item) for item in cast(list, value)))
+    if kind is str or value is None or kind is bool:
+        return value
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape))
     if isinstance(value, Mapping):
         return tuple((key, _structure(item)) for key, item in value.items())
     if isinstance(value, (list, tuple)):
         return ("list", *(_structure(item) for item in value))
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape))
-    if isinstance(value, str) or value is None or isinstance(value, bool):
+    if isinstance(value, str):
         return value
-    return type(value).__name__
+    return kind.__name__
 
 
 def _detached(value: Any) -> Any:
