@@ -451,7 +451,8 @@ def newton_minimize(
         full = torch.zeros_like(done)  # accepted with alpha = 1
         new_x, new_value = x.clone(), value.clone()
         alpha = 1.0
-        quadratic = positive & (edm <= tol) & (damping == 0)
+        newton_step = positive & (damping == 0)  # the undamped Newton direction, predicting edm
+        quadratic = newton_step & (edm <= tol)
         allowance = 8 * eps * value.abs().clamp_min(1.0)
         for _ in range(40):
             trial = torch.where(fixed_mask, x, torch.clamp(x + alpha * step, lo, hi))
@@ -478,7 +479,7 @@ def newton_minimize(
         # an undamped full Newton step is predicted to decrease f by edm (the quadratic model);
         # a decrease within half of that confirms the model (see step 3 of the docstring)
         agrees = ((value - new_value) - edm).abs() <= 0.5 * edm
-        quadratic_step = torch.where(accepted, full & (damping == 0) & positive & agrees, False)
+        quadratic_step = accepted & full & newton_step & agrees
         delta_f = torch.where(accepted, new_value - value, delta_f)
         stalled = failed
         n_iter = n_iter + pending.long()

@@ -6,10 +6,12 @@ by an active set (parameters on a bound with the gradient pushing outwards are s
 the step is the Newton direction on the free parameters (the saddle-free eigenvalue floor where
 the Hessian is not positive definite, a Levenberg term after failed line searches), projected
 onto the box, with an Armijo backtracking line search. Convergence: positive-definite free
-Hessian, Newton decrement ``edm = g^T H^-1 g / 2 <= tol`` and a settled objective; a converged
-row takes one polishing step. Models with kinked parameters (histosys code0, normsys code1) are
-fitted from three starts (0, +0.5, -0.5 on those parameters) and the lowest converged minimum is
-kept, as :func:`analysis.inference.mle.minimize` does.
+Hessian, Newton decrement ``edm = g^T H^-1 g / 2 <= tol`` and a settled objective (the last
+step changed it by at most ``tol * max(1, |f|)``, or was a full undamped Newton step that
+decreased it by its predicted edm to within half); a converged row takes one polishing step.
+Models with kinked parameters (histosys code0, normsys code1) are fitted from three starts (0,
++0.5, -0.5 on those parameters) and the lowest converged minimum is kept, as
+:func:`analysis.inference.mle.minimize` does.
 """
 
 from __future__ import annotations
@@ -88,13 +90,15 @@ def newton(model: NumpyModel, data, start, bounds, fixed, *, max_iter: int = 100
     damping = np.zeros(batch)
     delta_f = np.full(batch, np.inf)
     stalled = np.zeros(batch, dtype=bool)
+    quadratic_step = np.zeros(batch, dtype=bool)  # the last step decreased f as predicted
     active = np.zeros_like(fixed)
     for k in range(max_iter + 1):
         active = ~fixed & (((x <= snap_lo) & (grad > 0)) | ((x >= snap_hi) & (grad < 0)))
         free = ~fixed & ~active
         step_newton, positive = _direction(hess, grad, free, np.zeros(batch))
         edm = -0.5 * (np.where(free, grad, 0.0) * step_newton).sum(-1)
-        settled = stalled | (np.abs(delta_f) <= tol * np.maximum(np.abs(value), 1.0))
+        small = np.abs(delta_f) <= tol * np.maximum(np.abs(value), 1.0)
+        settled = stalled | small | quadratic_step
         newly = ~done & positive & (edm <= tol) & settled
         done = done | newly
         pending = ~done | newly
@@ -111,8 +115,10 @@ def newton(model: NumpyModel, data, start, bounds, fixed, *, max_iter: int = 100
         target = np.where(active & (grad > 0), lo, np.where(active, hi, x))
         step = np.where(active, target - x, direction)
         accepted = np.zeros(batch, dtype=bool)
+        full = np.zeros(batch, dtype=bool)  # accepted with alpha = 1
         new_x, new_value = x.copy(), value.copy()
-        quadratic = positive & (edm <= tol) & (damping == 0)
+        newton_step = positive & (damping == 0)  # the undamped Newton direction, predicting edm
+        quadratic = newton_step & (edm <= tol)
         allowance = 8 * eps * np.maximum(np.abs(value), 1.0)
         alpha = 1.0
         for _ in range(40):
@@ -127,6 +133,7 @@ def newton(model: NumpyModel, data, start, bounds, fixed, *, max_iter: int = 100
             new_x = np.where(ok[:, None], trial, new_x)
             new_value = np.where(ok, trial_value, new_value)
             accepted = accepted | ok
+            full = full | (ok & (alpha == 1.0))
             if (accepted | ~pending).all():
                 break
             alpha *= 0.5
@@ -134,6 +141,9 @@ def newton(model: NumpyModel, data, start, bounds, fixed, *, max_iter: int = 100
         damping = np.where(
             failed, np.maximum(10 * damping, 1e-3), np.where(damping >= 1e-6, damping / 10, 0.0)
         )
+        with np.errstate(invalid="ignore"):  # inf - inf of a rejected row: not accepted anyway
+            agrees = np.abs((value - new_value) - edm) <= 0.5 * edm
+        quadratic_step = accepted & full & newton_step & agrees
         delta_f = np.where(accepted, new_value - value, delta_f)
         stalled = failed
         x = new_x
