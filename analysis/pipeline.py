@@ -59,9 +59,9 @@ slice of the sorted events, because the others put exactly 0 into every bin and 
 and sorted values let the KDE sum each bin's events with a matrix product instead of a scatter;
 and the kernel values of each region (``erfc`` at the bin edges near every event, which depend on
 the observable, the edges and the bandwidth only) are computed on the first call at a bandwidth
-and kept for the next calls at it (:class:`~analysis.histograms.KDELayout`, the last
-``KDE_LAYOUTS_KEPT`` bandwidths per region), so the steps of an optimization at one bandwidth
-(one of its ``BandwidthLevels``) evaluate no kernel.
+and kept for the next calls at it (:class:`~analysis.histograms.KDELayout`: per region the last
+smoothing bandwidth's and the hard histograms' ``bandwidth = 0``), so the steps of an
+optimization at one bandwidth (one of its ``BandwidthLevels``) evaluate no kernel.
 ``tau = 0`` and ``bandwidth = 0`` give exactly the boolean cuts and ordinary histograms of
 :func:`analysis.histograms.hard_histograms`.
 
@@ -104,11 +104,6 @@ __all__ = ["BOUND_NUDGE", "AnalysisPipeline"]
 
 BOUND_NUDGE = 1e-6
 """Fraction of a cut's range by which a configured value on a bound is moved inside."""
-
-KDE_LAYOUTS_KEPT = 2
-"""Bandwidths per region whose KDE layout (kernel values) the pipeline keeps: the relaxed one
-of the optimization and the hard evaluation's ``bandwidth = 0`` (which has no kernel values)."""
-
 
 @dataclass(frozen=True)
 class _TemplateSlot:
@@ -614,18 +609,25 @@ class AnalysisPipeline(torch.nn.Module):
         """The :class:`~analysis.histograms.KDELayout` of ``region`` at ``bandwidth`` (the
         events in reach and the kernel values depend on nothing else: the stored observables
         and edges do not change) and the sums of squares asked for; None for a bandwidth that
-        needs a gradient (its kernel changes with it). The last ``KDE_LAYOUTS_KEPT`` of each
-        region are kept."""
+        needs a gradient (its kernel changes with it).
+
+        A region keeps one layout of each kind: smoothing (``bandwidth > 0``, the relaxed
+        steps, with kernel values) and hard (``bandwidth = 0``, the hard evaluations, none).
+        A new one replaces the region's layout of its kind, which is dropped before the new
+        one is filled, so that the kernel values of the new bandwidth level of an annealed
+        run reuse the memory of the old ones (instead of fresh memory, page by page, with
+        both alive)."""
         if isinstance(bandwidth, torch.Tensor):
             if bandwidth.requires_grad:
                 return None
             bandwidth = float(bandwidth)
         key = (region, float(bandwidth), variation_sumw2)
-        layout = self._kde_layouts.pop(key, None) or KDELayout()
-        self._kde_layouts[key] = layout  # the most recently used last
-        mine = [k for k in self._kde_layouts if k[0] == region]
-        for old in mine[: max(0, len(mine) - KDE_LAYOUTS_KEPT)]:
-            del self._kde_layouts[old]
+        layout = self._kde_layouts.get(key)
+        if layout is None:
+            hard = key[1] == 0.0
+            for old in [k for k in self._kde_layouts if k[0] == region and (k[1] == 0.0) == hard]:
+                del self._kde_layouts[old]
+            layout = self._kde_layouts[key] = KDELayout()
         return layout
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]

@@ -639,3 +639,22 @@ def check_pipeline_histograms(pipeline, config, events, tau, bandwidth):
     (g_ref,) = torch.autograd.grad(loss(reference), pipeline.cut_parameters)
     assert bool((g_ref != 0).all())
     np.testing.assert_allclose(g_got, g_ref, rtol=1e-10)
+
+
+def test_pipeline_keeps_one_smoothing_and_one_hard_layout_per_region(toy, tmp_path):
+    """Per region the pipeline keeps the KDE layout of the last smoothing bandwidth and of the
+    hard histograms (bandwidth 0): a new smoothing bandwidth (the next level of an annealed
+    run) replaces the old one, whose kernel values are dropped, and leaves the hard one; a
+    layout is reused by later calls at its bandwidth (the same object)."""
+    config = config_module.from_dict(toy.config, source="toy.yaml")
+    pipeline = AnalysisPipeline.from_config(config, read_events(config, cache_dir=tmp_path))
+    regions = range(len(config.regions))
+    with torch.no_grad():
+        pipeline.histograms(0.3, 0.36)
+        first = dict(pipeline._kde_layouts)
+        pipeline.histograms(0.0, 0.0)
+        pipeline.histograms(0.3, 0.36)
+        assert all(pipeline._kde_layouts[key] is layout for key, layout in first.items())
+        pipeline.histograms(0.3, 0.2)
+    assert set(pipeline._kde_layouts) == {(r, b, True) for r in regions for b in (0.2, 0.0)}
+    assert all(layout.filled for layout in pipeline._kde_layouts.values())
