@@ -471,15 +471,22 @@ def test_layout_keeps_kernels_bitwise(monkeypatch):
         kde_histograms(groups[:1], e, 0.36, layout=layout)
 
 
+def factor_case(seed: int, factor_seed: int) -> tuple:
+    """Non-uniform edges, the groups of :func:`layout_groups`, a factor in [0, 1) per event of
+    each group, and a weight per bin for a loss."""
+    e = torch.tensor(NON_UNIFORM, dtype=torch.float64)
+    groups = layout_groups(seed)
+    rng = np.random.default_rng(factor_seed)
+    factors = [torch.tensor(rng.uniform(0.0, 1.0, y.shape[0])) for y, _ in groups]
+    up = torch.linspace(0.5, 2.0, NON_UNIFORM.size - 1, dtype=torch.float64)
+    return e, groups, factors, up
+
+
 def test_factors_equal_products():
     """kde_histograms(groups, factors=...) equals the histograms of weights * factor (formed
     outside): values to 1e-14, and the gradients of the factors and of the weights equal
     autograd through the products to 1e-12."""
-    e = torch.tensor(NON_UNIFORM, dtype=torch.float64)
-    groups = layout_groups(33)
-    rng = np.random.default_rng(5)
-    factors = [torch.tensor(rng.uniform(0.0, 1.0, y.shape[0])) for y, _ in groups]
-    up = torch.linspace(0.5, 2.0, NON_UNIFORM.size - 1, dtype=torch.float64)
+    e, groups, factors, up = factor_case(33, 5)
     results = []
     for fused in (True, False):
         weights = [w.clone().requires_grad_() for _, w in groups]
@@ -511,11 +518,7 @@ def test_sumw2_rows_leave_out_sums_of_squares(h, monkeypatch):
     (None for 1-D weights); the gradients of the weights and factors of a loss of what is
     returned equal the full call's to 1e-12. A layout filled for other rows is refused."""
     monkeypatch.setattr(histograms, "_KDE_MIN_BIN_EVENTS", 64)
-    e = torch.tensor(NON_UNIFORM, dtype=torch.float64)
-    groups = layout_groups(35)
-    rng = np.random.default_rng(9)
-    factors = [torch.tensor(rng.uniform(0.0, 1.0, y.shape[0])) for y, _ in groups]
-    up = torch.linspace(0.5, 2.0, NON_UNIFORM.size - 1, dtype=torch.float64)
+    e, groups, factors, up = factor_case(35, 9)
     results = []
     for rows in ([1, 0], None):
         weights = [w.clone().requires_grad_() for _, w in groups]
