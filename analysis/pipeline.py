@@ -105,6 +105,7 @@ __all__ = ["BOUND_NUDGE", "AnalysisPipeline"]
 BOUND_NUDGE = 1e-6
 """Fraction of a cut's range by which a configured value on a bound is moved inside."""
 
+
 @dataclass(frozen=True)
 class _TemplateSlot:
     """Where one template's buffers live: ``t<j>_observable``, ``t<j>_x<k>`` (``k``: the
@@ -279,8 +280,8 @@ class AnalysisPipeline(torch.nn.Module):
         self._likelihood_structure: tuple[object, Model] | None = None  # see likelihood()
         # per (region, bandwidth): the KDE's kernel values and bookkeeping (_kde_layout)
         self._kde_layouts: dict[tuple[int, float, bool], KDELayout] = {}
-        # per template: its events in the bins and their bins (_bin_positions)
-        self._bin_index: dict[TemplateKey, tuple[torch.Tensor, int, int]] = {}
+        # per template: its events in the bins, their bins and weights (_bin_positions)
+        self._bin_index: dict[TemplateKey, _BinnedEvents] = {}
 
         # temperature scale per trainable cut: spread on the nominal prediction events of its
         # region (of every region that shares it) that pass the region's fixed cuts; a fixed cut
@@ -596,11 +597,8 @@ class AnalysisPipeline(torch.nn.Module):
             }
             for key in keys:
                 slot = slots_by_key[key]
-                bins, first, last = self._bin_positions(slot)
-                selection = selections.get(slot.cut_columns)
-                if selection is not None:
-                    selection = selection[first - starts[key] : last - starts[key]]
-                counts[key] = self._selected_count(slot, bins, first, last, selection)
+                selection = selections.get(slot.cut_columns)  # its events lo .. hi-1
+                counts[key] = self._selected_count(slot, selection, starts[key])
         return {slot.key: out[slot.key] for slot in self._slots}, counts
 
     def _kde_layout(
@@ -660,8 +658,9 @@ class AnalysisPipeline(torch.nn.Module):
         out = {}
         for key in keys:
             slot = slots[key]
-            bins, lo, hi = self._bin_positions(slot)
+            binned = self._bin_positions(slot)
             selected = None
+            lo, hi = binned.first, binned.last
             if slot.cut_columns and hi > lo:  # (no event in the bins: nothing to select)
                 soft, directions = self._soft_cuts[slot.region]
                 (selected,) = selection_weights(
@@ -670,39 +669,36 @@ class AnalysisPipeline(torch.nn.Module):
                     [taus[k] for k in soft],
                     directions,
                 )
-            out[key] = self._selected_count(slot, bins, lo, hi, selected)
+            out[key] = self._selected_count(slot, selected, lo)
         return out
 
-    def _bin_positions(self, slot: _TemplateSlot) -> tuple[torch.Tensor, int, int]:
-        """``(bins, first, last)``: the events inside the bins are the template's events
-        ``first .. last-1`` (sorted by the observable), ``bins`` their bin numbers (bin ``b``:
-        ``e_b <= y < e_{b+1}``). Depends on the stored observable and edges only, so it is
-        computed once per template (and again after ``.to()``)."""
+    def _bin_positions(self, slot: _TemplateSlot) -> _BinnedEvents:
+        """The template's events inside the bins (:class:`_BinnedEvents`). Depends on the
+        stored observable, weights and edges only, so it is computed once per template (and
+        again after ``.to()``)."""
         if slot.key not in self._bin_index:
             edges = getattr(self, f"edges{slot.region}")
             positions = torch.searchsorted(getattr(self, slot.observable), edges)
             first, last = positions[[0, -1]].tolist()
             numbers = torch.arange(len(edges) - 1, device=edges.device)
             bins = torch.repeat_interleave(numbers, torch.diff(positions))
-            self._bin_index[slot.key] = (bins, first, last)
+            weight = self._weight(slot)[first:last]
+            self._bin_index[slot.key] = _BinnedEvents(
+                first, last, bins, torch.diff(positions).tolist(), torch.stack([weight, weight**2])
+            )
         return self._bin_index[slot.key]
 
     def _selected_count(
-        self,
-        slot: _TemplateSlot,
-        bins: torch.Tensor,
-        first: int,
-        last: int,
-        selected: torch.Tensor | None,
+        self, slot: _TemplateSlot, selected: torch.Tensor | None, start: int
     ) -> Histogram:
         """:meth:`selected_counts` of one template from the selection weights ``selected`` of
-        its events ``first .. last-1`` (the events in the bins ``bins``,
+        its events ``start ..`` (a range that holds its events in the bins,
         :meth:`_bin_positions`; None: no cuts)."""
-        edges = getattr(self, f"edges{slot.region}")
-        weight = self._weight(slot)[first:last]
-        ws = weight if selected is None else weight * selected
-        zeros = torch.zeros(len(edges) - 1, dtype=ws.dtype, device=ws.device)
-        return Histogram(edges, zeros.index_add(0, bins, ws), zeros.index_add(0, bins, ws * weight))
+        binned = self._bin_positions(slot)
+        if selected is None:
+            selected, start = torch.ones_like(binned.weights[0]), binned.first
+        n, v = _BinSums.apply(selected, binned, start)
+        return Histogram(getattr(self, f"edges{slot.region}"), n, v)
 
     # ------------------------------------------------------------------ likelihood
     def workspace_spec(self, tau: float | torch.Tensor, bandwidth: float | torch.Tensor) -> dict:
@@ -790,6 +786,68 @@ class AnalysisPipeline(torch.nn.Module):
     def _weight(self, slot: _TemplateSlot) -> torch.Tensor:
         """The weights of the template of ``slot`` (sorted like its group's observable)."""
         return cast(torch.Tensor, getattr(self, slot.weights))[slot.row]
+
+
+@dataclass(frozen=True)
+class _BinnedEvents:
+    """A template's events inside the bins: its (sorted) events ``first .. last-1``, their bin
+    numbers ``bins`` (bin ``b``: ``e_b <= y < e_{b+1}``), the number of events per bin
+    ``lengths`` and their weights ``[w; w^2]`` ``(2, last - first)``."""
+
+    first: int
+    last: int
+    bins: torch.Tensor
+    lengths: list[int]
+    weights: torch.Tensor
+
+
+class _BinSums(torch.autograd.Function):
+    """``(n, v)`` per bin, ``n_b = sum_{i in b} w_i s_i`` and ``v_b = sum_{i in b} w_i^2 s_i``,
+    of the events of :class:`_BinnedEvents` with selection weights ``s`` (given for the events
+    ``start ..``, a range around them: the gradient, ``dL/ds_i = g_{b(i)} w_i + g'_{b(i)}
+    w_i^2``, has the shape of ``s`` and needs no zero-padded slice of autograd's).
+
+    The events are sorted by bin: on CPU each bin is one matrix-vector product of its
+    ``[w; w^2]`` and ``s`` (forward and backward), as the KDE sums its sorted bins; a scatter
+    (``index_add``) of sorted events serialises on repeated additions to the same bin, and
+    composing it from autograd's operations costs several passes over the events more. Other
+    devices scatter (``index_add``) and gather (``index_select``)."""
+
+    @staticmethod
+    def forward(ctx, selection, binned, start):
+        ctx.binned, ctx.start, ctx.size = binned, start, selection.shape[0]
+        weights = binned.weights
+        selection = selection[binned.first - start : binned.last - start]
+        if selection.device.type != "cpu":
+            products = weights * selection
+            zeros = weights.new_zeros((2, len(binned.lengths)))
+            return tuple(zeros.index_add(1, binned.bins, products))
+        out = weights.new_empty((len(binned.lengths), 2))
+        parts = zip(
+            weights.split(binned.lengths, 1), selection.split(binned.lengths), out, strict=True
+        )
+        for w, s, sums in parts:
+            torch.mv(w, s, out=sums)
+        return tuple(out.t())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_n, grad_v):
+        binned = ctx.binned
+        weights, grad = binned.weights, torch.stack([grad_n, grad_v])  # (2, B)
+        out = weights.new_empty(ctx.size)
+        lo, hi = binned.first - ctx.start, binned.last - ctx.start
+        out[:lo], out[hi:] = 0.0, 0.0
+        inside = out[lo:hi]
+        if weights.device.type != "cpu":
+            torch.sum(weights * grad.index_select(1, binned.bins), 0, out=inside)
+            return out, None, None
+        parts = zip(
+            weights.split(binned.lengths, 1), inside.split(binned.lengths), grad.t(), strict=True
+        )
+        for w, g_s, g in parts:
+            torch.mv(w.t(), g, out=g_s)
+        return out, None, None
 
 
 def _structure(value: object) -> object:
