@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -862,7 +862,9 @@ class _KDEHistogram(torch.autograd.Function):
             group_sums = None  # unsorted chunks
             group_products = []
             # sorted values: per segment (C, W+S), one call (not one per bin)
-            pieces = iter(both_t.split(group.segment_lengths) if group.segment_lengths else ())
+            pieces = iter(
+                both_t.split_with_sizes(group.segment_lengths) if group.segment_lengths else ()
+            )
             for c, ((sl, segments), rows) in enumerate(zip(group.chunks, chunk_rows, strict=True)):
                 if segments is None:
                     bins = group.bin_of[sl]
@@ -884,7 +886,7 @@ class _KDEHistogram(torch.autograd.Function):
                         group_products.append(torch.mm(kernel64, next(pieces)))
                     else:
                         lengths = [stop - start for _, start, stop in segments]
-                        for local in kernel64.split(lengths, dim=1):
+                        for local in kernel64.split_with_sizes(lengths, dim=1):
                             group_products.append(torch.mm(local, next(pieces)))
                 if keep:
                     kernels[g].append(kernel)
@@ -1023,10 +1025,11 @@ def _weight_gradient(
     if plan.offsets[index][-1]:
         coefficients_t = plan.group_coefficients(cast(torch.Tensor, coefficients), index)
     # sorted: per segment its coefficients and its columns of p (one call each, not per bin)
-    segment_coefficients, segment_p = iter(()), iter(())
+    segment_coefficients: Iterator[torch.Tensor] = iter(())
+    segment_p: Iterator[torch.Tensor] = iter(())
     if group.segment_lengths:
-        segment_coefficients = iter(coefficients_t.split(plan.heights[index], dim=1))
-        segment_p = iter(p.split(group.segment_lengths, dim=1))
+        segment_coefficients = iter(coefficients_t.split_with_sizes(plan.heights[index], dim=1))
+        segment_p = iter(p.split_with_sizes(group.segment_lengths, dim=1))
     for k, ((sl, segments), rows) in enumerate(zip(group.chunks, chunk_rows, strict=True)):
         bin_of = cast(torch.Tensor, group.bin_of)  # given for unsorted chunks
         if kernels is not None:
@@ -1041,9 +1044,9 @@ def _weight_gradient(
             out = p.narrow(1, sl.start, sl.stop - sl.start)
             torch.sum(torch.gather(g2, 2, bins).mul_(kernel), 1, out=out)
             continue
-        locals_ = [kernel]  # [c; const] @ [E; 1] per segment
+        locals_: Sequence[torch.Tensor] = (kernel,)  # [c; const] @ [E; 1] per segment
         if len(segments) > 1:
-            locals_ = kernel.split([stop - start for _, start, stop in segments], dim=1)
+            locals_ = kernel.split_with_sizes([stop - start for _, start, stop in segments], dim=1)
         for local in locals_:
             torch.mm(next(segment_coefficients), local, out=next(segment_p))
     p[:s].addcmul_(p[w:], weights[:s])

@@ -824,7 +824,10 @@ class _BinSums(torch.autograd.Function):
             return tuple(zeros.index_add(1, binned.bins, products))
         out = weights.new_empty((len(binned.lengths), 2))
         parts = zip(
-            weights.split(binned.lengths, 1), selection.split(binned.lengths), out, strict=True
+            weights.split_with_sizes(binned.lengths, 1),
+            selection.split_with_sizes(binned.lengths),
+            out,
+            strict=True,
         )
         for w, s, sums in parts:
             torch.mv(w, s, out=sums)
@@ -843,7 +846,10 @@ class _BinSums(torch.autograd.Function):
             torch.sum(weights * grad.index_select(1, binned.bins), 0, out=inside)
             return out, None, None
         parts = zip(
-            weights.split(binned.lengths, 1), inside.split(binned.lengths), grad.t(), strict=True
+            weights.split_with_sizes(binned.lengths, 1),
+            inside.split_with_sizes(binned.lengths),
+            grad.t(),
+            strict=True,
         )
         for w, g_s, g in parts:
             torch.mv(w.t(), g, out=g_s)
