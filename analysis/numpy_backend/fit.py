@@ -141,7 +141,7 @@ def newton(model: NumpyModel, data, start, bounds, fixed, *, max_iter: int = 100
         damping = np.where(
             failed, np.maximum(10 * damping, 1e-3), np.where(damping >= 1e-6, damping / 10, 0.0)
         )
-        with np.errstate(invalid="ignore"):  # inf - inf of a rejected row: not accepted anyway
+        with np.errstate(invalid="ignore"):  # NaN edm where H is not positive definite
             agrees = np.abs((value - new_value) - edm) <= 0.5 * edm
         quadratic_step = accepted & full & newton_step & agrees
         delta_f = np.where(accepted, new_value - value, delta_f)
