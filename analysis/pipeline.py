@@ -858,8 +858,10 @@ class _BinSums(torch.autograd.Function):
 
 def _structure(value: object) -> object:
     """The structure of a spec (hashable, comparable): containers, keys, strings and the shapes
-    of tensors; numbers count as their type only. (Exact types first: ``isinstance`` with an
-    abstract class such as ``Mapping`` is slow, and a spec has hundreds of nodes per step.)"""
+    of tensors; numbers count as their type only. (The exact types of a spec's nodes first, then
+    the same cases by ``isinstance`` for other types: ``isinstance`` with the abstract
+    ``Mapping`` or with ``torch.Tensor``, whose metaclass has its own check, costs ~1 us, and a
+    spec has hundreds of nodes per step; measured 0.24 ms per spec against 0.44 ms.)"""
     kind = type(value)
     if kind is dict:
         return tuple((key, _structure(item)) for key, item in cast(dict, value).items())
