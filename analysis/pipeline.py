@@ -733,6 +733,10 @@ class AnalysisPipeline(torch.nn.Module):
         tensor shapes; not the numbers) and device feed the new spec's numbers into that
         structure (:meth:`Model.with_spec_values`). A spec of another structure is validated
         and built from scratch again, and its structure kept instead.
+
+        The model's fits find their minima with the numpy backend where it is faster
+        (:meth:`Model.with_numpy_fits`: small models on the CPU); values and gradients are
+        the model's own.
         """
         return self._likelihood(histograms)[0]
 
@@ -744,13 +748,14 @@ class AnalysisPipeline(torch.nn.Module):
         key = (_structure(spec), device)
         if self._likelihood_structure is not None and self._likelihood_structure[0] == key:
             model_spec = Workspace(spec=spec, source=source).model_spec()
-            return self._likelihood_structure[1].with_spec_values(model_spec), spec
+            model = self._likelihood_structure[1].with_spec_values(model_spec)
+            return model.with_numpy_fits(), spec
         workspace = Workspace.from_spec(spec, source=source)  # validates: the first call
         model = workspace.model(dtype=torch.float64, device=device)
         # the structure kept is a detached copy, which holds no graph of this call
         template = model.with_spec_values(_detached(workspace.model_spec()))
         self._likelihood_structure = (key, template)
-        return model, spec
+        return model.with_numpy_fits(), spec
 
     def model(
         self, tau: float | torch.Tensor, bandwidth: float | torch.Tensor

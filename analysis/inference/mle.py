@@ -6,6 +6,11 @@ each element with its own start and, where batched, its own data, bounds and fix
 Everything stays in torch on the model's device. A batch runs in two passes (all elements with a
 short iteration cap, then only the stragglers), and a model with kinked parameters is fitted
 from three starts, keeping the lowest converged minimum (:func:`minimize`).
+
+A model made by :meth:`~analysis.likelihood.Model.with_numpy_fits` (small, smooth, on the CPU:
+what the optimizer's pipeline builds) finds its minima with the numpy backend's Newton fits, the
+same algorithm without torch's per-operation cost; values and gradients are still the torch
+model's. A fit that the numpy backend cannot bring to a converged minimum is done here instead.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from analysis.fit import newton_minimize, with_implicit_gradient
 from analysis.inference.utils import _settings, require_poi
 from analysis.likelihood._tensors import broadcast_shapes
 from analysis.likelihood.model import TwiceNLL
+from analysis.numpy_backend import Unsupported
 from analysis.numpy_backend.fit import KINK_STARTS  # one definition for both engines
+from analysis.numpy_backend.fit import minimize as numpy_minimize
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +63,22 @@ def minimize(model, data, start, *, bounds, fixed, what: str = "fit", parameters
 
 
 def _best_minimum(model, objective, start, bounds, fixed, what):
-    """``(x, twice_nll, Hessian)`` at the best converged minimum (:func:`minimize`)."""
+    """``(x, twice_nll, Hessian)`` at the best converged minimum (:func:`minimize`): by the
+    numpy backend for a model :meth:`~analysis.likelihood.Model.with_numpy_fits` (one fit or
+    a row of fits, bounds for all) where it converges, else here."""
     data = objective.data
+    batch = start.shape[:-1]
+    if (
+        model.numpy_fits is not None
+        and len(batch) <= 1
+        and data.shape[:-1] in ((), batch)
+        and fixed.shape[:-1] in ((), batch)
+        and bounds.dim() == 2
+    ):
+        try:
+            return _numpy_minimum(model.numpy_fits, data, start, bounds, fixed, what)
+        except Unsupported:  # not finite at a start, or not converged: torch's fits report
+            pass
     kinked = model.kinked_parameters() & ~fixed
     if not bool(kinked.any()):
         x, fun, converged, hessian = _newton(model, data, start, bounds, fixed)
@@ -75,6 +96,27 @@ def _best_minimum(model, objective, start, bounds, fixed, what):
     hessian = torch.take_along_dim(hessian, best[None, ..., None, None], dim=0)[0]
     _report_unconverged(converged.any(0), what)
     return x, torch.take_along_dim(fun, best[None], dim=0)[0], hessian
+
+
+def _numpy_minimum(twin, data, start, bounds, fixed, what):
+    """:func:`_best_minimum` by :func:`analysis.numpy_backend.fit.minimize` on ``twin``, the
+    :class:`~analysis.numpy_backend.model.NumpyModel` of the same numbers, as tensors like
+    ``start``; raises :class:`~analysis.numpy_backend.Unsupported` where it cannot fit or a
+    fit does not converge."""
+    rows = start.reshape(-1, start.shape[-1])
+    result = numpy_minimize(
+        twin,
+        data.detach().cpu().numpy(),
+        rows.detach().cpu().numpy(),
+        bounds.detach().cpu().numpy(),
+        fixed.expand_as(rows).cpu().numpy(),
+    )
+    if not result.converged.all():
+        raise Unsupported(f"{int((~result.converged).sum())} {what}(s) did not converge")
+    x = torch.from_numpy(result.x).to(start).reshape(start.shape)
+    fun = torch.from_numpy(result.fun).to(start).reshape(start.shape[:-1])
+    hessian = torch.from_numpy(result.hessian).to(start)
+    return x, fun, hessian.reshape(*start.shape, start.shape[-1])
 
 
 def _newton(model, data, start, bounds, fixed):

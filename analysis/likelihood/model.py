@@ -106,6 +106,7 @@ class Model:
         )
         self.samples: tuple[str, ...] = tuple(sorted({b.sample for b in blocks}))
         self.nmain = layout.nbins
+        self._spec = spec  # the numbers, for with_numpy_fits
         self._set_values(spec, blocks)
         self._build_factor_table(layout, blocks)
         self._cell_bin = torch.cat(
@@ -154,6 +155,7 @@ class Model:
                 "of the model's structure; build a new Model"
             )
         model = copy.copy(self)  # shares the structure; _set_values replaces every number
+        model._spec, model.numpy_fits = spec, None
         blocks = []
         for block, (ci, si) in zip(self._blocks, self._block_positions, strict=True):
             samples = spec["channels"][ci]["samples"]
@@ -162,6 +164,55 @@ class Model:
         model._set_values(spec, blocks)
         if model.par_names != self.par_names:  # fixed by the structure
             raise ConfigError(f"{self.source}: the spec's parameters differ from the model's")
+        return model
+
+    #: a :class:`~analysis.numpy_backend.model.NumpyModel` of this model's numbers whose Newton
+    #: fits find the minima of :func:`analysis.inference.mle.minimize`, or None (torch's own
+    #: fits); set by :meth:`with_numpy_fits`, dropped by every copy with other numbers
+    numpy_fits: Any = None
+
+    def with_numpy_fits(self) -> Model:
+        """This model, whose fits (:func:`analysis.inference.mle.minimize`) find their minima with
+        the numpy backend (:func:`analysis.numpy_backend.fit.minimize`: the same projected
+        Newton algorithm, the same starts and tolerance) on a
+        :class:`~analysis.numpy_backend.model.NumpyModel` of the same spec. Everything else
+        stays here: the minimum's value and its gradient are this model's twice NLL at the
+        minimum found (the envelope theorem, as after a torch fit), the parameters' implicit
+        gradient uses the numpy fit's Hessian (the same exact Hessian).
+
+        Why: a small model's Newton iteration is a few hundred tiny tensor operations, whose
+        dispatch costs more than numpy's arithmetic (see
+        :data:`~analysis.numpy_backend.FIT_MAX_PARAMETERS`). Returns ``self`` unchanged where
+        that does not hold or apply: not on the CPU, not float64, batched over nominal yields,
+        more than ``FIT_MAX_PARAMETERS`` parameters, kinked parameters (histosys code0, normsys
+        code1: a minimum on a kink has two one-sided Hessians, and which one a fit ends on is
+        decided by rounding), or a spec that the numpy backend does not cover
+        (:class:`~analysis.numpy_backend.Unsupported`).
+        """
+        from analysis.numpy_backend import FIT_MAX_PARAMETERS, Unsupported
+        from analysis.numpy_backend.model import NumpyModel
+
+        if (
+            self.device.type != "cpu"
+            or self.dtype != torch.float64
+            or self.nominal_batch != 1
+            or self.npars > FIT_MAX_PARAMETERS
+            or bool(self.kinked_parameters().any())
+        ):
+            return self
+        try:
+            twin = NumpyModel(
+                _as_numbers(self._spec),
+                poi_name=self.poi_name,
+                modifier_settings=dict(self.modifier_settings),
+                source=self.source,
+            )
+        except Unsupported:
+            return self
+        if twin.par_names != self.par_names:
+            return self
+        model = copy.copy(self)
+        model.numpy_fits = twin
         return model
 
     # ------------------------------------------------------------------ build helpers
@@ -526,6 +577,7 @@ class Model:
                 f"{self._nominal_column.shape[1]} yields"
             )
         batched = copy.copy(self)
+        batched.numpy_fits = None  # other numbers
         nominal = self._nominal_column.expand(-1, yields.shape[0])
         batched._nominal_column = nominal.index_put((cells,), yields.T)
         return batched
@@ -723,6 +775,17 @@ def _check_settings(settings: Any, source: str) -> dict[str, dict[str, Any]]:
             )
         out[type_name] = dict(options)
     return out
+
+
+def _as_numbers(spec: Any) -> Any:
+    """``spec`` with its tensors as Python numbers and lists (detached), the rest shared."""
+    if isinstance(spec, torch.Tensor):
+        return spec.detach().tolist()
+    if isinstance(spec, Mapping):
+        return {key: _as_numbers(value) for key, value in spec.items()}
+    if isinstance(spec, list | tuple):
+        return [_as_numbers(value) for value in spec]
+    return spec
 
 
 def _spec_key(spec: Mapping[str, Any]) -> tuple:

@@ -29,6 +29,13 @@ from __future__ import annotations
 #: whole command takes less time than importing torch (measured in benchmarks/bench_stats.py)
 AUTO_MAX_PARAMETERS = 40
 
+#: in a process that has torch already, a model's fits find their minima with this backend's
+#: Newton up to this many parameters (:meth:`analysis.likelihood.Model.with_numpy_fits`): its
+#: cost grows faster with the parameters than torch's (measured, one thread, one fit: 41
+#: parameters 2.2 ms against torch's 6.7 ms, 71: 4.7 against 7.7, 101: 9.7 against 8.4, 219
+#: (ATLAS SUSY-2018-16): 632 against 83; the demo analysis, 42: 3.7 against 19.8)
+FIT_MAX_PARAMETERS = 80
+
 
 class Unsupported(Exception):
     """The numpy backend does not cover this input or result; the torch engine takes over."""
