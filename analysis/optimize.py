@@ -34,6 +34,9 @@ the hard metric (larger is better for ``maximize`` objectives, smaller otherwise
 step's history entry. A point where an evaluation fails (:data:`NUMERICAL_ERRORS`: e.g. a
 likelihood that is not finite at the fit's start because a cut removed a whole sample) gets
 ``null`` for that value and ``hard_error`` (or ``rejected``) with the cause; the run goes on.
+So does a hard evaluation whose fit does not converge
+(:meth:`analysis.likelihood.Model.with_strict_fits`): a fit that stops short of its minimum
+makes, e.g., ``q0`` and the significance too large, so its value is never the best point.
 
 **Checkpoints.** Every ``checkpoint_every`` steps ``out_dir/checkpoint.pt`` is written
 atomically (pipeline state, Adam state, next step, history, best point, torch RNG state).
@@ -319,7 +322,8 @@ def _evaluate_hard(pipeline: AnalysisPipeline, objective: Objective) -> dict[str
         n_eff = mc_statistics.background_effective_events(config, histograms)
         below = mc_statistics.below_guard(config, n_eff, config.optimization.min_effective_events)
         try:
-            value = float(objective(pipeline.likelihood(histograms), None))
+            # strict: an unconverged fit's value (a significance too large) is not a result
+            value = float(objective(pipeline.likelihood(histograms).with_strict_fits(), None))
         except NUMERICAL_ERRORS as err:
             log.warning("hard evaluation at %s failed: %s", pipeline.cut_values(), err)
             out = {"hard": None, "hard_error": str(err)}

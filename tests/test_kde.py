@@ -514,9 +514,12 @@ def test_factors_equal_products():
 def test_sumw2_rows_leave_out_sums_of_squares(h, monkeypatch):
     """``sumw2_rows``: the sums of squares of a group's first S rows only (S = 1 of a sorted
     group of 2 rows, 0 of an unsorted 1-D group; with factors). Yields equal those of the
-    call with all rows to 1e-14, the kept sums of squares too, the others are not returned
-    (None for 1-D weights); the gradients of the weights and factors of a loss of what is
-    returned equal the full call's to 1e-12. A layout filled for other rows is refused."""
+    call with all rows to 1e-13, the kept sums of squares too (the per-bin matrix products
+    have other widths, and the BLAS kernel, chosen by width and memory alignment, may sum in
+    another order: once 4.9e-14 in a full run on an AVX-512 machine, where the file alone
+    passes at 1e-14), the others are not returned (None for 1-D
+    weights); the gradients of the weights and factors of a loss of what is returned equal the
+    full call's to 1e-12. A layout filled for other rows is refused."""
     monkeypatch.setattr(histograms, "_KDE_MIN_BIN_EVENTS", 64)
     e, groups, factors, up = factor_case(35, 9)
     results = []
@@ -534,7 +537,7 @@ def test_sumw2_rows_leave_out_sums_of_squares(h, monkeypatch):
         grads = torch.autograd.grad(loss, weights + fs)
         results.append(([sorted_hist.yields, unsorted_hist.yields, kept], grads))
     for a, b in zip(results[0][0], results[1][0], strict=True):
-        np.testing.assert_allclose(a.detach(), b.detach(), rtol=1e-14, atol=0)
+        np.testing.assert_allclose(a.detach(), b.detach(), rtol=1e-13, atol=0)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14 * b.abs().max().item())
     for bad in ([3, 0], [1], [-1, 0], [1.0, 0]):

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from analysis.fit import newton_minimize, with_implicit_gradient
+from analysis.fit import FitError, newton_minimize, with_implicit_gradient
 from analysis.inference.utils import _settings, require_poi
 from analysis.likelihood._tensors import broadcast_shapes
 from analysis.likelihood.model import TwiceNLL
@@ -82,7 +82,7 @@ def _best_minimum(model, objective, start, bounds, fixed, what):
     kinked = model.kinked_parameters() & ~fixed
     if not bool(kinked.any()):
         x, fun, converged, hessian = _newton(model, data, start, bounds, fixed)
-        _report_unconverged(converged, what)
+        _report_unconverged(model, converged, what)
         return x, fun, hessian
     offsets = [torch.zeros_like(start)] + [
         torch.where(kinked, d, 0.0).expand_as(start) for d in KINK_STARTS
@@ -94,7 +94,7 @@ def _best_minimum(model, objective, start, bounds, fixed, what):
     best = torch.where(converged, fun, torch.inf).argmin(0)
     x = torch.take_along_dim(x, best[None, ..., None], dim=0)[0]
     hessian = torch.take_along_dim(hessian, best[None, ..., None, None], dim=0)[0]
-    _report_unconverged(converged.any(0), what)
+    _report_unconverged(model, converged.any(0), what)
     return x, torch.take_along_dim(fun, best[None], dim=0)[0], hessian
 
 
@@ -152,10 +152,16 @@ def _newton(model, data, start, bounds, fixed):
     return x, fun, converged, hessian
 
 
-def _report_unconverged(converged: torch.Tensor, what: str) -> None:
+def _report_unconverged(model, converged: torch.Tensor, what: str) -> None:
+    """Warn about the fits that did not converge, or raise FitError for a model
+    :meth:`~analysis.likelihood.Model.with_strict_fits`."""
     failed = int((~converged).sum())
-    if failed:
-        log.warning("%d of %d %s(s) did not converge", failed, converged.numel(), what)
+    if not failed:
+        return
+    message = f"{failed} of {converged.numel()} {what}(s) did not converge"
+    if model.strict_fits:
+        raise FitError(message)
+    log.warning("%s", message)
 
 
 def free_fit(model, data, *, init=None, bounds=None, fixed=None, parameters_gradient=True):

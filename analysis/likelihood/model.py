@@ -166,6 +166,19 @@ class Model:
             raise ConfigError(f"{self.source}: the spec's parameters differ from the model's")
         return model
 
+    #: whether a fit of :func:`analysis.inference.mle.minimize` that does not converge raises
+    #: :class:`~analysis.fit.FitError` (True, :meth:`with_strict_fits`) or logs a warning
+    strict_fits: bool = False
+
+    def with_strict_fits(self) -> Model:
+        """This model, whose fits raise :class:`~analysis.fit.FitError` when one of them does
+        not converge, instead of a warning (pyhf's fits raise too): for a caller that must not
+        use the value of an unconverged fit. A fixed-POI fit that stops short of its minimum
+        leaves twice its NLL too high, so ``q0`` and the significance come out too large."""
+        model = copy.copy(self)
+        model.strict_fits = True
+        return model
+
     #: a :class:`~analysis.numpy_backend.model.NumpyModel` of this model's numbers whose Newton
     #: fits find the minima of :func:`analysis.inference.mle.minimize`, or None (torch's own
     #: fits); set by :meth:`with_numpy_fits`, dropped by every copy with other numbers
