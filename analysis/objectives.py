@@ -129,12 +129,15 @@ def poi_uncertainty(model, data=None) -> torch.Tensor:
 def expected_upper_limit(model, data=None) -> torch.Tensor:
     """Median expected 95% CLs upper limit on mu (q~), on the background-only Asimov data.
 
-    ``inference.upper_limits(model, asimov_b)[3]`` (index 3: the median of the expected band).
-    On background-only Asimov data the observed limit (index 0) is the same number, since the
-    observed test statistic equals its Asimov value at every mu. Differentiated through the root
+    The median of the expected band of ``inference.upper_limits(model, asimov_b)``, solved
+    alone (``curves``): the other curves need not be bracketed by the POI bounds, so a point
+    whose median limit is inside them has a value even where the +2 sigma one is not. On
+    background-only Asimov data the observed limit is the same number, since the observed test
+    statistic equals its Asimov value at every mu. Differentiated through the root
     ``CLs(mu*) = 0.05`` by the implicit function theorem.
     """
-    return inference.upper_limits(model, asimov_background(model), 0.95)[3]
+    median = inference.LIMIT_CURVES.index("median")
+    return inference.upper_limits(model, asimov_background(model), 0.95, curves=(median,))[0]
 
 
 def asimov_significance(model, data=None) -> torch.Tensor:

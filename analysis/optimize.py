@@ -758,6 +758,7 @@ def _optimize(
         final |= _evaluate_hard(pipeline, objective_fn)
         run.hard_evaluations += 1
         run.offer(final, maximize)
+        _warn_if_stalled(config, run, final)
     best = _reported_best(run)
     result = OptimizationResult(
         objective=objective_fn.name,
@@ -774,6 +775,41 @@ def _optimize(
     if writer:
         _write_outputs(out, result)
     return result
+
+
+#: a run whose trainable cuts all moved less than this fraction of their Bounds has stalled
+STALLED_FRACTION = 1e-6
+
+
+def _warn_if_stalled(config: Config, run: RunState, final: Mapping[str, Any]) -> None:
+    """Warn when no trainable cut moved (by :data:`STALLED_FRACTION` of its Bounds) from the
+    initial to the final point: a run that looks alive (its relaxed values change with the
+    temperature) but whose gradient vanished, e.g. under a guard discount of 1e-31 when most
+    bins are below the guard (Adam's steps then round to nothing)."""
+    initial = cast(dict[str, Any], run.initial)
+    cuts = [cut for cut in config.cuts if cut.trainable]
+    if not run.history or not cuts:
+        return
+    moved = max(
+        abs(final["cuts"][cut.name] - initial["cuts"][cut.name]) / (cut.bounds[1] - cut.bounds[0])
+        for cut in cuts
+    )
+    if moved >= STALLED_FRACTION:
+        return
+    guards = [entry["guard"] for entry in run.history if "guard" in entry]
+    cause = (
+        f"; the MC-statistics guard discounted the objective by as much as {min(guards):.3g} "
+        "(Optimization.MinEffectiveEvents: lower it or simulate more background)"
+        if guards and min(guards) < 1e-6
+        else ""
+    )
+    log.warning(
+        "the trainable cuts did not move in %d steps (at most %.2g of their Bounds): the "
+        "gradient vanished%s",
+        len(run.history),
+        moved,
+        cause,
+    )
 
 
 def _reported_best(run: RunState) -> dict[str, Any]:

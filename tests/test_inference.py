@@ -148,6 +148,46 @@ def test_limits_and_curve_from_one_calculator_equal_pyhf():
         inference.upper_limits(model, data, bracket=(0.0, 0.5 * limit.expected[0]))
 
 
+def test_limit_curves_solved_alone_need_only_their_own_bracket():
+    """``upper_limits(curves=...)``: the median expected limit alone, in a bracket that ends
+    between the median and the +2 sigma limit (where all six together are refused), equals
+    pyhf's toms748 median to 1e-4 (and the six-curve result to twice the root finder's xtol,
+    1e-5); in grad mode it has the six-curve result's gradient in the signal yields."""
+    spec = json.loads(reference_path("pyhf_validation", "2-bin_1-channel.json").read_text())
+    ws = Workspace.load(spec)
+    model = ws.model()
+    data = ws.data(model)
+    median = inference.LIMIT_CURVES.index("median")
+    with torch.no_grad():
+        all_six = inference.upper_limits(model, data)
+        bracket = (0.0, 0.5 * float(all_six[median] + all_six[-1]))
+        with pytest.raises(inference.InferenceError, match="for the .*\\+2 sigma limit"):
+            inference.upper_limits(model, data, bracket=bracket)
+        (alone,) = inference.upper_limits(model, data, bracket=bracket, curves=(median,))
+        both = inference.upper_limits(model, data, curves=(median, 0))
+    ref_ws = pyhf.Workspace(spec)
+    ref_model = ref_ws.model()
+    _, ref_exp = pyhf.infer.intervals.upper_limits.toms748_scan(
+        ref_ws.data(ref_model), ref_model, 0.0, 10.0, rtol=1e-8
+    )[:2]
+    assert float(alone) == pytest.approx(float(ref_exp[2]), rel=1e-4)
+    assert float(alone) == pytest.approx(float(all_six[median]), abs=2e-5)  # 2 xtol
+    np.testing.assert_allclose(both.numpy(), all_six[[median, 0]].numpy(), atol=2e-5)
+    signal = torch.tensor(spec["channels"][0]["samples"][0]["data"], dtype=torch.float64)
+    grads = []
+    for curves in (None, (median,)):
+        spec_t = json.loads(json.dumps(spec))
+        leaf = signal.clone().requires_grad_(True)
+        spec_t["channels"][0]["samples"][0]["data"] = leaf
+        ws_t = Workspace(spec=spec_t)
+        limits = inference.upper_limits(ws_t.model(), data, curves=curves)
+        value = limits[median] if curves is None else limits[0]
+        (grad,) = torch.autograd.grad(value, leaf)
+        grads.append(grad)
+    assert bool(torch.isfinite(grads[1]).all())
+    np.testing.assert_allclose(grads[1].numpy(), grads[0].numpy(), rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- cabinetry
 @pytest.fixture(scope="module")
 def cabinetry_model():

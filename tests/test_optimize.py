@@ -233,6 +233,28 @@ def test_config_bandwidth_levels():
         raw["Optimization"] = {"BandwidthLevels": bad}
         with pytest.raises(ConfigError, match="BandwidthLevels"):
             config_module.from_dict(raw)
+    # a seed that numpy (default_rng: non-negative) and torch (manual_seed: 64 bits) both take
+    raw["Optimization"] = {"Seed": 2**64 - 1}
+    assert config_module.from_dict(raw).optimization.seed == 2**64 - 1
+    for bad in (-1, 2**64, 1.5):
+        raw["Optimization"] = {"Seed": bad}
+        with pytest.raises(ConfigError, match="Optimization.Seed"):
+            config_module.from_dict(raw)
+
+
+@pytest.mark.parametrize("command", ["optimize", "scan-cuts"])
+@pytest.mark.parametrize("seed", ["-5", str(2**64)])
+def test_cli_seed_out_of_range_is_one_line(toy, tmp_path, command, seed):
+    """A seed that numpy or torch refuses is a usage error (exit 2) before anything runs, not a
+    traceback from the random generator."""
+    extra = ["--method", "random", "--budget", "2"] if command == "scan-cuts" else ["--steps", "1"]
+    result = CliRunner().invoke(
+        main,
+        [command, str(toy.write_config()), "--out", str(tmp_path / "out"), "--seed", seed, *extra],
+    )
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--seed'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_scan_points():
@@ -1099,3 +1121,27 @@ def test_a_hard_evaluation_whose_fit_does_not_converge_is_not_a_result(tmp_path)
     assert float(stopped) > float(minimum) + 0.1  # measured: 201.478 against 201.112
     result = optimize(config, out_dir=tmp_path / "run", events=events, progress=False)
     assert result.initial.hard is None and result.best.hard is None
+
+
+def test_a_run_whose_cuts_do_not_move_says_so(toy, tmp_path, caplog):
+    """With the guard far above the toy's simulation (MinEffectiveEvents 1e6: a discount of
+    about (n_eff / 1e6)^2 per bin), the loss and its gradient underflow Adam's epsilon and the
+    cuts stay exactly where they started: a warning says so and names the discount (the
+    smallest of the history's ``guard`` values); the same run with the guard at its default
+    moves the cuts and does not warn."""
+    for minimum, stalls in ((1e6, True), (10.0, False)):
+        raw = dict(toy.config, Optimization=dict(FAST, MinEffectiveEvents=minimum))
+        config = config_module.from_dict(raw, source="toy.yaml")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="analysis.optimize"):
+            result = optimize(config, out_dir=tmp_path / str(minimum), progress=False)
+        smallest = min(entry["guard"] for entry in result.history)
+        warned = [r.getMessage() for r in caplog.records if "did not move" in r.getMessage()]
+        moved = max(
+            abs(result.final.cuts[c.name] - result.initial.cuts[c.name]) for c in config.cuts
+        )
+        if stalls:
+            assert smallest < 1e-30 and moved == 0.0
+            assert len(warned) == 1 and f"{smallest:.3g}" in warned[0], warned
+        else:
+            assert moved > 1e-3 and not warned

@@ -91,6 +91,10 @@ class _Group(click.Group):
             ctx.exit(2)
 
 
+#: a random seed: what both numpy (``default_rng``, non-negative) and torch (``manual_seed``,
+#: at most 64 bits) take; the configuration schema's ``Optimization.Seed`` has the same range
+SEED = click.IntRange(0, 2**64 - 1)
+
 DEVICE_PATTERN = re.compile(r"auto|(cpu|cuda)(:\d+)?")
 """The ``--device`` values, checked when the command line is read (without importing torch)."""
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 
 from analysis.cli._common import (
+    SEED,
     DaskRequest,
     _json_file,
     _setup_logging,
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
     show_default=True,
     help="Number of MC events, shared among the samples.",
 )
-@click.option("--seed", type=int, default=1, show_default=True, help="Random seed.")
+@click.option("--seed", type=SEED, default=1, show_default=True, help="Random seed.")
 @click.option(
     "--lumi",
     type=click.FloatRange(min=0, min_open=True),
@@ -307,7 +308,7 @@ def _report_outputs(out_dir: pathlib.Path) -> None:
 @_out_option
 @_objective_option
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Number of Adam steps.")
-@click.option("--seed", type=int, default=None, help="Random seed (default: the config's).")
+@click.option("--seed", type=SEED, default=None, help="Random seed (default: the config's).")
 @click.option("--resume", is_flag=True, help="Continue from DIR/checkpoint.pt.")
 @click.option(
     "--distributed",
@@ -389,7 +390,7 @@ def optimize(
 @click.option("--method", type=click.Choice(["grid", "random"]), required=True)
 @click.option("--budget", type=click.IntRange(min=1), required=True, help="Hard evaluations.")
 @_objective_option
-@click.option("--seed", type=int, default=None, help="Random seed (default: the config's).")
+@click.option("--seed", type=SEED, default=None, help="Random seed (default: the config's).")
 def scan_cuts(
     config: Any,
     cache_dir: pathlib.Path | None,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 
 from analysis.cli._common import (
+    SEED,
     DeviceRequest,
     _LazyModule,
     common_options,
@@ -395,7 +396,7 @@ def fit(
     show_default=True,
     help="Pseudo-experiments per hypothesis (toybased).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Toy seed (toybased).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Toy seed (toybased).")
 def hypotest(
     workspace: Any,
     model: Any,

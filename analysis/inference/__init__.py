@@ -38,6 +38,7 @@ from analysis.inference.diagnostics import DIFFERENT_MINIMUM, check_start, globa
 from analysis.inference.intervals import (
     CURVE_POINTS,
     GRID_POINTS,
+    LIMIT_CURVES,
     upper_limit,
     upper_limit_with_curve,
     upper_limits,
@@ -74,6 +75,7 @@ __all__ = [
     "FIRST_PASS_ITERATIONS",
     "GRID_POINTS",
     "KINK_STARTS",
+    "LIMIT_CURVES",
     "AsymptoticCalculator",
     "GoodnessOfFit",
     "HypotestResult",

@@ -11,6 +11,7 @@ the limits (pyhf's ``upper_limit`` with ``return_results``) from the same calcul
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -33,8 +34,11 @@ def upper_limits(
     bounds=None,
     fixed=None,
     max_iter: int = 100,
+    curves: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """The POI values where CLs = 1 - ``cl``: tensor (6,), observed then expected -2..+2 sigma.
+    """The POI values where CLs = 1 - ``cl``: tensor (6,), observed then expected -2..+2 sigma
+    (:data:`LIMIT_CURVES`), or only those of ``curves`` (indices into them, in that order),
+    which then alone must be bracketed.
 
     All six curves are solved together by the Illinois method (regula falsi that halves the
     stale end's value, superlinear and always bracketed): each step is one batched call of
@@ -45,14 +49,30 @@ def upper_limits(
     ``d mu*/d phi = -(d CLs/d phi) / (d CLs/d mu)`` at ``mu*`` (one more batched hypotest).
     """
     calculator = AsymptoticCalculator(model, data, test_stat, init=init, bounds=bounds, fixed=fixed)
-    return _limits(calculator, cl, bracket=bracket, xtol=xtol, max_iter=max_iter)
+    return _limits(calculator, cl, bracket=bracket, xtol=xtol, max_iter=max_iter, curves=curves)
+
+
+#: the six curves of :func:`upper_limits`, in the order of its result
+LIMIT_CURVES = ("observed", "-2 sigma", "-1 sigma", "median", "+1 sigma", "+2 sigma")
 
 
 def _limits(
-    calculator: AsymptoticCalculator, cl: float, *, bracket, xtol: float, max_iter: int
+    calculator: AsymptoticCalculator,
+    cl: float,
+    *,
+    bracket,
+    xtol: float,
+    max_iter: int,
+    curves: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """:func:`upper_limits` with the fits of ``calculator`` (which caches the free fits)."""
+    """:func:`upper_limits` with the fits of ``calculator`` (which caches the free fits).
+
+    All six curves are evaluated together (one batched call per step); a curve left out of
+    ``curves`` is held at a bracket of width 0, so its root is neither required nor searched."""
     model = calculator.model
+    selection = list(range(6)) if curves is None else [int(c) for c in curves]
+    wanted = torch.zeros(6, dtype=torch.bool, device=model.device)
+    wanted[selection] = True
     alpha = 1.0 - cl
     poi_bounds = calculator.bounds[calculator.poi]
     if bracket is None:
@@ -77,31 +97,40 @@ def _limits(
         for chunk in grid.split(GRID_CHUNK):
             result = calculator.hypotest(chunk)
             chunks.append(torch.cat([result.cls_obs[:, None], result.cls_exp], dim=1))
-            if bool((torch.cat(chunks) < alpha).any(0).all()):
+            if bool((torch.cat(chunks) < alpha).any(0)[wanted].all()):
                 break
-        curves = torch.cat(chunks)  # (grid values so far, 6)
-        grid = grid[: curves.shape[0]]
-        values = torch.log(torch.clamp(curves, min=1e-300)) - math.log(alpha)
+        cls_grid = torch.cat(chunks)  # (grid values so far, 6)
+        grid = grid[: cls_grid.shape[0]]
+        values = torch.log(torch.clamp(cls_grid, min=1e-300)) - math.log(alpha)
         below = values < 0
-        names = ["observed", "-2 sigma", "-1 sigma", "median", "+1 sigma", "+2 sigma"]
         for bad, where, end in [(~below.any(0), "upper", high), (below[0], "lower", low)]:
+            bad = bad & wanted
             if bool(bad.any()):
-                which = ", ".join(n for n, b in zip(names, bad.tolist(), strict=True) if b)
+                which = ", ".join(n for n, b in zip(LIMIT_CURVES, bad.tolist(), strict=True) if b)
                 raise InferenceError(
                     f"CLs at the {where} end of the bracket ({end:g}) does not bracket "
                     f"CLs = {alpha:g} for the {which} limit; widen the bracket or the POI bounds"
                 )
-        first = below.to(torch.int64).argmax(0)  # first grid point below alpha, per curve
+        # first grid point below alpha, per curve (1 for the curves not wanted: any bracket)
+        first = torch.where(wanted, below.to(torch.int64).argmax(0), 1)
         columns = torch.arange(6, device=grid.device)
         lo, hi = grid[first - 1], grid[first]
         f_lo, f_hi = values[first - 1, columns], values[first, columns]
+        hi = torch.where(wanted, hi, lo)  # width 0: nothing to search
+        f_hi = torch.where(wanted, f_hi, f_lo)
         roots = _illinois(log_ratio, lo, hi, f_lo, f_hi, xtol=xtol, max_iter=max_iter)
+        # a curve not wanted sits at a wanted root: near mu = 0 its q is 0, whose sqrt has an
+        # infinite derivative, and the backward pass below would multiply it by 0 (NaN)
+        roots = torch.where(wanted, roots, roots[selection[0]])
     if not torch.is_grad_enabled():
-        return roots
+        return roots[selection]
     mu = roots.clone().requires_grad_(True)
     value = excess(mu)
     (slope,) = torch.autograd.grad(value.sum(), mu, retain_graph=True)
-    return roots - (value - value.detach()) / slope.detach()
+    # select before dividing: a curve not wanted may have slope 0, whose 0 / 0 in the backward
+    # pass would reach the model's graph as NaN
+    value, slope = value[selection], slope[selection]
+    return roots[selection] - (value - value.detach()) / slope.detach()
 
 
 def _illinois(f, a, b, fa, fb, *, xtol: float, max_iter: int) -> torch.Tensor:
