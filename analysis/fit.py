@@ -52,6 +52,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from analysis.errors import AnalysisError
+from analysis.numpy_backend.fit import EIGENVALUE_FLOOR, MAX_ITERATIONS  # both engines
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,8 @@ def _damped_direction(
 
     Solves ``(H_FF + damping I) d_F = -g_F`` by Cholesky; elements whose matrix is not positive
     definite fall back to the eigen-decomposition with eigenvalues replaced by
-    ``max(|e|, 1e-10 max|e|) + damping`` (the saddle-free Newton step, a descent direction).
+    ``max(|e|, EIGENVALUE_FLOOR max|e|) + damping`` (the saddle-free Newton step, a descent
+    direction; :data:`~analysis.numpy_backend.fit.EIGENVALUE_FLOOR`).
     Parameters outside F get ``d = 0``.
     """
     pair = free.unsqueeze(-1) & free.unsqueeze(-2)
@@ -334,7 +336,7 @@ def _damped_direction(
         evals, evecs = torch.linalg.eigh(matrix[bad])
         scale = evals.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(evals.dtype).tiny)
         d = damping[bad].unsqueeze(-1)
-        floored = torch.maximum((evals - d).abs(), 1e-10 * scale) + d
+        floored = torch.maximum((evals - d).abs(), EIGENVALUE_FLOOR * scale) + d
         coef = (evecs.transpose(-1, -2) @ g[bad].unsqueeze(-1)).squeeze(-1) / floored
         direction[bad] = -(evecs @ coef.unsqueeze(-1)).squeeze(-1)
     direction = torch.where(free & torch.isfinite(direction), direction, 0.0)
@@ -347,7 +349,7 @@ def newton_minimize(
     *,
     bounds: Any,
     fixed: Any = None,
-    max_iter: int = 100,
+    max_iter: int = MAX_ITERATIONS,
     tol: float = 1e-10,
     labels: Sequence[str] | None = None,
 ) -> NewtonResult:
@@ -370,9 +372,9 @@ def newton_minimize(
        cannot be improved at this precision); a converged element takes one last Newton step
        (quadratic convergence: its edm drops to ~tol^2) and is then frozen;
     4. direction ``d_F = -H_FF^-1 g_F`` by Cholesky, with the saddle-free eigenvalue floor
-       ``max(|e|, 1e-10 max|e|)`` where H_FF is not positive definite and a Levenberg term
-       ``lambda max(diag H) I`` after failed line searches; ``d_A`` snaps active parameters
-       onto their bound;
+       ``max(|e|, EIGENVALUE_FLOOR max|e|)`` where H_FF is not positive definite and a
+       Levenberg term ``lambda max(diag H) I`` after failed line searches; ``d_A`` snaps active
+       parameters onto their bound;
     5. step ``x + alpha d`` projected onto the box, ``alpha = 1, 1/2, 1/4, ...`` until the Armijo
        condition holds (with a rounding allowance of a few ulp of ``f``; a full step from a point
        with ``edm <= tol`` is accepted as it is, its decrease being below the rounding of ``f``
@@ -577,7 +579,7 @@ def fit(
     method: Literal["minuit", "newton"] = "minuit",
     strategy: int = 1,
     tolerance: float = 0.01,
-    max_iter: int = 100,
+    max_iter: int = MAX_ITERATIONS,
     tol: float = 1e-10,
 ) -> FitResult:
     """One maximum-likelihood fit of ``twice_nll`` from ``init`` (shape (P,)).
@@ -769,7 +771,7 @@ def _newton_result(
     labels: tuple[str, ...],
     minos: tuple[str, ...],
     poi: str | None,
-    max_iter: int = 100,
+    max_iter: int = MAX_ITERATIONS,
     tol: float = 1e-10,
 ) -> FitResult:
     """A :class:`FitResult` from a projected-Newton minimum, with bounds handled as MINUIT
@@ -1065,7 +1067,7 @@ def fitted_parameters(
     *,
     bounds: Any,
     fixed: Any = None,
-    max_iter: int = 100,
+    max_iter: int = MAX_ITERATIONS,
     tol: float = 1e-10,
     strict: bool = True,
     labels: Sequence[str] | None = None,

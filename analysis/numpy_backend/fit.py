@@ -27,6 +27,20 @@ from analysis.numpy_backend.model import NumpyModel
 #: both engines (analysis.inference.mle imports it from here)
 KINK_STARTS = (0.5, -0.5)
 
+#: Newton iterations after which a fit counts as not converged, on both engines (analysis.fit
+#: imports it from here). A well-posed fit takes 3-10; a fit whose path runs along the barrier
+#: of a bin whose prediction nearly vanishes (backgrounds that cancel, with negative weights)
+#: takes many short steps there: 150-190 on the demo's ntuples at 10,000 events with the muon
+#: systematics on fewer samples, where a cap of 100 left fits short of their minimum
+MAX_ITERATIONS = 300
+
+#: the saddle-free Newton step's floor on the |eigenvalues| of an indefinite Hessian, relative
+#: to the largest, on both engines: small enough to resolve curvatures of order 1 next to a
+#: nearly vanishing bin's 1e13 (eigh resolves eigenvalues to ~1e-16 of the largest), where the
+#: floor of 1e-10 that this replaced (3e3 there) shrank every step in the well-measured
+#: directions and stalled the fit
+EIGENVALUE_FLOOR = 1e-14
+
 
 @dataclass(frozen=True)
 class Minimum:
@@ -44,7 +58,7 @@ def _direction(hess, grad, free, damping):
     """Newton direction on the free parameters and whether ``H_FF + damping`` is positive
     definite: ``-(H_FF + d)^-1 g_F`` by Cholesky when every row's matrix is positive
     definite, else through the eigen-decomposition, eigenvalues floored at
-    ``max(|e - d|, 1e-10 max|e|) + d`` (a descent direction where H is indefinite)."""
+    ``max(|e - d|, EIGENVALUE_FLOOR max|e|) + d`` (a descent direction where H is indefinite)."""
     pair = free[:, :, None] & free[:, None, :]
     eye = np.eye(hess.shape[-1])
     matrix = np.where(pair, hess, 0.0) + eye * np.where(free, damping[:, None], 1.0)[:, :, None]
@@ -61,7 +75,7 @@ def _direction(hess, grad, free, damping):
     positive = (evals > 0).all(-1)
     scale = np.maximum(np.abs(evals).max(-1, keepdims=True), np.finfo(float).tiny)
     d = damping[:, None]
-    floored = np.maximum(np.abs(evals - d), 1e-10 * scale) + d
+    floored = np.maximum(np.abs(evals - d), EIGENVALUE_FLOOR * scale) + d
     coef = np.einsum("bpk,bp->bk", evecs, g) / floored
     direction = -np.einsum("bpk,bk->bp", evecs, coef)
     return np.where(free & np.isfinite(direction), direction, 0.0), positive
@@ -76,7 +90,9 @@ def _finite(derivatives: tuple) -> tuple:
     return derivatives
 
 
-def newton(model: NumpyModel, data, start, bounds, fixed, *, max_iter: int = 100, tol=1e-10):
+def newton(
+    model: NumpyModel, data, start, bounds, fixed, *, max_iter: int = MAX_ITERATIONS, tol=1e-10
+):
     """Projected Newton fits from every row of ``start`` (B, P) to ``data`` ((N,) or (B, N));
     ``fixed`` (P,) or (B, P). Returns a :class:`Minimum`."""
     x = np.array(start, dtype=float)
