@@ -33,7 +33,9 @@ AUTO_MAX_PARAMETERS = 40
 #: Newton up to this many parameters (:meth:`analysis.likelihood.Model.with_numpy_fits`): its
 #: cost grows faster with the parameters than torch's (measured, one thread, one fit: 41
 #: parameters 2.2 ms against torch's 6.7 ms, 71: 4.7 against 7.7, 101: 9.7 against 8.4, 219
-#: (ATLAS SUSY-2018-16): 632 against 83; the demo analysis, 42: 3.7 against 19.8)
+#: (ATLAS SUSY-2018-16): 632 against 83; the demo analysis, 42: 3.7 against 19.8). The numpy
+#: model's build comes on top, once per model (2.5 ms for the demo): near the limit a model
+#: fitted once may take longer than with torch, one fitted several times (limits) less
 FIT_MAX_PARAMETERS = 80
 
 
