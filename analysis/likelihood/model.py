@@ -41,7 +41,7 @@ import torch
 
 from analysis.errors import ConfigError, DataError
 from analysis.likelihood import modifiers as modifier_registry
-from analysis.likelihood._tensors import as_tensor, broadcast_shapes
+from analysis.likelihood._tensors import as_tensor, broadcast_shapes, to_plain
 from analysis.likelihood.distributions import poisson_logpdf
 from analysis.likelihood.modifiers import Block, Layout, Modifier
 from analysis.likelihood.modifiers.base import Factor, SlotTable, gather_product, with_ones
@@ -215,7 +215,7 @@ class Model:
             return self
         try:
             twin = NumpyModel(
-                _as_numbers(self._spec),
+                to_plain(self._spec),
                 poi_name=self.poi_name,
                 modifier_settings=dict(self.modifier_settings),
                 source=self.source,
@@ -788,17 +788,6 @@ def _check_settings(settings: Any, source: str) -> dict[str, dict[str, Any]]:
             )
         out[type_name] = dict(options)
     return out
-
-
-def _as_numbers(spec: Any) -> Any:
-    """``spec`` with its tensors as Python numbers and lists (detached), the rest shared."""
-    if isinstance(spec, torch.Tensor):
-        return spec.detach().tolist()
-    if isinstance(spec, Mapping):
-        return {key: _as_numbers(value) for key, value in spec.items()}
-    if isinstance(spec, list | tuple):
-        return [_as_numbers(value) for value in spec]
-    return spec
 
 
 def _spec_key(spec: Mapping[str, Any]) -> tuple:
